@@ -1,0 +1,320 @@
+//! Structural validation: what serde's types cannot express.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
+
+use crate::{Config, ConfigError, ConfigErrors, PathMatch, PathRewrite, PredicateTest, Timeouts};
+
+/// Checks names, references and ranges. Returns every problem found, not just the first.
+pub fn validate(config: &Config) -> Result<(), ConfigErrors> {
+    let mut errs = Vec::new();
+    let mut err = |path: String, msg: String| errs.push(ConfigError::at(path, msg));
+
+    if config.version != 1 {
+        err(
+            "version".into(),
+            format!(
+                "unsupported version {}; this build reads version 1",
+                config.version
+            ),
+        );
+    }
+
+    let server = &config.server;
+    let mut names = HashSet::new();
+    if server.listeners.is_empty() {
+        err(
+            "server.listeners".into(),
+            "at least one listener is required".into(),
+        );
+    }
+    for (i, l) in server.listeners.iter().enumerate() {
+        let p = format!("server.listeners[{i}]");
+        if !names.insert(l.name.as_str()) {
+            err(
+                format!("{p}.name"),
+                format!("duplicate listener name `{}`", l.name),
+            );
+        }
+        if l.address.parse::<SocketAddr>().is_err() {
+            err(
+                format!("{p}.address"),
+                format!("`{}` is not an `ip:port` socket address", l.address),
+            );
+        }
+        if let Some(tls) = &l.tls {
+            if tls.certificates.is_empty() {
+                err(
+                    format!("{p}.tls.certificates"),
+                    "at least one certificate is required".into(),
+                );
+            }
+        }
+        if l.max_connections == Some(0) {
+            err(format!("{p}.max_connections"), "must be at least 1".into());
+        }
+    }
+
+    let limits = &server.limits;
+    for (field, value) in [
+        ("max_header_bytes", limits.max_header_bytes),
+        ("max_headers", limits.max_headers),
+        ("max_uri_length", limits.max_uri_length),
+        ("max_connections", limits.max_connections),
+        (
+            "h2_max_concurrent_streams",
+            limits.h2_max_concurrent_streams as usize,
+        ),
+    ] {
+        if value == 0 {
+            err(
+                format!("server.limits.{field}"),
+                "must be at least 1".into(),
+            );
+        }
+    }
+    if limits.max_header_bytes < 1024 {
+        err(
+            "server.limits.max_header_bytes".into(),
+            "must be at least 1024".into(),
+        );
+    }
+    if limits.header_read_timeout.is_zero() {
+        err(
+            "server.limits.header_read_timeout".into(),
+            "must be positive".into(),
+        );
+    }
+
+    for (i, cidr) in server.trusted_proxies.iter().enumerate() {
+        if parse_cidr(cidr).is_none() {
+            err(
+                format!("server.trusted_proxies[{i}]"),
+                format!("`{cidr}` is not an IP address or CIDR"),
+            );
+        }
+    }
+    if http::HeaderName::from_bytes(server.request_id_header.as_bytes()).is_err() {
+        err(
+            "server.request_id_header".into(),
+            format!("`{}` is not a valid header name", server.request_id_header),
+        );
+    }
+
+    let mut upstreams = HashSet::new();
+    for (i, u) in config.upstreams.iter().enumerate() {
+        let p = format!("upstreams[{i}]");
+        if u.name.is_empty() {
+            err(format!("{p}.name"), "must not be empty".into());
+        }
+        if !upstreams.insert(u.name.as_str()) {
+            err(
+                format!("{p}.name"),
+                format!("duplicate upstream name `{}`", u.name),
+            );
+        }
+        if u.targets.is_empty() {
+            err(
+                format!("{p}.targets"),
+                "at least one target is required".into(),
+            );
+        }
+        for (j, t) in u.targets.iter().enumerate() {
+            if let Err(m) = check_host_port(&t.address) {
+                err(format!("{p}.targets[{j}].address"), m);
+            }
+        }
+        if !u.targets.is_empty() && u.targets.iter().all(|t| t.weight == 0) {
+            err(
+                format!("{p}.targets"),
+                "at least one target needs a weight above 0".into(),
+            );
+        }
+        if let Some(a) = &u.health_check.active {
+            let hp = format!("{p}.health_check.active");
+            if !a.path.starts_with('/') {
+                err(format!("{hp}.path"), "must start with `/`".into());
+            }
+            if a.interval.is_zero() || a.timeout.is_zero() {
+                err(
+                    format!("{hp}.interval"),
+                    "interval and timeout must be positive".into(),
+                );
+            }
+            if a.healthy_threshold == 0 || a.unhealthy_threshold == 0 {
+                err(
+                    format!("{hp}.healthy_threshold"),
+                    "thresholds must be at least 1".into(),
+                );
+            }
+            if a.expected_status.is_empty()
+                || a.expected_status.iter().any(|s| !(100..600).contains(s))
+            {
+                err(
+                    format!("{hp}.expected_status"),
+                    "must list HTTP statuses between 100 and 599".into(),
+                );
+            }
+        }
+        if let Some(pass) = &u.health_check.passive {
+            if pass.consecutive_failures == 0 {
+                err(
+                    format!("{p}.health_check.passive.consecutive_failures"),
+                    "must be at least 1".into(),
+                );
+            }
+        }
+        check_timeouts(&u.timeouts, &format!("{p}.timeouts"), &mut err);
+        let r = &u.retries;
+        if !(0.0..=1.0).contains(&r.budget_ratio) {
+            err(
+                format!("{p}.retries.budget_ratio"),
+                "must be between 0 and 1".into(),
+            );
+        }
+        if r.attempts > 10 {
+            err(
+                format!("{p}.retries.attempts"),
+                "at most 10 retries are allowed".into(),
+            );
+        }
+        if u.tls.client_cert.is_some() != u.tls.client_key.is_some() {
+            err(
+                format!("{p}.tls"),
+                "client_cert and client_key must be given together".into(),
+            );
+        }
+    }
+
+    let mut routes = HashSet::new();
+    for (i, r) in config.routes.iter().enumerate() {
+        let p = format!("routes[{i}]");
+        if r.name.is_empty() {
+            err(format!("{p}.name"), "must not be empty".into());
+        }
+        if !routes.insert(r.name.as_str()) {
+            err(
+                format!("{p}.name"),
+                format!("duplicate route name `{}`", r.name),
+            );
+        }
+        if !upstreams.contains(r.upstream.as_str()) {
+            err(
+                format!("{p}.upstream"),
+                format!("unknown upstream `{}`", r.upstream),
+            );
+        }
+        for (j, h) in r.hosts.iter().enumerate() {
+            if let Err(m) = check_host_pattern(h) {
+                err(format!("{p}.hosts[{j}]"), m);
+            }
+        }
+        for (j, m) in r.methods.iter().enumerate() {
+            if http::Method::from_bytes(m.as_bytes()).is_err() || m.is_empty() {
+                err(
+                    format!("{p}.methods[{j}]"),
+                    format!("`{m}` is not an HTTP method"),
+                );
+            }
+        }
+        for (j, pm) in r.paths.iter().enumerate() {
+            let s = match pm {
+                PathMatch::Exact(s) | PathMatch::Prefix(s) | PathMatch::Template(s) => s,
+                PathMatch::Regex(_) => continue,
+            };
+            if !s.starts_with('/') {
+                err(
+                    format!("{p}.paths[{j}]"),
+                    format!("path `{s}` must start with `/`"),
+                );
+            }
+        }
+        for (kind, preds) in [
+            ("headers", &r.headers),
+            ("query", &r.query),
+            ("cookies", &r.cookies),
+        ] {
+            for (j, pr) in preds.iter().enumerate() {
+                if pr.name.is_empty() {
+                    err(format!("{p}.{kind}[{j}].name"), "must not be empty".into());
+                }
+                if matches!(
+                    pr.test,
+                    PredicateTest::Present(false) | PredicateTest::Absent(false)
+                ) {
+                    err(
+                        format!("{p}.{kind}[{j}]"),
+                        "`present`/`absent` must be `true`".into(),
+                    );
+                }
+            }
+        }
+        if let Some(PathRewrite::StripPrefix(true)) = &r.rewrite {
+            if r.paths.is_empty() || !r.paths.iter().all(|m| matches!(m, PathMatch::Prefix(_))) {
+                err(
+                    format!("{p}.rewrite.strip_prefix"),
+                    "needs every path of the route to be a `prefix`".into(),
+                );
+            }
+        }
+        if let Some(PathRewrite::AddPrefix(s)) = &r.rewrite {
+            if !s.starts_with('/') {
+                err(
+                    format!("{p}.rewrite.add_prefix"),
+                    "must start with `/`".into(),
+                );
+            }
+        }
+        if let Some(t) = &r.timeouts {
+            check_timeouts(t, &format!("{p}.timeouts"), &mut err);
+        }
+    }
+
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigErrors(errs))
+    }
+}
+
+fn check_timeouts(t: &Timeouts, p: &str, err: &mut impl FnMut(String, String)) {
+    for (field, d) in [("connect", t.connect), ("read", t.read), ("write", t.write)] {
+        if d.is_zero() {
+            err(format!("{p}.{field}"), "must be positive".into());
+        }
+    }
+}
+
+/// Parses `10.0.0.0/8` or a bare address (a /32 or /128).
+pub fn parse_cidr(s: &str) -> Option<ipnet::IpNet> {
+    s.parse::<ipnet::IpNet>()
+        .ok()
+        .or_else(|| s.parse::<IpAddr>().ok().map(ipnet::IpNet::from))
+}
+
+fn check_host_port(s: &str) -> Result<(), String> {
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("`{s}` must be `host:port`"))?;
+    if port.parse::<u16>().map_or(true, |p| p == 0) {
+        return Err(format!("`{s}` has an invalid port"));
+    }
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() || host.contains('/') || host.contains(' ') {
+        return Err(format!("`{s}` has an invalid host"));
+    }
+    Ok(())
+}
+
+fn check_host_pattern(h: &str) -> Result<(), String> {
+    let rest = h.strip_prefix("*.").unwrap_or(h);
+    if rest.is_empty()
+        || rest.contains('*')
+        || !rest
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | ':'))
+    {
+        return Err(format!("`{h}` is not a host name or `*.domain` pattern"));
+    }
+    Ok(())
+}

@@ -1,0 +1,198 @@
+//! Errors the gateway answers itself, in the project's JSON shape.
+//!
+//! Every failure kind has a stable `code` that clients and dashboards can rely on, an HTTP
+//! status, where it came from, and whether retrying is safe.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+
+use crate::body::ProxyBody;
+
+/// Where a failure came from; also a low-cardinality metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// The client sent something we refuse.
+    Client,
+    /// The upstream failed or could not be reached.
+    Upstream,
+    /// The gateway itself.
+    Internal,
+}
+
+/// A failure the gateway answers itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// No route matches the request.
+    RouteNotFound,
+    /// A route matches the path but not the method.
+    MethodNotAllowed,
+    /// The path cannot be normalised safely (encoded slash, NUL, bad escape).
+    InvalidPath,
+    /// Malformed request (framing, headers).
+    BadRequest,
+    /// Request target longer than the limit.
+    UriTooLong,
+    /// Request head larger than the limit.
+    HeadersTooLarge,
+    /// Request body larger than the limit.
+    BodyTooLarge,
+    /// The client stopped sending its body.
+    ClientTimeout,
+    /// No connection could be made to any target.
+    UpstreamUnreachable,
+    /// The upstream broke the exchange (reset, protocol error).
+    UpstreamError,
+    /// No healthy target in the pool.
+    NoHealthyUpstream,
+    /// The pool's concurrency limit is reached.
+    UpstreamOverloaded,
+    /// The upstream did not answer in time.
+    UpstreamTimeout,
+    /// The gateway is shutting down.
+    ShuttingDown,
+    /// A bug or an unexpected state.
+    Internal,
+}
+
+impl ErrorKind {
+    /// The stable machine-readable code.
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::RouteNotFound => "route_not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::InvalidPath => "invalid_path",
+            Self::BadRequest => "bad_request",
+            Self::UriTooLong => "uri_too_long",
+            Self::HeadersTooLarge => "headers_too_large",
+            Self::BodyTooLarge => "body_too_large",
+            Self::ClientTimeout => "client_timeout",
+            Self::UpstreamUnreachable => "upstream_unreachable",
+            Self::UpstreamError => "upstream_error",
+            Self::NoHealthyUpstream => "no_healthy_upstream",
+            Self::UpstreamOverloaded => "upstream_overloaded",
+            Self::UpstreamTimeout => "upstream_timeout",
+            Self::ShuttingDown => "shutting_down",
+            Self::Internal => "internal_error",
+        }
+    }
+
+    /// HTTP status answered.
+    pub fn status(self) -> StatusCode {
+        match self {
+            Self::RouteNotFound => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::InvalidPath | Self::BadRequest => StatusCode::BAD_REQUEST,
+            Self::UriTooLong => StatusCode::URI_TOO_LONG,
+            Self::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::ClientTimeout => StatusCode::REQUEST_TIMEOUT,
+            Self::UpstreamUnreachable | Self::UpstreamError => StatusCode::BAD_GATEWAY,
+            Self::NoHealthyUpstream | Self::UpstreamOverloaded | Self::ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Where the failure came from.
+    pub fn origin(self) -> Origin {
+        match self {
+            Self::RouteNotFound
+            | Self::MethodNotAllowed
+            | Self::InvalidPath
+            | Self::BadRequest
+            | Self::UriTooLong
+            | Self::HeadersTooLarge
+            | Self::BodyTooLarge
+            | Self::ClientTimeout => Origin::Client,
+            Self::UpstreamUnreachable
+            | Self::UpstreamError
+            | Self::NoHealthyUpstream
+            | Self::UpstreamOverloaded
+            | Self::UpstreamTimeout => Origin::Upstream,
+            Self::ShuttingDown | Self::Internal => Origin::Internal,
+        }
+    }
+
+    /// Whether a client may safely retry the same request.
+    pub fn retryable(self) -> bool {
+        matches!(
+            self,
+            Self::UpstreamUnreachable
+                | Self::NoHealthyUpstream
+                | Self::UpstreamOverloaded
+                | Self::ShuttingDown
+        )
+    }
+}
+
+/// A gateway error with a human-readable message.
+#[derive(Debug, Clone)]
+pub struct GatewayError {
+    /// The failure kind.
+    pub kind: ErrorKind,
+    /// Message for humans; never contains secrets or upstream internals.
+    pub message: String,
+}
+
+impl GatewayError {
+    /// A new error.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// The JSON error response, tagged with the request id.
+    pub fn into_response(self, request_id: &str) -> Response<ProxyBody> {
+        error_response(self.kind, &self.message, request_id)
+    }
+}
+
+impl std::fmt::Display for GatewayError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.kind.code(), self.message)
+    }
+}
+
+impl std::error::Error for GatewayError {}
+
+/// Builds `{"error":{"code","message","request_id"}}` with the kind's status.
+pub fn error_response(kind: ErrorKind, message: &str, request_id: &str) -> Response<ProxyBody> {
+    let body = serde_json::json!({
+        "error": { "code": kind.code(), "message": message, "request_id": request_id }
+    });
+    let bytes = Bytes::from(body.to_string());
+    let mut resp = Response::new(
+        Full::new(bytes)
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *resp.status_mut() = kind.status();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn error_body_shape() {
+        let resp = error_response(ErrorKind::UpstreamTimeout, "too slow", "rid-1");
+        assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"]["code"], "upstream_timeout");
+        assert_eq!(v["error"]["message"], "too slow");
+        assert_eq!(v["error"]["request_id"], "rid-1");
+    }
+}
