@@ -14,7 +14,7 @@ use std::fmt;
 use std::path::Path;
 
 pub use config::*;
-pub use validate::validate;
+pub use validate::{parse_cidr, validate};
 
 /// One problem in a configuration, pointing at where it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,7 +137,7 @@ impl Format {
 
 /// Parses configuration text. Errors name the file, the path in the document and the line.
 pub fn parse(source: &Source, format: Format) -> Result<Config, ConfigErrors> {
-    let result = match format {
+    let result: Result<Config, (String, String, Option<(usize, usize)>)> = match format {
         Format::Json => {
             let de = &mut serde_json::Deserializer::from_str(&source.text);
             serde_path_to_error::deserialize::<_, Config>(de).map_err(|e| {
@@ -154,16 +154,21 @@ pub fn parse(source: &Source, format: Format) -> Result<Config, ConfigErrors> {
             if source.text.trim().is_empty() {
                 return Ok(Config::default());
             }
-            let de = serde_yaml_ng::Deserializer::from_str(&source.text);
-            serde_path_to_error::deserialize::<_, Config>(de).map_err(|e| {
-                let inner = e.inner();
-                let loc = inner.location().map(|l| (l.line(), l.column()));
-                (
-                    e.path().to_string(),
-                    strip_location(&inner.to_string()),
-                    loc,
-                )
-            })
+            // YAML is read into a JSON value first: serde_yaml wants YAML tags (`!prefix /a`)
+            // for enums, while users write `{prefix: /a}`. The value loses positions, so the
+            // line of a type error is found again from its path.
+            let value: serde_json::Value = serde_yaml_ng::from_str(&source.text).map_err(|e| {
+                let loc = e.location().map(|l| (l.line(), l.column()));
+                ConfigErrors(vec![ConfigError {
+                    file: source.file.clone(),
+                    path: String::new(),
+                    line: loc.map(|l| l.0),
+                    column: loc.map(|l| l.1),
+                    message: format!("invalid YAML: {}", strip_location(&e.to_string())),
+                }])
+            })?;
+            serde_path_to_error::deserialize::<_, Config>(value)
+                .map_err(|e| (e.path().to_string(), e.inner().to_string(), None))
         }
     };
     result.map_err(|(path, message, loc)| {

@@ -1,11 +1,16 @@
-//! TLS: upstream client configuration (and, later, listener certificates chosen by SNI).
+//! TLS: upstream client configuration, and listener certificates chosen by SNI with reload.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
+use arc_swap::ArcSwap;
 use rustls::ClientConfig;
+use rustls::server::{ClientHello, ResolvesServerCert, ServerConfig};
+use rustls::sign::CertifiedKey;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use turnpike_model::UpstreamTls;
+use turnpike_model::{CertificateConfig, ListenerTls, UpstreamTls};
 
 /// The crypto provider used everywhere in the workspace.
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -116,4 +121,220 @@ impl rustls::client::danger::ServerCertVerifier for NoVerify {
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
     }
+}
+
+/// Server certificates indexed by name, built once per (re)load and never mutated, so a
+/// handshake always sees one consistent set.
+#[derive(Debug)]
+pub struct CertificateSet {
+    /// Exact names (lowercase) to the first certificate that lists them.
+    exact: HashMap<String, Arc<CertifiedKey>>,
+    /// `*.example.com` stored as `example.com`; matches exactly one extra label.
+    wildcard: HashMap<String, Arc<CertifiedKey>>,
+    /// The first configured certificate: for clients without SNI or with an unknown name.
+    default: Arc<CertifiedKey>,
+}
+
+impl CertificateSet {
+    /// Loads every certificate and key; any failure rejects the whole set so a reload never
+    /// leaves a listener with a partial set.
+    pub fn load(certs: &[CertificateConfig]) -> Result<Self, String> {
+        let provider = provider();
+        let mut exact = HashMap::new();
+        let mut wildcard = HashMap::new();
+        let mut default = None;
+        for cfg in certs {
+            let chain = load_certs(&cfg.cert)?;
+            let key = load_key(&cfg.key)?;
+            let names = if cfg.server_names.is_empty() {
+                san_dns_names(&chain[0], &cfg.cert)?
+            } else {
+                cfg.server_names.clone()
+            };
+            let certified = CertifiedKey::from_der(chain, key, &provider).map_err(|e| {
+                format!(
+                    "certificate `{}` and key `{}` do not form a usable pair: {e}",
+                    cfg.cert, cfg.key
+                )
+            })?;
+            let certified = Arc::new(certified);
+            for name in names {
+                let name = normalize_name(&name);
+                // "The first whose names match wins": never overwrite an earlier entry.
+                match name.strip_prefix("*.") {
+                    Some(suffix) => wildcard
+                        .entry(suffix.to_owned())
+                        .or_insert_with(|| Arc::clone(&certified)),
+                    None => exact.entry(name).or_insert_with(|| Arc::clone(&certified)),
+                };
+            }
+            default.get_or_insert(certified);
+        }
+        let default = default.ok_or_else(|| "no certificate configured".to_owned())?;
+        Ok(Self {
+            exact,
+            wildcard,
+            default,
+        })
+    }
+
+    /// The certificate for a server name: exact match, then a one-label wildcard, then the
+    /// default.
+    pub fn resolve_name(&self, sni: Option<&str>) -> Arc<CertifiedKey> {
+        let Some(sni) = sni else {
+            return Arc::clone(&self.default);
+        };
+        let name = normalize_name(sni);
+        if let Some(found) = self.exact.get(&name) {
+            return Arc::clone(found);
+        }
+        if let Some((_, parent)) = name.split_once('.')
+            && let Some(found) = self.wildcard.get(parent)
+        {
+            return Arc::clone(found);
+        }
+        Arc::clone(&self.default)
+    }
+}
+
+/// Lowercase without a trailing dot, the form names are indexed under.
+fn normalize_name(name: &str) -> String {
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// DNS names from the certificate's subject alternative names.
+fn san_dns_names(cert: &CertificateDer<'_>, path: &str) -> Result<Vec<String>, String> {
+    let parsed = webpki::EndEntityCert::try_from(cert)
+        .map_err(|e| format!("cannot parse certificate `{path}`: {e}"))?;
+    let names: Vec<String> = parsed.valid_dns_names().map(str::to_owned).collect();
+    if names.is_empty() {
+        return Err(format!(
+            "certificate `{path}` has no DNS subject alternative name; set `server_names`"
+        ));
+    }
+    Ok(names)
+}
+
+/// Chooses the certificate by SNI from a set that can be swapped atomically at any time.
+#[derive(Debug)]
+pub struct SniResolver {
+    set: ArcSwap<CertificateSet>,
+}
+
+impl SniResolver {
+    /// A resolver serving `set`.
+    pub fn new(set: CertificateSet) -> Self {
+        Self {
+            set: ArcSwap::from_pointee(set),
+        }
+    }
+
+    /// Replaces the whole set; handshakes already past certificate selection are unaffected.
+    pub fn store(&self, set: CertificateSet) {
+        self.set.store(Arc::new(set));
+    }
+
+    /// The set in use now.
+    pub fn current(&self) -> Arc<CertificateSet> {
+        self.set.load_full()
+    }
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.set.load().resolve_name(client_hello.server_name()))
+    }
+}
+
+/// What identifies a version of a file cheaply: modification time and length.
+type FileStamp = Option<(SystemTime, u64)>;
+
+fn stamp(path: &str) -> FileStamp {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
+/// A listener's certificates: the configured files, the live resolver, and what was last
+/// loaded, so periodic checks only reload when a file changed.
+#[derive(Debug)]
+pub struct ServerCertificates {
+    listener: String,
+    configs: Vec<CertificateConfig>,
+    resolver: Arc<SniResolver>,
+    /// Stamps of the files behind the live set, and of the last version that failed to load
+    /// (so a broken file is reported once, not at every check).
+    stamps: Mutex<(Vec<FileStamp>, Option<Vec<FileStamp>>)>,
+}
+
+impl ServerCertificates {
+    /// Loads the certificates of listener `listener`; errors name the listener and the file.
+    pub fn load(listener: &str, cfg: &ListenerTls) -> Result<Self, String> {
+        let stamps = Self::stamps_of(&cfg.certificates);
+        let set = CertificateSet::load(&cfg.certificates)
+            .map_err(|e| format!("listener `{listener}`: {e}"))?;
+        Ok(Self {
+            listener: listener.to_owned(),
+            configs: cfg.certificates.clone(),
+            resolver: Arc::new(SniResolver::new(set)),
+            stamps: Mutex::new((stamps, None)),
+        })
+    }
+
+    fn stamps_of(configs: &[CertificateConfig]) -> Vec<FileStamp> {
+        configs
+            .iter()
+            .flat_map(|c| [stamp(&c.cert), stamp(&c.key)])
+            .collect()
+    }
+
+    /// The resolver to install in a [`ServerConfig`].
+    pub fn resolver(&self) -> Arc<SniResolver> {
+        Arc::clone(&self.resolver)
+    }
+
+    /// Loads all files again and swaps the set; on error the running set stays.
+    pub fn reload(&self) -> Result<(), String> {
+        // Stamp before reading: a write racing with the read changes the stamp again and is
+        // picked up by the next check.
+        let stamps = Self::stamps_of(&self.configs);
+        let result = CertificateSet::load(&self.configs);
+        let mut guard = self.stamps.lock().unwrap_or_else(|p| p.into_inner());
+        match result {
+            Ok(set) => {
+                self.resolver.store(set);
+                *guard = (stamps, None);
+                tracing::info!(listener = %self.listener, "TLS certificates reloaded");
+                Ok(())
+            }
+            Err(e) => {
+                guard.1 = Some(stamps);
+                Err(format!("listener `{}`: {e}", self.listener))
+            }
+        }
+    }
+
+    /// Reloads when a file's modification time or length changed since the last load.
+    /// Returns whether a new set was installed; a broken file keeps the running set and is
+    /// reported once per distinct version.
+    pub fn reload_if_changed(&self) -> Result<bool, String> {
+        let now = Self::stamps_of(&self.configs);
+        {
+            let guard = self.stamps.lock().unwrap_or_else(|p| p.into_inner());
+            if guard.0 == now || guard.1.as_ref() == Some(&now) {
+                return Ok(false);
+            }
+        }
+        self.reload().map(|()| true)
+    }
+}
+
+/// Server TLS for a listener: certificates by SNI, ALPN `h2` then `http/1.1`.
+pub fn server_config(resolver: Arc<SniResolver>) -> Result<ServerConfig, String> {
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS setup failed: {e}"))?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
 }

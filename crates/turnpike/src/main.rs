@@ -1,3 +1,298 @@
-fn main() {
-    println!("Hello, world!");
+//! The `turnpike` binary: command line, configuration loading, signals and hot reload.
+//! The gateway itself lives in `turnpike-proxy`; this file only wires it to the process.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use turnpike_model::{Config, ConfigErrors, Format, Source};
+use turnpike_proxy::demo::DemoServer;
+use turnpike_proxy::gateway::Gateway;
+
+/// The quickstart configuration, used when no `--config` is given.
+const QUICKSTART: &str = include_str!("../../../examples/quickstart.yaml");
+
+#[derive(Parser, Debug)]
+#[command(name = "turnpike", version, about = "API gateway, API management platform and AI gateway")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the gateway (the default command).
+    Serve(ServeArgs),
+    /// Check a configuration file and exit: 0 if valid, 1 with every error otherwise.
+    Validate {
+        /// The file to check (YAML, or JSON if it ends in `.json`).
+        file: PathBuf,
+    },
+    /// Print version and build information.
+    Version,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct ServeArgs {
+    /// Configuration file (YAML or JSON). Without it, the embedded quickstart runs with the
+    /// demo upstream.
+    #[arg(short, long, env = "TURNPIKE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Overrides the address of the first listener (`ip:port`).
+    #[arg(long, env = "TURNPIKE_LISTEN")]
+    listen: Option<String>,
+    /// Directory for runtime state.
+    #[arg(long, env = "TURNPIKE_DATA_DIR")]
+    data_dir: Option<String>,
+    /// Log filter: `error`, `warn`, `info`, `debug`, `trace`, or a tracing directive list.
+    #[arg(long, env = "TURNPIKE_LOG_LEVEL", default_value = "info")]
+    log_level: String,
+    /// Log format.
+    #[arg(long, env = "TURNPIKE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+    /// Also start the built-in demo upstream (always on without `--config`).
+    #[arg(long, env = "TURNPIKE_DEMO")]
+    demo: bool,
+    /// Address of the demo upstream.
+    #[arg(long, env = "TURNPIKE_DEMO_ADDR", default_value = "127.0.0.1:8081")]
+    demo_addr: SocketAddr,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Version) => {
+            println!("turnpike {}", env!("CARGO_PKG_VERSION"));
+            println!("config schema version: 1");
+            ExitCode::SUCCESS
+        }
+        Some(Command::Validate { file }) => run_async(validate(file)),
+        Some(Command::Serve(args)) => run_async(serve(args)),
+        None => run_async(serve(cli.serve)),
+    }
+}
+
+fn run_async(fut: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt.block_on(fut),
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn validate(file: PathBuf) -> ExitCode {
+    match load(Some(&file), &Overrides::default()) {
+        Ok((config, source)) => {
+            // Compiling builds regexes, templates and clients: the same checks a reload does.
+            let mut registry = turnpike_proxy::snapshot::UpstreamRegistry::default();
+            match registry.compile(&config).await {
+                Ok(_) => {
+                    println!(
+                        "{}: ok ({} routes, {} upstreams, {} listeners)",
+                        file.display(),
+                        config.routes.len(),
+                        config.upstreams.len(),
+                        config.server.listeners.len()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{}", source.locate(e));
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Reads the configuration (file or embedded quickstart) and applies flag/env overrides.
+/// Flag and environment values that override the file.
+#[derive(Debug, Clone, Default)]
+struct Overrides {
+    listen: Option<String>,
+    data_dir: Option<String>,
+}
+
+impl From<&ServeArgs> for Overrides {
+    fn from(a: &ServeArgs) -> Self {
+        Self { listen: a.listen.clone(), data_dir: a.data_dir.clone() }
+    }
+}
+
+fn load(file: Option<&Path>, args: &Overrides) -> Result<(Config, Source), ConfigErrors> {
+    let (mut config, source) = match file {
+        Some(path) => turnpike_model::load_file(path)?,
+        None => {
+            let source = Source { file: "<embedded quickstart>".into(), text: QUICKSTART.into() };
+            let config = turnpike_model::parse(&source, Format::Yaml)?;
+            (config, source)
+        }
+    };
+    if let Some(listen) = &args.listen {
+        match config.server.listeners.first_mut() {
+            Some(l) => l.address.clone_from(listen),
+            None => config.server.listeners.push(turnpike_model::ListenerConfig {
+                address: listen.clone(),
+                ..Default::default()
+            }),
+        }
+    }
+    if let Some(dir) = &args.data_dir {
+        config.server.data_dir = Some(dir.clone());
+    }
+    turnpike_model::validate(&config).map_err(|e| source.locate(e))?;
+    Ok((config, source))
+}
+
+fn init_logging(args: &ServeArgs) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if args.log_format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn serve(args: ServeArgs) -> ExitCode {
+    init_logging(&args);
+    let file = args.config.clone();
+    let overrides = Overrides::from(&args);
+    let (config, source) = match load(file.as_deref(), &overrides) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+
+    let _demo = if args.demo || file.is_none() {
+        match DemoServer::start(args.demo_addr, "demo").await {
+            Ok(d) => {
+                tracing::info!(addr = %d.local_addr(), "demo upstream started");
+                Some(d)
+            }
+            Err(e) => {
+                eprintln!("error: cannot start the demo upstream on {}: {e}", args.demo_addr);
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
+
+    let gateway = match Gateway::start(&config).await {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("{}", source.locate(e));
+            return ExitCode::FAILURE;
+        }
+    };
+    for (name, addr) in gateway.local_addrs() {
+        tracing::info!(listener = %name, %addr, "listening");
+    }
+
+    let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<&'static str>(4);
+    let _watcher = file.as_deref().and_then(|f| watch(f, reload_tx.clone()));
+    spawn_sighup(reload_tx);
+
+    let reloader = {
+        let gateway = gateway.clone();
+        tokio::spawn(async move {
+            while let Some(why) = reload_rx.recv().await {
+                // Coalesce bursts of file events (editors write several times).
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                while reload_rx.try_recv().is_ok() {}
+                match load(file.as_deref(), &overrides) {
+                    Ok((config, source)) => match gateway.reload(&config).await {
+                        Ok(v) => tracing::info!(version = v, trigger = why, "reload applied"),
+                        Err(e) => report_reload_errors(&source.locate(e)),
+                    },
+                    Err(e) => report_reload_errors(&e),
+                }
+            }
+        })
+    };
+
+    wait_for_termination().await;
+    tracing::info!("shutting down: draining in-flight requests");
+    reloader.abort();
+    gateway.shutdown().await;
+    tracing::info!("stopped");
+    ExitCode::SUCCESS
+}
+
+fn report_reload_errors(errors: &ConfigErrors) {
+    for e in &errors.0 {
+        tracing::error!(error = %e, "configuration rejected; the running configuration keeps serving");
+    }
+}
+
+/// Watches the configuration file's directory (editors replace files by renaming, which a
+/// watch on the file itself would miss) and asks for a reload when the file changes.
+fn watch(file: &Path, tx: tokio::sync::mpsc::Sender<&'static str>) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let name = file.file_name()?.to_owned();
+    let dir = file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_owned();
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if let Ok(ev) = res {
+            if ev.kind.is_access() {
+                return;
+            }
+            if ev.paths.iter().any(|p| p.file_name() == Some(name.as_os_str())) {
+                let _ = tx.try_send("file");
+            }
+        }
+    })
+    .map_err(|e| tracing::warn!(error = %e, "cannot watch the configuration file; SIGHUP still reloads"))
+    .ok()?;
+    watcher
+        .watch(&dir, notify::RecursiveMode::NonRecursive)
+        .map_err(|e| tracing::warn!(error = %e, "cannot watch the configuration directory; SIGHUP still reloads"))
+        .ok()?;
+    Some(watcher)
+}
+
+#[cfg(unix)]
+fn spawn_sighup(tx: tokio::sync::mpsc::Sender<&'static str>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::hangup()) {
+        Ok(mut s) => {
+            tokio::spawn(async move {
+                while s.recv().await.is_some() {
+                    let _ = tx.try_send("SIGHUP");
+                }
+            });
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot listen for SIGHUP"),
+    }
+}
+
+#[cfg(not(unix))]
+fn spawn_sighup(_tx: tokio::sync::mpsc::Sender<&'static str>) {}
+
+async fn wait_for_termination() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }

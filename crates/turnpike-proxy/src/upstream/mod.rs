@@ -150,6 +150,8 @@ impl Upstream {
         let targets = health::resolve_targets(config).await?;
         let balancer = lb::Balancer::new(&config.load_balancer, &targets);
         let client = UpstreamClient::new(config)?;
+        // TLS to a target must present its host name, known only once resolved.
+        client.set_server_names(&targets);
         Ok(Arc::new(Self {
             name: config.name.clone(),
             config: config.clone(),

@@ -1,0 +1,645 @@
+//! The request pipeline: one function per phase, run in order for every request.
+//!
+//! Phases (DESIGN.md §2), as implemented today:
+//! 1. `accept` — done by the listener; gives us the peer address and whether TLS was used.
+//! 2. `route` — request id, URI limit, path normalisation, route match (404 / 405).
+//! 3. `access` — body size limit (policies plug in here later).
+//! 4. `upstream_request` — forwarding headers, target choice, timeouts, retries.
+//! 5. `upstream_response` — hop-by-hop removal, `Via`, streamed body with idle timeout,
+//!    WebSocket tunnel after a 101.
+//! 6. `log` — one event per request, whatever happened before.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use crate::body::{self, ProxyBody};
+use crate::error::{ErrorKind, GatewayError, error_response};
+use crate::reqbody::{BodyIdleTimeout, BodySlot, BodyTooLarge, IdleTimeoutBody, LimitedBody};
+use crate::router::{RequestView, RouteResult, normalize_path};
+use crate::snapshot::{CompiledRoute, Settings, Snapshot, backoff};
+use crate::upstream::{Outcome, SelectInput};
+
+/// The live snapshot, swapped atomically on reload.
+pub struct Shared {
+    /// Current snapshot.
+    pub snapshot: ArcSwap<Snapshot>,
+}
+
+/// What the proxy needs to know about the client connection.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientConn {
+    /// Peer address of the TCP connection.
+    pub peer: SocketAddr,
+    /// Whether the connection is TLS.
+    pub tls: bool,
+}
+
+/// Handles one request end to end. Never fails: every error becomes a JSON response.
+pub async fn handle(shared: Arc<Shared>, conn: ClientConn, req: Request<Incoming>) -> Response<ProxyBody> {
+    let snap = shared.snapshot.load_full();
+    let started = Instant::now();
+    let settings = &snap.settings;
+    let request_id = request_id(req.headers(), &settings.request_id_header);
+    let method = req.method().clone();
+    let path_for_log = req.uri().path().to_owned();
+
+    let mut outcome = LogFacts::default();
+    let mut resp = match proxy(&snap, conn, req, &request_id, &mut outcome).await {
+        Ok(r) => r,
+        Err(e) => {
+            outcome.error = Some(e.kind.code());
+            e.into_response(&request_id)
+        }
+    };
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        resp.headers_mut().insert(settings.request_id_header.clone(), v);
+    }
+    if let Some(via) = &settings.via {
+        resp.headers_mut().append(header::VIA, via.clone());
+    }
+
+    // Phase `log`: always emitted, whatever failed above. The structured access log and
+    // metrics of the observability issue hang off this point.
+    tracing::debug!(
+        target: "turnpike::access",
+        request_id = %request_id,
+        method = %method,
+        path = %path_for_log,
+        route = outcome.route.as_deref().unwrap_or("-"),
+        upstream_target = %outcome.target.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
+        status = resp.status().as_u16(),
+        attempts = outcome.attempts,
+        error = outcome.error.unwrap_or("-"),
+        duration_us = started.elapsed().as_micros() as u64,
+        "request"
+    );
+    resp
+}
+
+/// What the log phase learns from the others.
+#[derive(Default)]
+struct LogFacts {
+    route: Option<Arc<str>>,
+    target: Option<SocketAddr>,
+    attempts: u32,
+    error: Option<&'static str>,
+}
+
+async fn proxy(
+    snap: &Snapshot,
+    conn: ClientConn,
+    req: Request<Incoming>,
+    request_id: &str,
+    log: &mut LogFacts,
+) -> Result<Response<ProxyBody>, GatewayError> {
+    let settings = &snap.settings;
+    let (mut parts, body) = req.into_parts();
+
+    // Phase `route`.
+    let target_len = parts.uri.path_and_query().map_or(0, |p| p.as_str().len());
+    if target_len > settings.limits.max_uri_length {
+        return Err(GatewayError::new(ErrorKind::UriTooLong, "request target is too long"));
+    }
+    if parts.method == Method::CONNECT {
+        return Err(GatewayError::new(ErrorKind::MethodNotAllowed, "CONNECT is not supported"));
+    }
+    let path = normalize_path(parts.uri.path())
+        .map_err(|e| GatewayError::new(ErrorKind::InvalidPath, format!("invalid request path: {}", e.0)))?;
+    let host = request_host(&parts);
+    let client_ip = client_ip(settings, conn.peer.ip(), &parts.headers);
+    let view = RequestView {
+        host: host.as_deref(),
+        path: &path,
+        query: parts.uri.query(),
+        method: &parts.method,
+        headers: &parts.headers,
+    };
+    let matched = match snap.router.route(&view) {
+        RouteResult::Matched(m) => m,
+        RouteResult::NotFound => return Err(GatewayError::new(ErrorKind::RouteNotFound, "no route matches the request")),
+        RouteResult::MethodNotAllowed(methods) => {
+            let allow = methods.iter().map(Method::as_str).collect::<Vec<_>>().join(", ");
+            let mut resp = error_response(
+                ErrorKind::MethodNotAllowed,
+                &format!("method {} is not allowed here", parts.method),
+                request_id,
+            );
+            if let Ok(v) = HeaderValue::from_str(&allow) {
+                resp.headers_mut().insert(header::ALLOW, v);
+            }
+            return Ok(resp);
+        }
+    };
+    let route = snap
+        .routes
+        .get(matched.index)
+        .ok_or_else(|| GatewayError::new(ErrorKind::Internal, "route table out of sync"))?;
+    log.route = Some(route.name.clone());
+
+    // Phase `access`.
+    if let Some(len) = content_length(&parts.headers) {
+        if len > route.max_body_bytes {
+            return Err(GatewayError::new(
+                ErrorKind::BodyTooLarge,
+                format!("request body exceeds {} bytes", route.max_body_bytes),
+            ));
+        }
+    }
+
+    // Phase `upstream_request`.
+    let upgrade = if is_upgrade_request(&parts) { parts.extensions.remove::<hyper::upgrade::OnUpgrade>() } else { None };
+    let mut path_and_query = matched.forward_path;
+    if let Some(q) = parts.uri.query() {
+        path_and_query.push('?');
+        path_and_query.push_str(q);
+    }
+    let original_host = host_header_value(&parts);
+    let mut headers = std::mem::take(&mut parts.headers);
+    let upstream_h2 = route.upstream.config.http2;
+    strip_hop_by_hop(&mut headers, upgrade.is_some(), upstream_h2);
+    // The gateway answers `Expect: 100-continue` itself: hyper sends the interim 100 when the
+    // body is first read, which happens once the upstream connection is ready for it.
+    headers.remove(header::EXPECT);
+    add_forwarding(&mut headers, settings, conn, original_host.as_ref(), request_id);
+
+    let slot = BodySlot::new(LimitedBody::new(body, route.max_body_bytes, route.timeouts.write));
+    let resp = send_with_retries(route, &parts.method, &path_and_query, headers, original_host, &slot, client_ip, &path, log)
+        .await?;
+
+    // Phase `upstream_response`.
+    finish_response(resp, upgrade, route)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn send_with_retries(
+    route: &CompiledRoute,
+    method: &Method,
+    path_and_query: &str,
+    mut headers: HeaderMap,
+    original_host: Option<HeaderValue>,
+    slot: &BodySlot,
+    client_ip: IpAddr,
+    path: &str,
+    log: &mut LogFacts,
+) -> Result<Response<Incoming>, GatewayError> {
+    let upstream = &route.upstream;
+    let cfg = &upstream.config;
+    let version = if cfg.http2 { Version::HTTP_2 } else { Version::HTTP_11 };
+    let idempotent = matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE);
+    let max_attempts = 1 + cfg.retries.attempts;
+    let deadline = (!route.timeouts.total.is_zero()).then(|| Instant::now() + route.timeouts.total);
+    route.budget.record_request();
+
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    for attempt_no in 0..max_attempts {
+        let last = attempt_no + 1 == max_attempts;
+        let input = SelectInput { client_ip, path, headers: &headers };
+        let target = upstream
+            .select(&input, &tried)
+            .map_err(|_| GatewayError::new(ErrorKind::NoHealthyUpstream, format!("no healthy target in upstream `{}`", upstream.name)))?;
+        let _permit = InFlight::acquire(upstream, cfg.pool.max_requests)
+            .ok_or_else(|| GatewayError::new(ErrorKind::UpstreamOverloaded, format!("upstream `{}` is at its request limit", upstream.name)))?;
+        tried.push(target.addr);
+        log.target = Some(target.addr);
+        log.attempts = attempt_no + 1;
+
+        let uri = upstream
+            .client
+            .uri_for(target.addr, path_and_query)
+            .map_err(|_| GatewayError::new(ErrorKind::BadRequest, "request target cannot be forwarded"))?;
+        let mut req = Request::new(slot.attempt().boxed_unsync());
+        *req.method_mut() = method.clone();
+        *req.uri_mut() = uri;
+        *req.version_mut() = version;
+        *req.headers_mut() = if last { std::mem::take(&mut headers) } else { headers.clone() };
+        let host = match &route.upstream_host {
+            turnpike_model::UpstreamHost::Target => HeaderValue::from_str(&target.authority()).ok(),
+            turnpike_model::UpstreamHost::Preserve => original_host.clone(),
+            turnpike_model::UpstreamHost::Rewrite(h) => HeaderValue::from_str(h).ok(),
+        };
+        if let Some(h) = host {
+            req.headers_mut().insert(header::HOST, h);
+        }
+
+        let attempt = upstream.begin(target);
+        let start = Instant::now();
+        let mut limit = start + route.timeouts.read;
+        if let Some(d) = deadline {
+            limit = limit.min(d);
+        }
+        let result = tokio::time::timeout_at(limit, upstream.client.request(req)).await;
+        let can_retry = |retry_safe: bool| !last && retry_safe && !slot.started() && route.budget.try_retry();
+        match result {
+            Ok(Ok(resp)) => {
+                let status = resp.status();
+                let failed = status.is_server_error();
+                if failed && idempotent && cfg.retries.on_status.contains(&status.as_u16()) && can_retry(true) {
+                    attempt.finish(Outcome::Failure);
+                    drop(resp);
+                    tokio::time::sleep(backoff(cfg.retries.backoff, cfg.retries.max_backoff, attempt_no)).await;
+                    continue;
+                }
+                attempt.finish(if failed { Outcome::Failure } else { Outcome::Success(start.elapsed()) });
+                return Ok(resp);
+            }
+            Ok(Err(e)) => {
+                if let Some(kind) = client_body_error(&e) {
+                    // The client's body broke the exchange; the target is not to blame.
+                    drop(attempt);
+                    return Err(match kind {
+                        ErrorKind::BodyTooLarge => GatewayError::new(kind, "request body is too large"),
+                        _ => GatewayError::new(kind, "client stopped sending the request body"),
+                    });
+                }
+                attempt.finish(Outcome::Failure);
+                let connect = e.is_connect();
+                // A connect failure sent nothing, so any request may be retried; otherwise
+                // the head may have reached the upstream, and only idempotent ones may.
+                if can_retry(connect || idempotent) {
+                    tracing::debug!(upstream = %upstream.name, error = %e, "retrying after upstream error");
+                    tokio::time::sleep(backoff(cfg.retries.backoff, cfg.retries.max_backoff, attempt_no)).await;
+                    continue;
+                }
+                return Err(if connect {
+                    GatewayError::new(ErrorKind::UpstreamUnreachable, format!("cannot connect to upstream `{}`", upstream.name))
+                } else {
+                    GatewayError::new(ErrorKind::UpstreamError, format!("upstream `{}` failed to answer", upstream.name))
+                });
+            }
+            Err(_elapsed) => {
+                attempt.finish(Outcome::Failure);
+                return Err(GatewayError::new(ErrorKind::UpstreamTimeout, format!("upstream `{}` did not answer in time", upstream.name)));
+            }
+        }
+    }
+    Err(GatewayError::new(ErrorKind::UpstreamError, "retries exhausted"))
+}
+
+fn finish_response(
+    resp: Response<Incoming>,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    route: &CompiledRoute,
+) -> Result<Response<ProxyBody>, GatewayError> {
+    let (mut parts, body) = resp.into_parts();
+    if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+        let (Some(client), Some(upstream)) = (client_upgrade, parts.extensions.remove::<hyper::upgrade::OnUpgrade>())
+        else {
+            return Err(GatewayError::new(ErrorKind::UpstreamError, "upstream switched protocols unasked"));
+        };
+        // Only now, with the upstream's 101 in hand, does the connection become a tunnel.
+        tokio::spawn(async move {
+            match tokio::try_join!(client, upstream) {
+                Ok((c, u)) => {
+                    let mut c = hyper_util::rt::TokioIo::new(c);
+                    let mut u = hyper_util::rt::TokioIo::new(u);
+                    if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
+                        tracing::debug!(error = %e, "upgraded tunnel closed with error");
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+            }
+        });
+        strip_hop_by_hop(&mut parts.headers, true, false);
+        parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        return Ok(Response::from_parts(parts, body::empty()));
+    }
+    strip_hop_by_hop(&mut parts.headers, false, true);
+    let body = IdleTimeoutBody::new(body, route.timeouts.read).boxed_unsync();
+    Ok(Response::from_parts(parts, body))
+}
+
+/// Limits concurrent requests to one upstream.
+struct InFlight<'a>(Option<&'a std::sync::atomic::AtomicUsize>);
+
+impl<'a> InFlight<'a> {
+    fn acquire(upstream: &'a crate::upstream::Upstream, max: usize) -> Option<Self> {
+        use std::sync::atomic::Ordering;
+        if max == 0 {
+            return Some(Self(None));
+        }
+        let counter = &upstream.in_flight;
+        let prev = counter.fetch_add(1, Ordering::AcqRel);
+        if prev >= max {
+            counter.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Self(Some(counter)))
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if let Some(c) = self.0 {
+            c.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        }
+    }
+}
+
+/// Finds our own body errors in a client error's source chain.
+fn client_body_error(e: &(dyn std::error::Error + 'static)) -> Option<ErrorKind> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err.is::<BodyTooLarge>() {
+            return Some(ErrorKind::BodyTooLarge);
+        }
+        if err.is::<BodyIdleTimeout>() {
+            return Some(ErrorKind::ClientTimeout);
+        }
+        cur = err.source();
+    }
+    None
+}
+
+/// The client's request id if it is sane, else a fresh one.
+fn request_id(headers: &HeaderMap, name: &HeaderName) -> String {
+    if let Some(v) = headers.get(name).and_then(|v| v.to_str().ok()) {
+        if !v.is_empty() && v.len() <= 200 && v.bytes().all(|b| b.is_ascii_graphic()) {
+            return v.to_owned();
+        }
+    }
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// Host for routing: URI authority (HTTP/2, absolute-form) or `Host`, lowercased, no port.
+fn request_host(parts: &http::request::Parts) -> Option<String> {
+    let raw = match parts.uri.authority() {
+        Some(a) => a.host().to_owned(),
+        None => {
+            let h = parts.headers.get(header::HOST)?.to_str().ok()?;
+            strip_port(h).to_owned()
+        }
+    };
+    let host = raw.trim_end_matches('.');
+    Some(host.to_ascii_lowercase())
+}
+
+fn strip_port(h: &str) -> &str {
+    if let Some(rest) = h.strip_prefix('[') {
+        // IPv6 literal: keep the brackets off, drop the port.
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match h.rsplit_once(':') {
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+        _ => h,
+    }
+}
+
+/// The `Host` value the client sent (or its HTTP/2 authority).
+fn host_header_value(parts: &http::request::Parts) -> Option<HeaderValue> {
+    match parts.headers.get(header::HOST) {
+        Some(h) => Some(h.clone()),
+        None => parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+    }
+}
+
+/// The real client IP: the peer, unless the peer is a trusted proxy, in which case the
+/// right-most `X-Forwarded-For` entry that is not itself a trusted proxy.
+fn client_ip(settings: &Settings, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+    if !settings.is_trusted(peer) {
+        return peer;
+    }
+    let mut candidate = peer;
+    for value in headers.get_all("x-forwarded-for").iter().rev() {
+        let Ok(s) = value.to_str() else { return candidate };
+        for part in s.rsplit(',') {
+            let Ok(ip) = part.trim().parse::<IpAddr>() else { return candidate };
+            candidate = ip;
+            if !settings.is_trusted(ip) {
+                return ip;
+            }
+        }
+    }
+    candidate
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+fn is_upgrade_request(parts: &http::request::Parts) -> bool {
+    parts.version <= Version::HTTP_11 && parts.headers.contains_key(header::UPGRADE) && connection_has(&parts.headers, "upgrade")
+}
+
+static HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Removes hop-by-hop headers and those the `Connection` header names. `upgrade` keeps the
+/// `Upgrade` negotiation; `keep_te_trailers` keeps `TE: trailers`, which gRPC needs end to end.
+fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool, keep_te_trailers: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    let te_trailers = keep_te_trailers
+        && headers
+            .get_all(header::TE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
+    for name in named {
+        if upgrade && name == header::UPGRADE {
+            continue;
+        }
+        headers.remove(&name);
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// Sets `X-Forwarded-*`, `Forwarded`, `Via` and the request id. Incoming forwarding headers
+/// are kept (and extended) only from trusted proxies; from anyone else they are replaced.
+fn add_forwarding(
+    headers: &mut HeaderMap,
+    settings: &Settings,
+    conn: ClientConn,
+    original_host: Option<&HeaderValue>,
+    request_id: &str,
+) {
+    let peer = conn.peer.ip();
+    let trusted = settings.is_trusted(peer);
+    let proto = if conn.tls { "https" } else { "http" };
+    let xff_name = HeaderName::from_static("x-forwarded-for");
+    let xfp_name = HeaderName::from_static("x-forwarded-proto");
+    let xfh_name = HeaderName::from_static("x-forwarded-host");
+    let fwd_name = HeaderName::from_static("forwarded");
+
+    let prior_xff = trusted
+        .then(|| headers.get_all(&xff_name).iter().filter_map(|v| v.to_str().ok()).collect::<Vec<_>>().join(", "))
+        .filter(|s| !s.is_empty());
+    let xff = match prior_xff {
+        Some(prior) => format!("{prior}, {peer}"),
+        None => peer.to_string(),
+    };
+    let prior_forwarded = trusted
+        .then(|| headers.get_all(&fwd_name).iter().filter_map(|v| v.to_str().ok()).collect::<Vec<_>>().join(", "))
+        .filter(|s| !s.is_empty());
+    let host_str = original_host.and_then(|h| h.to_str().ok()).unwrap_or("");
+    let for_value = match peer {
+        IpAddr::V4(ip) => ip.to_string(),
+        IpAddr::V6(ip) => format!("\"[{ip}]\""),
+    };
+    let mut element = format!("for={for_value};proto={proto}");
+    if !host_str.is_empty() && host_str.bytes().all(|b| b.is_ascii_graphic() && b != b'"' && b != b';' && b != b',') {
+        element.push_str(";host=");
+        element.push_str(host_str);
+    }
+    let forwarded = match prior_forwarded {
+        Some(prior) => format!("{prior}, {element}"),
+        None => element,
+    };
+
+    if !(trusted && headers.contains_key(&xfp_name)) {
+        headers.insert(xfp_name, HeaderValue::from_static(proto));
+    }
+    if !(trusted && headers.contains_key(&xfh_name)) {
+        match original_host {
+            Some(h) => {
+                headers.insert(xfh_name, h.clone());
+            }
+            None => {
+                headers.remove(xfh_name);
+            }
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert(xff_name, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&forwarded) {
+        headers.insert(fwd_name, v);
+    }
+    if let Some(via) = &settings.via {
+        headers.append(header::VIA, via.clone());
+    }
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        headers.insert(settings.request_id_header.clone(), v);
+    }
+}
+
+/// Used by the listener wiring to turn a handler into a hyper service.
+pub fn service(
+    shared: Arc<Shared>,
+    conn: ClientConn,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<ProxyBody>,
+    Error = std::convert::Infallible,
+    Future = impl std::future::Future<Output = Result<Response<ProxyBody>, std::convert::Infallible>> + Send,
+> + Clone
++ Send {
+    hyper::service::service_fn(move |req| {
+        let shared = shared.clone();
+        async move { Ok::<_, std::convert::Infallible>(handle(shared, conn, req).await) }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(trusted: &[&str]) -> Settings {
+        Settings {
+            trusted_proxies: trusted.iter().filter_map(|s| turnpike_model::parse_cidr(s)).collect(),
+            request_id_header: HeaderName::from_static("x-request-id"),
+            via: Some(HeaderValue::from_static("1.1 turnpike")),
+            limits: Default::default(),
+        }
+    }
+
+    #[test]
+    fn client_ip_ignores_xff_from_untrusted_peer() {
+        let s = settings(&["10.0.0.0/8"]);
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("1.2.3.4"));
+        assert_eq!(client_ip(&s, "192.0.2.9".parse().unwrap(), &h), "192.0.2.9".parse::<IpAddr>().unwrap());
+        // From a trusted proxy, the right-most untrusted entry is the client.
+        h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6, 1.2.3.4, 10.1.1.1"));
+        assert_eq!(client_ip(&s, "10.0.0.1".parse().unwrap(), &h), "1.2.3.4".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers, deflate"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false, true);
+        assert!(!h.contains_key("x-secret") && !h.contains_key("keep-alive") && !h.contains_key(header::UPGRADE));
+        assert_eq!(h.get(header::TE).unwrap(), "trailers");
+        assert!(h.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn forwarding_headers_are_replaced_from_untrusted_peers() {
+        let s = settings(&[]);
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
+        h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        h.insert("forwarded", HeaderValue::from_static("for=6.6.6.6"));
+        let conn = ClientConn { peer: "192.0.2.1:5555".parse().unwrap(), tls: false };
+        let host = HeaderValue::from_static("api.test");
+        add_forwarding(&mut h, &s, conn, Some(&host), "rid");
+        assert_eq!(h["x-forwarded-for"], "192.0.2.1");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "api.test");
+        assert_eq!(h["forwarded"], "for=192.0.2.1;proto=http;host=api.test");
+        assert_eq!(h["via"], "1.1 turnpike");
+        assert_eq!(h["x-request-id"], "rid");
+    }
+
+    #[test]
+    fn request_id_is_propagated_or_generated() {
+        let name = HeaderName::from_static("x-request-id");
+        let mut h = HeaderMap::new();
+        h.insert("x-request-id", HeaderValue::from_static("abc-123"));
+        assert_eq!(request_id(&h, &name), "abc-123");
+        h.insert("x-request-id", HeaderValue::from_static("has space"));
+        assert_ne!(request_id(&h, &name), "has space");
+    }
+
+    #[test]
+    fn host_strips_port_and_case() {
+        assert_eq!(strip_port("Example.com:8080"), "Example.com");
+        assert_eq!(strip_port("[::1]:80"), "::1");
+        assert_eq!(strip_port("example.com"), "example.com");
+    }
+}

@@ -1,0 +1,249 @@
+//! Request bodies on their way upstream: a size limit enforced while streaming, an idle
+//! timeout between chunks, and a slot that lets a retry reuse a body no attempt has read.
+//!
+//! Retrying is only safe while nothing of the body has been sent. Instead of buffering
+//! bodies, every attempt gets an [`AttemptBody`] that takes the real body from a shared slot
+//! on its first poll and flags the slot as started. A failed attempt that never polled leaves
+//! the body in the slot for the next one; once started, the proxy does not retry.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
+
+use crate::body::BoxError;
+
+/// The request body grew past its limit.
+#[derive(Debug)]
+pub struct BodyTooLarge(pub u64);
+
+impl std::fmt::Display for BodyTooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "request body exceeds {} bytes", self.0)
+    }
+}
+
+impl std::error::Error for BodyTooLarge {}
+
+/// The client paused longer than the write timeout while sending its body.
+#[derive(Debug)]
+pub struct BodyIdleTimeout;
+
+impl std::fmt::Display for BodyIdleTimeout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("client body stalled")
+    }
+}
+
+impl std::error::Error for BodyIdleTimeout {}
+
+pin_project_lite::pin_project! {
+    /// The client's body with a byte limit and an idle timeout.
+    pub struct LimitedBody {
+        #[pin]
+        inner: Incoming,
+        limit: u64,
+        seen: u64,
+        idle: Duration,
+        armed: bool,
+        #[pin]
+        timer: Sleep,
+    }
+}
+
+impl LimitedBody {
+    /// Wraps `inner`.
+    pub fn new(inner: Incoming, limit: u64, idle: Duration) -> Self {
+        Self { inner, limit, seen: 0, idle, armed: false, timer: tokio::time::sleep(idle) }
+    }
+}
+
+impl Body for LimitedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        if !*this.armed {
+            // The idle clock starts when the upstream starts reading, not while connecting.
+            *this.armed = true;
+            this.timer.as_mut().reset(Instant::now() + *this.idle);
+        }
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    *this.seen += data.len() as u64;
+                    if *this.seen > *this.limit {
+                        return Poll::Ready(Some(Err(Box::new(BodyTooLarge(*this.limit)))));
+                    }
+                }
+                let deadline = Instant::now() + *this.idle;
+                this.timer.as_mut().reset(deadline);
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => match this.timer.poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyIdleTimeout)))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Holds the request body until an attempt starts sending it.
+#[derive(Clone)]
+pub struct BodySlot {
+    body: Arc<Mutex<Option<Pin<Box<LimitedBody>>>>>,
+    started: Arc<AtomicBool>,
+    end_stream: bool,
+    hint: SizeHint,
+}
+
+impl BodySlot {
+    /// A slot holding `body`.
+    pub fn new(body: LimitedBody) -> Self {
+        let end_stream = body.is_end_stream();
+        let hint = body.size_hint();
+        Self { body: Arc::new(Mutex::new(Some(Box::pin(body)))), started: Arc::new(AtomicBool::new(false)), end_stream, hint }
+    }
+
+    /// Whether any attempt has begun reading the body. A body known to be empty never counts
+    /// as started: there is nothing to lose by sending it again.
+    pub fn started(&self) -> bool {
+        !self.end_stream && self.started.load(Ordering::Acquire)
+    }
+
+    /// Whether the body is known to be empty.
+    pub fn is_empty(&self) -> bool {
+        self.end_stream
+    }
+
+    /// A body for one attempt.
+    pub fn attempt(&self) -> AttemptBody {
+        AttemptBody { slot: self.clone(), taken: None }
+    }
+}
+
+/// The body given to one upstream attempt.
+pub struct AttemptBody {
+    slot: BodySlot,
+    taken: Option<Pin<Box<LimitedBody>>>,
+}
+
+impl Body for AttemptBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.slot.end_stream {
+            return Poll::Ready(None);
+        }
+        if self.taken.is_none() {
+            self.slot.started.store(true, Ordering::Release);
+            let body = self.slot.body.lock().ok().and_then(|mut b| b.take());
+            match body {
+                Some(b) => self.taken = Some(b),
+                // Another attempt already consumed it; the proxy never retries then, so this
+                // only happens if that rule is broken. Fail instead of sending a truncated body.
+                None => return Poll::Ready(Some(Err("request body already consumed".into()))),
+            }
+        }
+        match self.taken.as_mut() {
+            Some(b) => b.as_mut().poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.taken {
+            Some(b) => b.is_end_stream(),
+            None => self.slot.end_stream,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.taken {
+            Some(b) => b.size_hint(),
+            None => self.slot.hint.clone(),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body with an idle timeout between frames (the upstream read timeout).
+    pub struct IdleTimeoutBody<B> {
+        #[pin]
+        inner: B,
+        idle: Duration,
+        #[pin]
+        timer: Sleep,
+    }
+}
+
+impl<B> IdleTimeoutBody<B> {
+    /// Wraps `inner`.
+    pub fn new(inner: B, idle: Duration) -> Self {
+        Self { inner, idle, timer: tokio::time::sleep(idle) }
+    }
+}
+
+/// The upstream paused longer than the read timeout while sending its body.
+#[derive(Debug)]
+pub struct UpstreamBodyTimeout;
+
+impl std::fmt::Display for UpstreamBodyTimeout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("upstream body stalled")
+    }
+}
+
+impl std::error::Error for UpstreamBodyTimeout {}
+
+impl<B> Body for IdleTimeoutBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                let deadline = Instant::now() + *this.idle;
+                this.timer.as_mut().reset(deadline);
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => match this.timer.poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(UpstreamBodyTimeout)))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
