@@ -1297,7 +1297,6 @@ fn find_crlfcrlf(hay: &[u8]) -> Option<usize> {
 mod tests {
     use super::*;
 
-    use std::convert::Infallible;
     use std::net::SocketAddr;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
@@ -1331,7 +1330,7 @@ mod tests {
     async fn handle(
         mut req: Request<Incoming>,
         seen: Seen,
-    ) -> Result<Response<Full<Bytes>>, Infallible> {
+    ) -> Result<Response<Full<Bytes>>, hyper::Error> {
         seen.count.fetch_add(1, Ordering::SeqCst);
         let path = req.uri().path().to_owned();
         seen.paths.lock().unwrap().push(path.clone());
@@ -1359,6 +1358,10 @@ mod tests {
         if path == "/upgrade-refused" {
             return Ok(Response::new(Full::new(Bytes::from_static(b"no upgrade"))));
         }
+        if path == "/slow" {
+            // Still working when the next (bad) pipelined request is found.
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
         let method = req.method().clone();
         match req.into_body().collect().await {
             Ok(body) => {
@@ -1366,6 +1369,7 @@ mod tests {
                 let text = format!("{method} {path} {}", body.len());
                 Ok(Response::new(Full::new(Bytes::from(text))))
             }
+            Err(e) if path == "/fail" => Err(e),
             Err(_) => {
                 let mut resp = Response::new(Full::new(Bytes::from_static(b"body error")));
                 *resp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
@@ -1431,7 +1435,12 @@ mod tests {
 
     /// Splits a reply stream into (status, body) pairs; every test response has a
     /// content-length.
-    fn responses(mut reply: &str) -> Vec<(u16, String)> {
+    fn responses(reply: &str) -> Vec<(u16, String)> {
+        responses_with_head(reply, None)
+    }
+
+    /// Like [`responses`]; the response at index `head` answers a HEAD request (no body).
+    fn responses_with_head(mut reply: &str, head_idx: Option<usize>) -> Vec<(u16, String)> {
         let mut out = Vec::new();
         while !reply.is_empty() {
             let head_end = reply.find("\r\n\r\n").expect("incomplete head") + 4;
@@ -1445,6 +1454,7 @@ mod tests {
                         .then(|| v.trim().parse().unwrap())
                 })
                 .unwrap_or(0);
+            let len = if head_idx == Some(out.len()) { 0 } else { len };
             out.push((status, reply[head_end..head_end + len].to_owned()));
             reply = &reply[head_end + len..];
         }
@@ -1660,11 +1670,12 @@ mod tests {
               GET /five HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
         )
         .await;
-        let all = responses(&reply.replacen("content-length: 9\r\n", "", 0));
+        let all = responses_with_head(&reply, Some(3));
         assert_eq!(all.len(), 5, "reply was {reply:?}");
         assert_eq!(all[0], (200, "POST /one 5".to_owned()));
         assert_eq!(all[1], (200, "POST /two 13".to_owned()));
         assert_eq!(all[2], (200, "GET /three 0".to_owned()));
+        assert_eq!(all[3], (200, String::new()));
         assert_eq!(all[4], (200, "GET /five 0".to_owned()));
         assert_eq!(seen.count(), 5);
     }
@@ -1865,6 +1876,128 @@ mod tests {
             .unwrap();
         let earlier = assert_rejected(&String::from_utf8_lossy(&out), 400, "bad_request");
         assert_eq!(earlier, vec![(200, "POST /t 2".to_owned())]);
+        assert_eq!(seen.count(), 1);
+    }
+
+    /// Records whether hyper called `poll_shutdown` on the stream.
+    struct ShutdownSpy {
+        inner: TcpStream,
+        called: Arc<AtomicUsize>,
+    }
+
+    impl AsyncRead for ShutdownSpy {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for ShutdownSpy {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Pin::new(&mut self.inner).poll_write(cx, buf)
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_flush(cx)
+        }
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            self.called.fetch_add(1, Ordering::SeqCst);
+            Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    /// One connection served by plain hyper http1 over the spy; returns the reply and whether
+    /// hyper called `poll_shutdown`.
+    async fn exchange_spied(raw: &[u8]) -> (String, bool, Seen) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Seen::default();
+        let called = Arc::new(AtomicUsize::new(0));
+        let (seen2, called2) = (seen.clone(), called.clone());
+        let server = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let spy = ShutdownSpy {
+                inner: stream,
+                called: called2,
+            };
+            let io = TokioIo::new(H1Guard::new(spy, limits()));
+            let svc = service_fn(move |req| handle(req, seen2.clone()));
+            hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, svc)
+                .await
+                .is_ok()
+        });
+        let reply = exchange(addr, raw).await;
+        let _ = server.await;
+        (reply, called.load(Ordering::SeqCst) > 0, seen)
+    }
+
+    /// hyper 1 answers read EOF on an idle connection by shutting down (it calls
+    /// `poll_shutdown`), so the error response goes out there.
+    #[tokio::test]
+    async fn idle_eof_makes_hyper_call_shutdown() {
+        let (reply, shutdown, seen) =
+            exchange_spied(b"GET / HTTP/1.1\r\nHost: a\r\nHost : b\r\n\r\n").await;
+        assert_rejected(&reply, 400, "bad_request");
+        assert!(shutdown);
+        assert_eq!(seen.count(), 0);
+    }
+
+    /// A body cut off by a violation fails the service's body stream; a service that then
+    /// fails makes hyper drop the connection without `poll_shutdown`, and `Drop` still
+    /// delivers the error response.
+    #[tokio::test]
+    async fn failed_service_drop_still_answers() {
+        let (reply, shutdown, seen) = exchange_spied(
+            b"POST /fail HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\nzz\r\n",
+        )
+        .await;
+        assert_rejected(&reply, 400, "bad_request");
+        assert!(!shutdown, "hyper called shutdown after a service error");
+        assert_eq!(seen.paths(), vec!["/fail".to_owned()]);
+    }
+
+    /// hyper polls the socket while the service works and treats EOF there as an aborted
+    /// request; the guard must hold EOF back until the earlier response is out.
+    #[tokio::test]
+    async fn slow_earlier_response_is_not_aborted() {
+        let (addr, seen) = serve().await;
+        let reply = exchange(
+            addr,
+            b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\nGET /bad HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx",
+        )
+        .await;
+        let earlier = assert_rejected(&reply, 400, "bad_request");
+        assert_eq!(earlier, vec![(200, "GET /slow 0".to_owned())]);
+        assert_eq!(seen.paths(), vec!["/slow".to_owned()]);
+    }
+
+    /// A service that answers before reading a body which then turns out malformed: its
+    /// response already started, so the guard adds nothing and just closes.
+    #[tokio::test]
+    async fn chunk_error_after_response_started_adds_nothing() {
+        let (addr, seen) = serve().await;
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(
+            b"POST /upgrade-refused HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let head = read_head(&mut s).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        s.write_all(b"3\r\nabc\r\nzz\r\n").await.unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out), "no upgrade");
         assert_eq!(seen.count(), 1);
     }
 

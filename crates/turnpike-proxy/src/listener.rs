@@ -48,6 +48,7 @@ use tokio_util::sync::CancellationToken;
 use turnpike_model::{Limits, ListenerConfig};
 
 use crate::body::{BoxError, ProxyBody};
+use crate::h1guard::{GuardLimits, H1Guard};
 use crate::tls::ServerCertificates;
 
 /// What a connection tells the request handler.
@@ -124,9 +125,12 @@ impl Listener {
                 })
             }
         };
-        let socket = TcpListener::bind(&cfg.address)
-            .await
-            .map_err(|e| format!("listener `{}`: cannot bind `{}`: {e}", cfg.name, cfg.address))?;
+        let socket = TcpListener::bind(&cfg.address).await.map_err(|e| {
+            format!(
+                "listener `{}`: cannot bind `{}`: {e}",
+                cfg.name, cfg.address
+            )
+        })?;
         let local = socket
             .local_addr()
             .map_err(|e| format!("listener `{}`: {e}", cfg.name))?;
@@ -392,18 +396,25 @@ enum Proto {
     H2,
 }
 
-/// The single place where an accepted stream that may carry HTTP/1 (plain TCP, or TLS whose
-/// ALPN is not `h2`) is wrapped before hyper parses it.
+/// The single place where a stream that may carry HTTP/1 (plain TCP, or TLS whose ALPN is
+/// not `h2`) is wrapped before hyper parses it: the request-smuggling guard. It passes HTTP/2
+/// prior knowledge and upgraded connections through untouched, and writes its own error
+/// response when hyper shuts the stream down (or on drop), so no finish call is needed.
 ///
-/// HOOK(h1guard): the request-smuggling guard (`crate::h1guard::H1Guard`) belongs here:
-/// `H1Guard::new(io, GuardLimits { max_header_bytes, max_headers, max_uri_length })` from
-/// `limits`. It passes h2 prior knowledge through untouched. If it needs a finish call to
-/// flush a pending 400, make that call in `drive` after the connection future completes.
-fn guard_h1<IO>(io: IO, _limits: &Limits) -> IO
+/// It sits above [`TrackedIo`] so the watchdog sees the client's raw bytes even while the
+/// guard holds back an incomplete head.
+fn guard_h1<IO>(io: IO, limits: &Limits) -> H1Guard<IO>
 where
     IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    io
+    H1Guard::new(
+        io,
+        GuardLimits {
+            max_header_bytes: limits.max_header_bytes,
+            max_headers: limits.max_headers,
+            max_uri_length: limits.max_uri_length,
+        },
+    )
 }
 
 /// One accepted connection: socket options, TLS handshake, then HTTP until done.
@@ -415,8 +426,11 @@ async fn connection<F, S>(
     shutdown: CancellationToken,
 ) where
     F: Fn(ConnInfo) -> S + Send + Sync + 'static,
-    S: hyper::service::Service<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible>
-        + Send
+    S: hyper::service::Service<
+            Request<Incoming>,
+            Response = Response<ProxyBody>,
+            Error = Infallible,
+        > + Send
         + 'static,
     S::Future: Send + 'static,
 {
@@ -440,15 +454,12 @@ async fn connection<F, S>(
         alpn_h2: false,
     };
     let Some(acceptor) = &shared.tls else {
-        let io = guard_h1(stream, &shared.limits);
-        drive(&shared, Proto::Auto, io, info, permit, &shutdown).await;
+        drive(&shared, Proto::Auto, stream, info, permit, &shutdown).await;
         return;
     };
     // A handshake is part of "receiving the request head": same budget.
-    let handshake = tokio::time::timeout(
-        shared.limits.header_read_timeout,
-        acceptor.accept(stream),
-    );
+    let handshake =
+        tokio::time::timeout(shared.limits.header_read_timeout, acceptor.accept(stream));
     let tls = tokio::select! {
         () = shutdown.cancelled() => return,
         result = handshake => match result {
@@ -467,12 +478,8 @@ async fn connection<F, S>(
     info.tls = true;
     info.sni = session.server_name().map(Arc::from);
     info.alpn_h2 = session.alpn_protocol() == Some(b"h2".as_slice());
-    if info.alpn_h2 {
-        drive(&shared, Proto::H2, tls, info, permit, &shutdown).await;
-    } else {
-        let io = guard_h1(tls, &shared.limits);
-        drive(&shared, Proto::H1, io, info, permit, &shutdown).await;
-    }
+    let proto = if info.alpn_h2 { Proto::H2 } else { Proto::H1 };
+    drive(&shared, proto, tls, info, permit, &shutdown).await;
 }
 
 /// Runs HTTP on an established stream with the watchdog and drain handling.
@@ -485,21 +492,24 @@ async fn drive<F, S, IO>(
     shutdown: &CancellationToken,
 ) where
     F: Fn(ConnInfo) -> S + Send + Sync + 'static,
-    S: hyper::service::Service<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible>
-        + Send
+    S: hyper::service::Service<
+            Request<Incoming>,
+            Response = Response<ProxyBody>,
+            Error = Infallible,
+        > + Send
         + 'static,
     S::Future: Send + 'static,
     IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let peer = info.peer;
     let activity = Arc::new(Activity::new());
-    let io = TokioIo::new(TrackedIo {
+    let io = TrackedIo {
         inner: io,
         activity: Arc::clone(&activity),
         // Only streams that may turn out to be HTTP/2 need their preface recognised.
         sniff: (proto != Proto::H1).then_some(0),
         _permit: permit,
-    });
+    };
     let service = TrackedService {
         inner: (shared.make_service)(info),
         activity: Arc::clone(&activity),
@@ -511,22 +521,25 @@ async fn drive<F, S, IO>(
     };
     let result = match proto {
         Proto::Auto => {
-            let conn = shared
-                .protocols
-                .auto
-                .serve_connection_with_upgrades(io, service);
+            let conn = shared.protocols.auto.serve_connection_with_upgrades(
+                TokioIo::new(guard_h1(io, &shared.limits)),
+                service,
+            );
             watch.run(conn, |c| c.graceful_shutdown()).await
         }
         Proto::H1 => {
             let conn = shared
                 .protocols
                 .h1
-                .serve_connection(io, service)
+                .serve_connection(TokioIo::new(guard_h1(io, &shared.limits)), service)
                 .with_upgrades();
             watch.run(conn, |c| c.graceful_shutdown()).await
         }
         Proto::H2 => {
-            let conn = shared.protocols.h2.serve_connection(io, service);
+            let conn = shared
+                .protocols
+                .h2
+                .serve_connection(TokioIo::new(io), service);
             watch.run(conn, |c| c.graceful_shutdown()).await
         }
     };
@@ -808,7 +821,11 @@ struct TrackedService<S> {
 
 impl<S> hyper::service::Service<Request<Incoming>> for TrackedService<S>
 where
-    S: hyper::service::Service<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible>,
+    S: hyper::service::Service<
+            Request<Incoming>,
+            Response = Response<ProxyBody>,
+            Error = Infallible,
+        >,
 {
     type Response = Response<TrackedBody>;
     type Error = Infallible;
@@ -907,7 +924,8 @@ mod tests {
         started: AtomicUsize,
     }
 
-    type BoxedResponse = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
+    type BoxedResponse =
+        Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
 
     /// Answers with the connection facts; `/slow/<ms>` sleeps first.
     struct InfoService {
@@ -925,6 +943,9 @@ mod tests {
             let seen = Arc::clone(&self.seen);
             Box::pin(async move {
                 seen.started.fetch_add(1, Ordering::SeqCst);
+                if req.uri().path() == "/ws" {
+                    return Ok(websocket_echo(req));
+                }
                 if let Some(ms) = req.uri().path().strip_prefix("/slow/") {
                     let ms: u64 = ms.parse().unwrap_or(0);
                     tokio::time::sleep(Duration::from_millis(ms)).await;
@@ -941,6 +962,35 @@ mod tests {
                 Ok(Response::new(crate::body::full(text)))
             })
         }
+    }
+
+    /// Accepts a WebSocket handshake and echoes one message.
+    fn websocket_echo(mut req: Request<Incoming>) -> Response<ProxyBody> {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+        use tokio_tungstenite::tungstenite::protocol::Role;
+
+        let key = req.headers()["sec-websocket-key"].as_bytes().to_vec();
+        let upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            let upgraded = upgrade.await.unwrap();
+            let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+                TokioIo::new(upgraded),
+                Role::Server,
+                None,
+            )
+            .await;
+            if let Some(Ok(msg)) = ws.next().await {
+                ws.send(msg).await.unwrap();
+            }
+        });
+        Response::builder()
+            .status(101)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-accept", derive_accept_key(&key))
+            .body(crate::body::empty())
+            .unwrap()
     }
 
     fn make_service(seen: Arc<Seen>) -> impl Fn(ConnInfo) -> InfoService + Send + Sync + 'static {
@@ -965,11 +1015,8 @@ mod tests {
         let certs = listener.certificates();
         let shutdown = CancellationToken::new();
         let seen = Arc::new(Seen::default());
-        let task = tokio::spawn(listener.serve(
-            make_service(Arc::clone(&seen)),
-            shutdown.clone(),
-            drain,
-        ));
+        let task =
+            tokio::spawn(listener.serve(make_service(Arc::clone(&seen)), shutdown.clone(), drain));
         Running {
             addr,
             shutdown,
@@ -1096,15 +1143,47 @@ mod tests {
         let body = h1_get(&mut sender, "/").await;
         assert!(body.contains("listener=main"), "{body}");
         assert!(body.contains(&format!("peer={client_addr}")), "{body}");
-        assert!(body.contains("tls=false sni=- alpn_h2=false version=HTTP/1.1"), "{body}");
+        assert!(
+            body.contains("tls=false sni=- alpn_h2=false version=HTTP/1.1"),
+            "{body}"
+        );
         // Keep-alive: a second request on the same connection.
         let body = h1_get(&mut sender, "/again").await;
         assert!(body.contains("version=HTTP/1.1"), "{body}");
 
         let stream = TcpStream::connect(srv.addr).await.unwrap();
         let body = h2_get(stream, "/").await;
-        assert!(body.contains("tls=false sni=- alpn_h2=false version=HTTP/2.0"), "{body}");
+        assert!(
+            body.contains("tls=false sni=- alpn_h2=false version=HTTP/2.0"),
+            "{body}"
+        );
 
+        srv.shutdown.cancel();
+        tokio::time::timeout(WAIT, srv.task).await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn websocket_upgrade_works() {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+
+        let srv = start(plain("ws"), limits(), WAIT).await;
+        let stream = TcpStream::connect(srv.addr).await.unwrap();
+        let (mut ws, resp) = tokio::time::timeout(
+            WAIT,
+            tokio_tungstenite::client_async("ws://test/ws", stream),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(resp.status(), 101);
+        ws.send(Message::text("ping")).await.unwrap();
+        let echoed = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(echoed, Message::text("ping"));
         srv.shutdown.cancel();
         tokio::time::timeout(WAIT, srv.task).await.unwrap().unwrap();
     }
@@ -1205,7 +1284,10 @@ mod tests {
         assert_eq!(served_cert(&tls), a.der);
         let (mut sender, _conn) = h1_client(tls).await;
         let body = h1_get(&mut sender, "/").await;
-        assert!(body.contains("tls=true sni=a.test alpn_h2=false version=HTTP/1.1"), "{body}");
+        assert!(
+            body.contains("tls=true sni=a.test alpn_h2=false version=HTTP/1.1"),
+            "{body}"
+        );
 
         let tls = tls_connect(&h1, srv.addr, "x.b.test").await;
         assert_eq!(served_cert(&tls), b.der);
@@ -1214,7 +1296,10 @@ mod tests {
         let tls = tls_connect(&h2, srv.addr, "x.b.test").await;
         assert_eq!(tls.get_ref().1.alpn_protocol(), Some(b"h2".as_slice()));
         let body = h2_get(tls, "/").await;
-        assert!(body.contains("tls=true sni=x.b.test alpn_h2=true version=HTTP/2.0"), "{body}");
+        assert!(
+            body.contains("tls=true sni=x.b.test alpn_h2=true version=HTTP/2.0"),
+            "{body}"
+        );
 
         // Unknown names, a wildcard more than one label deep, and no SNI: the first cert.
         let any = trusting_client(true);
@@ -1244,8 +1329,14 @@ mod tests {
         }
         let srv = start(cfg, limits(), WAIT).await;
         let any = trusting_client(true);
-        assert_eq!(served_cert(&tls_connect(&any, srv.addr, "other.test").await), b.der);
-        assert_eq!(served_cert(&tls_connect(&any, srv.addr, "b.test").await), a.der);
+        assert_eq!(
+            served_cert(&tls_connect(&any, srv.addr, "other.test").await),
+            b.der
+        );
+        assert_eq!(
+            served_cert(&tls_connect(&any, srv.addr, "b.test").await),
+            a.der
+        );
         srv.shutdown.cancel();
         tokio::time::timeout(WAIT, srv.task).await.unwrap().unwrap();
     }
@@ -1256,12 +1347,18 @@ mod tests {
         write_cert(dir.path(), "a", &["a.test"]);
         let mut cfg = tls_listener(dir.path());
         let err = Listener::bind(&cfg, &limits()).await.unwrap_err();
-        assert!(err.contains("listener `tls`") && err.contains("b.crt"), "{err}");
+        assert!(
+            err.contains("listener `tls`") && err.contains("b.crt"),
+            "{err}"
+        );
 
         cfg.tls = None;
         cfg.address = "256.0.0.1:0".to_owned();
         let err = Listener::bind(&cfg, &limits()).await.unwrap_err();
-        assert!(err.contains("listener `tls`") && err.contains("256.0.0.1"), "{err}");
+        assert!(
+            err.contains("listener `tls`") && err.contains("256.0.0.1"),
+            "{err}"
+        );
     }
 
     #[tokio::test]
@@ -1272,15 +1369,24 @@ mod tests {
         let srv = start(tls_listener(dir.path()), limits(), WAIT).await;
         let certs = srv.certs.clone().unwrap();
         let any = trusting_client(true);
-        assert_eq!(served_cert(&tls_connect(&any, srv.addr, "a.test").await), a.der);
+        assert_eq!(
+            served_cert(&tls_connect(&any, srv.addr, "a.test").await),
+            a.der
+        );
 
         // Nothing changed: a periodic check does nothing.
         assert!(!certs.reload_if_changed().unwrap());
 
         let a2 = write_cert(dir.path(), "a", &["a.test"]);
         certs.reload().unwrap();
-        assert_eq!(served_cert(&tls_connect(&any, srv.addr, "a.test").await), a2.der);
-        assert_eq!(served_cert(&tls_connect(&any, srv.addr, "x.b.test").await), b.der);
+        assert_eq!(
+            served_cert(&tls_connect(&any, srv.addr, "a.test").await),
+            a2.der
+        );
+        assert_eq!(
+            served_cert(&tls_connect(&any, srv.addr, "x.b.test").await),
+            b.der
+        );
 
         // A broken file: the reload fails, is reported once by the periodic check, and the
         // running certificates stay.
@@ -1288,12 +1394,22 @@ mod tests {
         let err = certs.reload().unwrap_err();
         assert!(err.contains("a.crt"), "{err}");
         assert!(!certs.reload_if_changed().unwrap());
-        assert_eq!(served_cert(&tls_connect(&any, srv.addr, "a.test").await), a2.der);
+        assert_eq!(
+            served_cert(&tls_connect(&any, srv.addr, "a.test").await),
+            a2.der
+        );
 
         // A fixed file is picked up by the periodic check.
-        let a3 = write_cert(dir.path(), "a", &["a.test", "longer-name-to-change-length.test"]);
+        let a3 = write_cert(
+            dir.path(),
+            "a",
+            &["a.test", "longer-name-to-change-length.test"],
+        );
         assert!(certs.reload_if_changed().unwrap());
-        assert_eq!(served_cert(&tls_connect(&any, srv.addr, "a.test").await), a3.der);
+        assert_eq!(
+            served_cert(&tls_connect(&any, srv.addr, "a.test").await),
+            a3.der
+        );
 
         srv.shutdown.cancel();
         tokio::time::timeout(WAIT, srv.task).await.unwrap().unwrap();
@@ -1341,7 +1457,10 @@ mod tests {
             .unwrap();
         let mut pending = Box::pin(second.send_request(req));
         let early = tokio::time::timeout(Duration::from_millis(300), &mut pending).await;
-        assert!(early.is_err(), "second connection served while the first is open");
+        assert!(
+            early.is_err(),
+            "second connection served while the first is open"
+        );
         assert_eq!(srv.seen.started.load(Ordering::SeqCst), 1);
 
         drop(first);
@@ -1364,7 +1483,10 @@ mod tests {
 
         // Half a head, then silence.
         let mut stream = TcpStream::connect(srv.addr).await.unwrap();
-        stream.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
         let took = time_to_close(&mut stream).await;
         assert!(took < Duration::from_secs(5), "{took:?}");
 
@@ -1383,6 +1505,7 @@ mod tests {
             time_to_close(&mut stream).await;
         }
         let took = started.elapsed();
+        eprintln!("listener: trickling head cut off after {took:?}");
         assert!(
             took >= Duration::from_millis(250) && took < Duration::from_secs(5),
             "{took:?}"
@@ -1427,6 +1550,7 @@ mod tests {
         let second = read_response(&mut stream).await;
         assert!(second.starts_with("HTTP/1.1 200"), "{second}");
         let took = time_to_close(&mut stream).await;
+        eprintln!("listener: idle HTTP/1 keep-alive closed after {took:?}");
         assert!(
             took >= Duration::from_millis(900) && took < Duration::from_secs(6),
             "{took:?}"
@@ -1447,6 +1571,7 @@ mod tests {
         let started = Instant::now();
         let _ = tokio::time::timeout(WAIT, conn).await.unwrap().unwrap();
         let took = started.elapsed();
+        eprintln!("listener: idle HTTP/2 connection closed after {took:?}");
         assert!(
             took >= Duration::from_millis(900) && took < Duration::from_secs(6),
             "{took:?}"
@@ -1485,9 +1610,15 @@ mod tests {
             assert!(Instant::now() < deadline, "still accepting after shutdown");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let body = tokio::time::timeout(WAIT, in_flight).await.unwrap().unwrap();
+        let body = tokio::time::timeout(WAIT, in_flight)
+            .await
+            .unwrap()
+            .unwrap();
         assert!(body.contains("version=HTTP/1.1"), "{body}");
-        let body = tokio::time::timeout(WAIT, h2_in_flight).await.unwrap().unwrap();
+        let body = tokio::time::timeout(WAIT, h2_in_flight)
+            .await
+            .unwrap()
+            .unwrap();
         assert!(body.contains("version=HTTP/2.0"), "{body}");
         tokio::time::timeout(WAIT, srv.task).await.unwrap().unwrap();
         assert!(triggered.elapsed() < WAIT);
@@ -1513,12 +1644,16 @@ mod tests {
         srv.shutdown.cancel();
         tokio::time::timeout(WAIT, srv.task).await.unwrap().unwrap();
         let took = triggered.elapsed();
+        eprintln!("listener: serve returned {took:?} after shutdown (drain_timeout 300ms)");
         assert!(
             took >= Duration::from_millis(250) && took < Duration::from_secs(3),
             "{took:?}"
         );
         // The dropped connection fails the client's request instead of hanging.
-        let result = tokio::time::timeout(WAIT, in_flight).await.unwrap().unwrap();
+        let result = tokio::time::timeout(WAIT, in_flight)
+            .await
+            .unwrap()
+            .unwrap();
         assert!(result.is_err());
     }
 
@@ -1557,6 +1692,7 @@ mod tests {
             .unwrap();
         read_response(&mut stream).await;
         let took = time_to_close(&mut stream).await;
+        eprintln!("hyper: idle keep-alive closed after {took:?} (header_read_timeout {timeout:?})");
         assert!(took < Duration::from_secs(3), "{took:?}");
 
         // 2. With auto::Builder, a connection that sends nothing (or less than the 24-byte

@@ -6,10 +6,10 @@ use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 use rustls::ClientConfig;
-use rustls::server::{ClientHello, ResolvesServerCert, ServerConfig};
-use rustls::sign::CertifiedKey;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert, ServerConfig};
+use rustls::sign::CertifiedKey;
 use turnpike_model::{CertificateConfig, ListenerTls, UpstreamTls};
 
 /// The crypto provider used everywhere in the workspace.

@@ -34,6 +34,15 @@ enum Command {
     },
     /// Print version and build information.
     Version,
+    /// Run only the built-in demo upstream (for trying routes and for benchmarks).
+    DemoUpstream {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        listen: SocketAddr,
+        /// Name reported in `x-served-by`.
+        #[arg(long, default_value = "demo")]
+        name: String,
+    },
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -72,6 +81,7 @@ fn main() -> ExitCode {
         }
         Some(Command::Validate { file }) => run_async(validate(file)),
         Some(Command::Serve(args)) => run_async(serve(args)),
+        Some(Command::DemoUpstream { listen, name }) => run_async(demo_upstream(listen, name)),
         None => run_async(serve(cli.serve)),
     }
 }
@@ -81,6 +91,20 @@ fn run_async(fut: impl std::future::Future<Output = ExitCode>) -> ExitCode {
         Ok(rt) => rt.block_on(fut),
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn demo_upstream(listen: SocketAddr, name: String) -> ExitCode {
+    match DemoServer::start(listen, &name).await {
+        Ok(d) => {
+            eprintln!("demo upstream `{name}` listening on {}", d.local_addr());
+            wait_for_termination().await;
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: cannot listen on {listen}: {e}");
             ExitCode::FAILURE
         }
     }

@@ -63,9 +63,14 @@ impl PathMatcher {
             PathMatch::Exact(p) => Ok(Self::Exact(normalize_pattern(p)?)),
             PathMatch::Prefix(p) => Ok(Self::Prefix(normalize_pattern(p)?)),
             PathMatch::Template(t) => Template::parse(&normalize_pattern(t)?).map(Self::Template),
-            PathMatch::Regex(r) => Regex::new(&format!("^(?:{r})$"))
-                .map(Self::Regex)
-                .map_err(|e| format!("invalid regex: {e}")),
+            PathMatch::Regex(r) => {
+                // Parsed alone first: a pattern like `a)|(b` would otherwise slip out of the
+                // anchoring group and match anywhere.
+                Regex::new(r)
+                    .and_then(|_| Regex::new(&format!("^(?:{r})$")))
+                    .map(Self::Regex)
+                    .map_err(|e| format!("invalid regex: {e}"))
+            }
         }
     }
 

@@ -237,7 +237,7 @@ impl Router {
     }
 
     /// Finds the route for a request. Allocates only for the answer (parameters, forwarded
-    /// path) and, on the 405 path, the list of methods.
+    /// path), for the 405 list of methods, and to lower-case a host given in upper case.
     pub fn route(&self, req: &RequestView<'_>) -> RouteResult {
         let host = req.host.map(canonical_host);
         let host = host.as_deref();
@@ -276,7 +276,11 @@ impl Router {
         self.for_each_list(host, |list| {
             for candidate in list {
                 if let Some(route) = self.routes.get(candidate.route) {
-                    if !route.methods.contains(req.method) && self.matches(candidate, req, false) {
+                    // A route without methods would have matched in the first pass.
+                    if !route.methods.is_empty()
+                        && !route.methods.contains(req.method)
+                        && self.matches(candidate, req, false)
+                    {
                         allowed.extend(route.methods.iter().cloned());
                     }
                 }
@@ -296,13 +300,11 @@ impl Router {
             if let Some(list) = self.exact_hosts.get(host) {
                 f(list);
             }
-            if !self.wildcard_hosts.is_empty() {
-                // `a.b.example.com` tries `b.example.com`, `example.com`, `com`; the first
-                // label must be non-empty, so a leading dot is not a wildcard label.
+            // Empty labels (`.example.com`, `a..example.com`) must not satisfy the "at least
+            // one more label" rule of wildcards.
+            if !self.wildcard_hosts.is_empty() && !host.starts_with('.') && !host.contains("..") {
+                // `a.b.example.com` tries `b.example.com`, `example.com`, `com`.
                 for (i, _) in host.match_indices('.') {
-                    if i == 0 {
-                        continue;
-                    }
                     if let Some(list) = host.get(i + 1..).and_then(|s| self.wildcard_hosts.get(s)) {
                         f(list);
                     }

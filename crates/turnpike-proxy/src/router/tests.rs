@@ -131,6 +131,8 @@ fn hosts() {
             ("GET", Some("example.com"), "/", &[], "404"),
             ("GET", Some("xexample.com"), "/", &[], "404"),
             ("GET", Some(".example.com"), "/", &[], "404"),
+            ("GET", Some("a..example.com"), "/", &[], "404"),
+            ("GET", Some(".a.example.com"), "/", &[], "404"),
             ("GET", Some("other.test"), "/", &[], "other"),
             ("GET", Some("x.other.test"), "/", &[], "other"),
             ("GET", Some("nothing.test"), "/any/x", &[], "any"),
@@ -876,6 +878,44 @@ fn rewrites() {
     }
 }
 
+#[test]
+fn forwarded_paths_are_always_clean() {
+    let t = table(
+        r#"
+- { name: strip, upstream: u, hosts: [s.test], paths: [{ prefix: /a }], rewrite: { strip_prefix: true } }
+- { name: tpl, upstream: u, hosts: [t.test], paths: [{ template: "/{x}/{rest*}" }], rewrite: { template: "/v/{rest}/{x}" } }
+- name: re
+  upstream: u
+  hosts: [r.test]
+  rewrite: { regex: { pattern: "^/([^/]*)", replacement: "${1}/" } }
+- { name: add, upstream: u, hosts: [p.test], rewrite: { add_prefix: /svc/ } }
+- { name: none, upstream: u }
+"#,
+    );
+    const PIECES: &[&str] = &["/", "/", "a", ".", "..", "%2e", "x.", "~", "%20", "//"];
+    let mut rng = fastrand::Rng::with_seed(7);
+    for _ in 0..5_000 {
+        let mut raw = String::from("/");
+        for _ in 0..rng.usize(0..10) {
+            raw.push_str(PIECES[rng.usize(0..PIECES.len())]);
+        }
+        for host in ["s.test", "t.test", "r.test", "p.test", "other.test"] {
+            let RouteResult::Matched(m) = t.run("GET", Some(host), &raw, &[]) else {
+                continue;
+            };
+            let f = &m.forward_path;
+            assert!(f.starts_with('/'), "{host} {raw:?} -> {f:?}");
+            for bad in ["//", "/./", "/../"] {
+                assert!(!f.contains(bad), "{host} {raw:?} -> {f:?}");
+            }
+            assert!(
+                !f.ends_with("/.") && !f.ends_with("/.."),
+                "{host} {raw:?} -> {f:?}"
+            );
+        }
+    }
+}
+
 // ---------------------------------------------------------------- compile errors
 
 #[test]
@@ -883,6 +923,10 @@ fn compile_errors_point_at_the_entry() {
     let cases: &[(&str, &str)] = &[
         (
             "- { name: a, upstream: u, paths: [{ regex: \"(\" }] }",
+            "routes[0].paths[0]",
+        ),
+        (
+            "- { name: a, upstream: u, paths: [{ regex: \"/a)|(/b\" }] }",
             "routes[0].paths[0]",
         ),
         (

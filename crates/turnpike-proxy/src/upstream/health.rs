@@ -117,14 +117,15 @@ fn has_host_names(config: &UpstreamConfig) -> bool {
 }
 
 /// Starts background tasks for `upstream`: active health checks when configured, DNS refresh
-/// when a target is a host name. Without a Tokio runtime nothing starts (logged).
-pub fn spawn_background(upstream: Weak<Upstream>) {
+/// when a target is a host name. Without a Tokio runtime nothing starts (logged) and it
+/// returns `false`; otherwise `true`, including when there was nothing to start.
+pub fn spawn_background(upstream: Weak<Upstream>) -> bool {
     let Some(up) = upstream.upgrade() else {
-        return;
+        return true;
     };
     let Ok(handle) = tokio::runtime::Handle::try_current() else {
         tracing::warn!(upstream = %up.name, "no async runtime: health checks and DNS refresh not started");
-        return;
+        return false;
     };
     if let Some(active) = up.config.health_check.active.clone() {
         handle.spawn(active_loop(upstream.clone(), up.name.clone(), active));
@@ -133,6 +134,7 @@ pub fn spawn_background(upstream: Weak<Upstream>) {
         let period = up.config.dns_refresh.max(MIN_PERIOD);
         handle.spawn(dns_loop(upstream, period));
     }
+    true
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -784,5 +786,9 @@ load_balancer:
         let up = rt.block_on(Upstream::build(&cfg)).unwrap();
         drop(rt);
         up.start();
+        assert!(
+            !up.started.load(Ordering::Relaxed),
+            "a later start may still spawn"
+        );
     }
 }

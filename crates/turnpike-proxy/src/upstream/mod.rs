@@ -133,6 +133,8 @@ pub struct Upstream {
     pub client: UpstreamClient,
     /// Requests in flight to the whole pool (for `pool.max_requests`).
     pub(crate) in_flight: AtomicUsize,
+    /// Whether background tasks were started, so a second `start` does not double them.
+    started: AtomicBool,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -158,12 +160,20 @@ impl Upstream {
             set: ArcSwap::from_pointee(TargetSet { targets, balancer }),
             client,
             in_flight: AtomicUsize::new(0),
+            started: AtomicBool::new(false),
         }))
     }
 
     /// Starts active health checks and DNS refresh. They stop when the pool is dropped.
+    /// Calling it again is a no-op.
     pub fn start(self: &Arc<Self>) {
-        health::spawn_background(Arc::downgrade(self));
+        if self.started.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        if !health::spawn_background(Arc::downgrade(self)) {
+            // Nothing could be spawned (no runtime): let a later call try again.
+            self.started.store(false, Ordering::Relaxed);
+        }
     }
 
     /// Current targets.

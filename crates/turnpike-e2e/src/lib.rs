@@ -1,0 +1,1 @@
+//! End-to-end protocol tests through the real Turnpike gateway; see `tests/`.
