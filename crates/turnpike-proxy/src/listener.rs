@@ -13,13 +13,15 @@
 //! We therefore switch hyper's timer off and run a small watchdog per connection, fed by an IO
 //! wrapper (bytes received) and a service wrapper (requests in flight):
 //!
-//! - no request in flight and a request head (or the HTTP/2 preface) has started — including
-//!   on a fresh connection — : the head must complete within `header_read_timeout`, else the
-//!   connection is dropped;
+//! - no request in flight and a request head (or the HTTP/2 preface) has started: the head must
+//!   complete within `header_read_timeout`, else the connection is dropped. A fresh connection
+//!   counts as a started head (after the TLS handshake, which has its own budget of the same
+//!   length), so silent clients are cut off too;
 //! - no request in flight and nothing received: the connection is closed after
 //!   `keepalive_timeout` (HTTP/2: GOAWAY first, since pings and window updates keep arriving);
 //! - a request in flight: no connection timer (request and body timeouts belong to the
-//!   pipeline).
+//!   pipeline). Bytes of a pipelined next request that arrive while a response is still in
+//!   flight therefore fall under `keepalive_timeout`, not `header_read_timeout`.
 
 use std::convert::Infallible;
 use std::fmt::Display;
@@ -260,8 +262,7 @@ impl Listener {
             connections = conns.len(),
             "listener stopped accepting; draining"
         );
-        let deadline = pin!(tokio::time::sleep(drain_timeout));
-        let mut deadline = deadline;
+        let mut deadline = pin!(tokio::time::sleep(drain_timeout));
         loop {
             tokio::select! {
                 done = conns.join_next() => match done {
@@ -1163,6 +1164,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn request_smuggling_guard_is_in_front_of_hyper() {
+        let srv = start(plain("guarded"), limits(), WAIT).await;
+        let mut stream = TcpStream::connect(srv.addr).await.unwrap();
+        stream
+            .write_all(
+                b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\
+                  Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let reply = read_response(&mut stream).await;
+        assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+        assert_eq!(srv.seen.started.load(Ordering::SeqCst), 0);
+        srv.shutdown.cancel();
+        tokio::time::timeout(WAIT, srv.task).await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
     async fn websocket_upgrade_works() {
         use futures_util::{SinkExt, StreamExt};
         use tokio_tungstenite::tungstenite::Message;
@@ -1314,6 +1333,25 @@ mod tests {
         let body = h1_get(&mut sender, "/").await;
         assert!(body.contains("tls=true sni=- alpn_h2=false"), "{body}");
 
+        srv.shutdown.cancel();
+        tokio::time::timeout(WAIT, srv.task).await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn tls_handshake_times_out() {
+        let dir = tempfile::tempdir().unwrap();
+        write_cert(dir.path(), "a", &["a.test"]);
+        write_cert(dir.path(), "b", &["*.b.test"]);
+        let limits = Limits {
+            header_read_timeout: Duration::from_millis(300),
+            ..limits()
+        };
+        let srv = start(tls_listener(dir.path()), limits, WAIT).await;
+        let mut stream = TcpStream::connect(srv.addr).await.unwrap();
+        // Start a ClientHello record header and stall.
+        stream.write_all(&[0x16, 0x03, 0x01]).await.unwrap();
+        let took = time_to_close(&mut stream).await;
+        assert!(took < Duration::from_secs(5), "{took:?}");
         srv.shutdown.cancel();
         tokio::time::timeout(WAIT, srv.task).await.unwrap().unwrap();
     }

@@ -18,18 +18,19 @@
 //!   - `prefix`: the path equals the prefix or continues it after a `/` (`/api` matches `/api`,
 //!     `/api/` and `/api/x`, not `/apix`); a prefix ending in `/` (`/api/`) matches paths that
 //!     start with it (`/api/`, `/api/x`).
-//!   - `template`: `/users/{id}/posts/{post}`; each `{name}` matches one non-empty segment; a
-//!     final `{name*}` matches the rest of the path, which may be empty or span several
-//!     segments (`/files/{rest*}` matches `/files`, `/files/` and `/files/a/b`).
+//!   - `template`: `/users/{id}/posts/{post}`; each `{name}` fills a whole segment and matches
+//!     one non-empty segment; a final `{name*}` matches the rest of the path, which may be
+//!     empty or span several segments (`/files/{rest*}` matches `/files`, `/files/` and
+//!     `/files/a/b`). Each name may appear once.
 //!   - `regex`: must match the whole path (it is anchored for you); named groups become
 //!     parameters.
 //!
 //!   Config paths are normalised like requests, so `/a//b` in a file means `/a/b`. Captured
 //!   parameters keep the normalised spelling (escapes such as `%20` are not decoded).
 //! - **methods**: one of them equals the request method, or the list is empty. Names are
-//!   upper-cased when the configuration is loaded.
+//!   upper-cased when the configuration is loaded. `HEAD` is not implied by `GET`: list it.
 //! - **headers**, **query**, **cookies**: every predicate holds. Header names are
-//!   case-insensitive; query and cookie names are exact. When a name occurs several times
+//!   case-insensitive; query and cookie names are case-sensitive. When a name occurs several times
 //!   (repeated headers, repeated query parameters, several cookies), a value test holds if
 //!   any one value passes. Query names and values are form-decoded (`%XX`, `+` is a space).
 //!   Tests: `equals`, `prefix`, `regex` (unanchored: it may match anywhere in the value),
