@@ -135,9 +135,12 @@ impl Format {
     }
 }
 
+/// A deserialisation error: path in the document, message, and position when serde knew it.
+type PathError = (String, String, Option<(usize, usize)>);
+
 /// Parses configuration text. Errors name the file, the path in the document and the line.
 pub fn parse(source: &Source, format: Format) -> Result<Config, ConfigErrors> {
-    let result: Result<Config, (String, String, Option<(usize, usize)>)> = match format {
+    let result: Result<Config, PathError> = match format {
         Format::Json => {
             let de = &mut serde_json::Deserializer::from_str(&source.text);
             serde_path_to_error::deserialize::<_, Config>(de).map_err(|e| {

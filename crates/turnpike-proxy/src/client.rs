@@ -94,11 +94,11 @@ impl UpstreamClient {
 
     /// The URI addressing `addr` with `path_and_query`.
     pub fn uri_for(&self, addr: SocketAddr, path_and_query: &str) -> Result<Uri, http::Error> {
-        Ok(Uri::builder()
+        Uri::builder()
             .scheme(self.scheme)
             .authority(addr.to_string())
             .path_and_query(path_and_query)
-            .build()?)
+            .build()
     }
 
     /// Sends a request whose URI came from [`UpstreamClient::uri_for`].

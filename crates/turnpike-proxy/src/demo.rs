@@ -56,7 +56,8 @@ impl DemoServer {
                         let name = name.clone();
                         async move { Ok::<_, Infallible>(respond(&name, req).await) }
                     });
-                    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    let builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
                     tokio::select! {
                         _ = conn => {}
@@ -65,7 +66,11 @@ impl DemoServer {
                 });
             }
         });
-        Ok(Self { addr, requests, stop })
+        Ok(Self {
+            addr,
+            requests,
+            stop,
+        })
     }
 
     /// Bound address.
@@ -91,16 +96,23 @@ async fn respond(name: &str, req: Request<Incoming>) -> Response<ProxyBody> {
     let first = segments.next().unwrap_or("");
     let rest = segments.next().unwrap_or("");
     let mut resp = match first {
-        "" => json(StatusCode::OK, serde_json::json!({
-            "service": "turnpike-demo",
-            "served_by": name,
-            "message": "Hello from the demo upstream, through Turnpike.",
-            "try": ["/echo", "/status/418", "/delay/200", "/stream/5", "/sse?n=3"],
-        })),
+        "" => json(
+            StatusCode::OK,
+            serde_json::json!({
+                "service": "turnpike-demo",
+                "served_by": name,
+                "message": "Hello from the demo upstream, through Turnpike.",
+                "try": ["/echo", "/status/418", "/delay/200", "/stream/5", "/sse?n=3"],
+            }),
+        ),
         "health" => text(StatusCode::OK, "ok"),
         "echo" | "anything" => echo(name, req).await,
         "status" => {
-            let code = rest.parse::<u16>().ok().and_then(|c| StatusCode::from_u16(c).ok()).unwrap_or(StatusCode::BAD_REQUEST);
+            let code = rest
+                .parse::<u16>()
+                .ok()
+                .and_then(|c| StatusCode::from_u16(c).ok())
+                .unwrap_or(StatusCode::BAD_REQUEST);
             json(code, serde_json::json!({ "status": code.as_u16() }))
         }
         "delay" => {
@@ -111,14 +123,24 @@ async fn respond(name: &str, req: Request<Incoming>) -> Response<ProxyBody> {
         "stream" => {
             let n = rest.parse::<usize>().unwrap_or(3).min(10_000);
             let frames = futures_util::stream::iter((0..n).map(|i| {
-                Ok::<_, crate::body::BoxError>(Frame::data(Bytes::from(format!("{{\"line\":{i}}}\n"))))
+                Ok::<_, crate::body::BoxError>(Frame::data(Bytes::from(format!(
+                    "{{\"line\":{i}}}\n"
+                ))))
             }));
             let mut r = Response::new(StreamBody::new(frames).boxed_unsync());
-            r.headers_mut().insert(header::CONTENT_TYPE, "application/x-ndjson".parse().unwrap_or(header::HeaderValue::from_static("text/plain")));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                "application/x-ndjson"
+                    .parse()
+                    .unwrap_or(header::HeaderValue::from_static("text/plain")),
+            );
             r
         }
         "sse" => sse(req.uri().query().unwrap_or("")),
-        _ => json(StatusCode::NOT_FOUND, serde_json::json!({ "error": "no such demo endpoint", "path": path })),
+        _ => json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({ "error": "no such demo endpoint", "path": path }),
+        ),
     };
     if let Ok(v) = header::HeaderValue::from_str(name) {
         resp.headers_mut().insert("x-served-by", v);
@@ -130,7 +152,12 @@ async fn echo(name: &str, req: Request<Incoming>) -> Response<ProxyBody> {
     let (parts, body) = req.into_parts();
     let body = match Limited::new(body, 1024 * 1024).collect().await {
         Ok(b) => b.to_bytes(),
-        Err(_) => return json(StatusCode::PAYLOAD_TOO_LARGE, serde_json::json!({ "error": "body over 1 MiB" })),
+        Err(_) => {
+            return json(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                serde_json::json!({ "error": "body over 1 MiB" }),
+            );
+        }
     };
     let mut headers = serde_json::Map::new();
     for (k, v) in &parts.headers {
@@ -145,16 +172,19 @@ async fn echo(name: &str, req: Request<Incoming>) -> Response<ProxyBody> {
             }
         }
     }
-    json(StatusCode::OK, serde_json::json!({
-        "served_by": name,
-        "method": parts.method.as_str(),
-        "path": parts.uri.path(),
-        "query": parts.uri.query(),
-        "version": format!("{:?}", parts.version),
-        "headers": headers,
-        "body": String::from_utf8_lossy(&body),
-        "body_bytes": body.len(),
-    }))
+    json(
+        StatusCode::OK,
+        serde_json::json!({
+            "served_by": name,
+            "method": parts.method.as_str(),
+            "path": parts.uri.path(),
+            "query": parts.uri.query(),
+            "version": format!("{:?}", parts.version),
+            "headers": headers,
+            "body": String::from_utf8_lossy(&body),
+            "body_bytes": body.len(),
+        }),
+    )
 }
 
 fn sse(query: &str) -> Response<ProxyBody> {
@@ -178,21 +208,33 @@ fn sse(query: &str) -> Response<ProxyBody> {
         Some((Ok::<_, crate::body::BoxError>(event), i + 1))
     });
     let mut r = Response::new(StreamBody::new(stream).boxed_unsync());
-    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/event-stream"));
-    r.headers_mut().insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-cache"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/event-stream"),
+    );
+    r.headers_mut().insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-cache"),
+    );
     r
 }
 
 fn json(status: StatusCode, value: serde_json::Value) -> Response<ProxyBody> {
     let mut r = Response::new(body::full(value.to_string()));
     *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
     r
 }
 
 fn text(status: StatusCode, s: &'static str) -> Response<ProxyBody> {
     let mut r = Response::new(body::full(s));
     *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain"),
+    );
     r
 }

@@ -31,7 +31,9 @@ impl Gateway {
     pub async fn start(config: &Config) -> Result<Arc<Self>, ConfigErrors> {
         let mut registry = UpstreamRegistry::default();
         let snapshot = registry.compile(config).await?;
-        let shared = Arc::new(Shared { snapshot: ArcSwap::from_pointee(snapshot) });
+        let shared = Arc::new(Shared {
+            snapshot: ArcSwap::from_pointee(snapshot),
+        });
         let shutdown = CancellationToken::new();
 
         let mut bound = Vec::new();
@@ -46,10 +48,25 @@ impl Gateway {
         for (name, listener) in bound {
             listeners.push((name, listener.local_addr()));
             let shared = shared.clone();
-            let make = move |info: ConnInfo| crate::proxy::service(shared.clone(), ClientConn { peer: info.peer, tls: info.tls });
-            tasks.push(tokio::spawn(listener.serve(make, shutdown.clone(), config.server.drain_timeout)));
+            let make = move |info: ConnInfo| {
+                crate::proxy::service(
+                    shared.clone(),
+                    ClientConn {
+                        peer: info.peer,
+                        tls: info.tls,
+                    },
+                )
+            };
+            tasks.push(tokio::spawn(listener.serve(
+                make,
+                shutdown.clone(),
+                config.server.drain_timeout,
+            )));
         }
-        tracing::info!(version = shared.snapshot.load().version, "configuration loaded");
+        tracing::info!(
+            version = shared.snapshot.load().version,
+            "configuration loaded"
+        );
         Ok(Arc::new(Self {
             shared,
             registry: Mutex::new(registry),
@@ -62,7 +79,10 @@ impl Gateway {
 
     /// Address a listener is bound to, by name.
     pub fn local_addr(&self, listener: &str) -> Option<SocketAddr> {
-        self.listeners.iter().find(|(n, _)| n == listener).map(|(_, a)| *a)
+        self.listeners
+            .iter()
+            .find(|(n, _)| n == listener)
+            .map(|(_, a)| *a)
     }
 
     /// Addresses of all listeners, in configuration order.

@@ -279,18 +279,16 @@ impl RespTracker {
             let rest = data.get(i..).unwrap_or_default();
             match self.state {
                 RespState::Head => {
-                    let prev = self.head.len();
-                    self.head.extend_from_slice(rest);
-                    let from = prev.saturating_sub(3);
-                    match find_crlfcrlf(self.head.get(from..).unwrap_or_default()) {
-                        Some(p) => {
-                            let end = from + p + 4;
-                            self.head.truncate(end);
-                            i += end - prev;
+                    // Only the head is copied, never the body bytes written along with it.
+                    match head_end_in(&self.head, rest) {
+                        Some(end) => {
+                            self.head.extend_from_slice(rest.get(..end).unwrap_or(rest));
+                            i += end.max(1);
                             self.on_head(&mut ev);
                             self.head.clear();
                         }
                         None => {
+                            self.head.extend_from_slice(rest);
                             i = data.len();
                             if self.head.len() > MAX_TRACKED_RESPONSE_HEAD {
                                 self.head.clear();
@@ -694,10 +692,16 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> H1Guard<IO> {
                 self.state = ReadState::PassThrough;
             }
             self.wake_reader();
-        } else if ev.refused && matches!(self.state, ReadState::AwaitUpgrade) {
-            self.after_body = self.after_refused_upgrade;
-            self.finish_message();
-            self.wake_reader();
+        } else if ev.refused {
+            if matches!(self.state, ReadState::AwaitUpgrade) {
+                self.after_body = self.after_refused_upgrade;
+                self.finish_message();
+                self.wake_reader();
+            } else {
+                // Answered before its body was through (an early error): once the body is
+                // passed, go straight on.
+                self.after_body = self.after_refused_upgrade;
+            }
         }
         if ev.completed && matches!(self.state, ReadState::Stopped { .. }) {
             self.wake_reader();
@@ -1293,6 +1297,23 @@ fn find_crlfcrlf(hay: &[u8]) -> Option<usize> {
     hay.windows(4).position(|w| w == b"\r\n\r\n")
 }
 
+/// How many bytes of `rest` complete a head whose first bytes (without its end) are `head`.
+fn head_end_in(head: &[u8], rest: &[u8]) -> Option<usize> {
+    // An end spanning the two pieces: at most 3 bytes of each side.
+    let tail = head.get(head.len().saturating_sub(3)..).unwrap_or_default();
+    let front = rest.get(..rest.len().min(3)).unwrap_or(rest);
+    let mut window = [0u8; 6];
+    let mut len = 0;
+    for (slot, &b) in window.iter_mut().zip(tail.iter().chain(front)) {
+        *slot = b;
+        len += 1;
+    }
+    if let Some(q) = find_crlfcrlf(window.get(..len).unwrap_or_default()) {
+        return Some(q + 4 - tail.len());
+    }
+    find_crlfcrlf(rest).map(|p| p + 4)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1858,6 +1879,43 @@ mod tests {
         );
     }
 
+    /// The answer to an upgrade request can come before its body is through; the guard must
+    /// not then wait for an answer that already went out.
+    #[tokio::test]
+    async fn upgrade_refused_before_body_is_read() {
+        let (addr, seen) = serve().await;
+        // The test service answers /upgrade-refused without reading the body; hyper then
+        // drains the (already buffered) body and goes on with the next request.
+        let reply = exchange(
+            addr,
+            b"POST /upgrade-refused HTTP/1.1\r\nHost: a\r\nUpgrade: echo\r\nConnection: upgrade\r\n\
+              Content-Length: 5\r\n\r\nhello\
+              GET /next HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert_eq!(
+            responses(&reply),
+            vec![
+                (200, "no upgrade".to_owned()),
+                (200, "GET /next 0".to_owned())
+            ]
+        );
+        assert_eq!(seen.count(), 2);
+    }
+
+    #[test]
+    fn response_head_end_across_writes() {
+        assert_eq!(head_end_in(b"", b"HTTP/1.1 200 OK\r\n\r\nbody"), Some(19));
+        assert_eq!(head_end_in(b"HTTP/1.1 200 OK\r\n", b"\r\nbody"), Some(2));
+        assert_eq!(head_end_in(b"HTTP/1.1 200 OK\r\n\r", b"\nbody"), Some(1));
+        assert_eq!(head_end_in(b"HTTP/1.1 200 OK\r", b"\n\r\n"), Some(3));
+        assert_eq!(
+            head_end_in(b"HTTP/1.1 200 OK\r", b"\nx: y\r\n\r\nb"),
+            Some(9)
+        );
+        assert_eq!(head_end_in(b"HTTP/1.1 200 OK", b"\r\nx"), None);
+    }
+
     #[tokio::test]
     async fn bytes_trickled_one_at_a_time() {
         let (addr, seen) = serve().await;
@@ -1953,7 +2011,7 @@ mod tests {
     /// fails too, the client still gets the guard's 400 (hyper 1.12 still calls
     /// `poll_shutdown` here).
     #[tokio::test]
-    async fn failed_service_drop_still_answers() {
+    async fn failed_service_still_gets_400() {
         let (reply, shutdown, seen) = exchange_spied(
             b"POST /fail HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\nzz\r\n",
         )
@@ -2018,6 +2076,55 @@ mod tests {
         let mut out = Vec::new();
         client.read_to_end(&mut out).await.unwrap();
         assert_rejected(&String::from_utf8_lossy(&out), 400, "bad_request");
+    }
+
+    #[test]
+    fn guard_is_send_and_unpin() {
+        fn check<T: Send + Unpin + 'static>() {}
+        check::<H1Guard<TcpStream>>();
+        check::<H1Guard<tokio_rustls::server::TlsStream<TcpStream>>>();
+    }
+
+    /// The response tracker follows hyper's output; arbitrary bytes in arbitrary splits must
+    /// not panic it either.
+    #[test]
+    fn tracker_survives_random_output() {
+        let mut rng = fastrand::Rng::with_seed(11);
+        let alphabet = b"HTTP/1.1 200 101 204\r\n: content-length5transfer-encoding chunkedconnection close0aZ";
+        for _ in 0..500 {
+            let mut t = RespTracker::default();
+            for _ in 0..rng.usize(0..4) {
+                t.push(ReqKind {
+                    head: rng.bool(),
+                    connect: rng.bool(),
+                    upgrade: rng.bool(),
+                });
+            }
+            let data: Vec<u8> = (0..rng.usize(0..300))
+                .map(|_| alphabet[rng.usize(0..alphabet.len())])
+                .collect();
+            for piece in data.chunks(rng.usize(1..20)) {
+                let stop = rng.bool().then(|| rng.u64(0..3));
+                let (n, _) = t.advance(piece, stop);
+                assert!(n <= piece.len());
+            }
+        }
+        // And a real pipelined sequence is followed exactly.
+        let mut t = RespTracker::default();
+        t.push(ReqKind::default());
+        t.push(ReqKind {
+            head: true,
+            ..ReqKind::default()
+        });
+        t.push(ReqKind::default());
+        let out = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nabc\
+                    HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n\
+                    HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nx: y\r\n\r\n";
+        for b in out.chunks(1) {
+            t.advance(b, None);
+        }
+        assert_eq!(t.completed, 3);
+        assert!(t.idle());
     }
 
     #[test]

@@ -2,14 +2,14 @@
 
 pub mod body;
 pub mod client;
+pub mod demo;
 pub mod error;
+pub mod gateway;
 pub mod h1guard;
 pub mod listener;
-pub mod router;
-pub mod tls;
-pub mod upstream;
 pub mod proxy;
 pub mod reqbody;
+pub mod router;
 pub mod snapshot;
-pub mod gateway;
-pub mod demo;
+pub mod tls;
+pub mod upstream;

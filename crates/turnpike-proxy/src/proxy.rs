@@ -42,7 +42,11 @@ pub struct ClientConn {
 }
 
 /// Handles one request end to end. Never fails: every error becomes a JSON response.
-pub async fn handle(shared: Arc<Shared>, conn: ClientConn, req: Request<Incoming>) -> Response<ProxyBody> {
+pub async fn handle(
+    shared: Arc<Shared>,
+    conn: ClientConn,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
     let snap = shared.snapshot.load_full();
     let started = Instant::now();
     let settings = &snap.settings;
@@ -59,7 +63,8 @@ pub async fn handle(shared: Arc<Shared>, conn: ClientConn, req: Request<Incoming
         }
     };
     if let Ok(v) = HeaderValue::from_str(&request_id) {
-        resp.headers_mut().insert(settings.request_id_header.clone(), v);
+        resp.headers_mut()
+            .insert(settings.request_id_header.clone(), v);
     }
     if let Some(via) = &settings.via {
         resp.headers_mut().append(header::VIA, via.clone());
@@ -105,13 +110,23 @@ async fn proxy(
     // Phase `route`.
     let target_len = parts.uri.path_and_query().map_or(0, |p| p.as_str().len());
     if target_len > settings.limits.max_uri_length {
-        return Err(GatewayError::new(ErrorKind::UriTooLong, "request target is too long"));
+        return Err(GatewayError::new(
+            ErrorKind::UriTooLong,
+            "request target is too long",
+        ));
     }
     if parts.method == Method::CONNECT {
-        return Err(GatewayError::new(ErrorKind::MethodNotAllowed, "CONNECT is not supported"));
+        return Err(GatewayError::new(
+            ErrorKind::MethodNotAllowed,
+            "CONNECT is not supported",
+        ));
     }
-    let path = normalize_path(parts.uri.path())
-        .map_err(|e| GatewayError::new(ErrorKind::InvalidPath, format!("invalid request path: {}", e.0)))?;
+    let path = normalize_path(parts.uri.path()).map_err(|e| {
+        GatewayError::new(
+            ErrorKind::InvalidPath,
+            format!("invalid request path: {}", e.0),
+        )
+    })?;
     let host = request_host(&parts);
     let client_ip = client_ip(settings, conn.peer.ip(), &parts.headers);
     let view = RequestView {
@@ -123,9 +138,18 @@ async fn proxy(
     };
     let matched = match snap.router.route(&view) {
         RouteResult::Matched(m) => m,
-        RouteResult::NotFound => return Err(GatewayError::new(ErrorKind::RouteNotFound, "no route matches the request")),
+        RouteResult::NotFound => {
+            return Err(GatewayError::new(
+                ErrorKind::RouteNotFound,
+                "no route matches the request",
+            ));
+        }
         RouteResult::MethodNotAllowed(methods) => {
-            let allow = methods.iter().map(Method::as_str).collect::<Vec<_>>().join(", ");
+            let allow = methods
+                .iter()
+                .map(Method::as_str)
+                .collect::<Vec<_>>()
+                .join(", ");
             let mut resp = error_response(
                 ErrorKind::MethodNotAllowed,
                 &format!("method {} is not allowed here", parts.method),
@@ -154,7 +178,11 @@ async fn proxy(
     }
 
     // Phase `upstream_request`.
-    let upgrade = if is_upgrade_request(&parts) { parts.extensions.remove::<hyper::upgrade::OnUpgrade>() } else { None };
+    let upgrade = if is_upgrade_request(&parts) {
+        parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
+    } else {
+        None
+    };
     let mut path_and_query = matched.forward_path;
     if let Some(q) = parts.uri.query() {
         path_and_query.push('?');
@@ -167,11 +195,31 @@ async fn proxy(
     // The gateway answers `Expect: 100-continue` itself: hyper sends the interim 100 when the
     // body is first read, which happens once the upstream connection is ready for it.
     headers.remove(header::EXPECT);
-    add_forwarding(&mut headers, settings, conn, original_host.as_ref(), request_id);
+    add_forwarding(
+        &mut headers,
+        settings,
+        conn,
+        original_host.as_ref(),
+        request_id,
+    );
 
-    let slot = BodySlot::new(LimitedBody::new(body, route.max_body_bytes, route.timeouts.write));
-    let resp = send_with_retries(route, &parts.method, &path_and_query, headers, original_host, &slot, client_ip, &path, log)
-        .await?;
+    let slot = BodySlot::new(LimitedBody::new(
+        body,
+        route.max_body_bytes,
+        route.timeouts.write,
+    ));
+    let resp = send_with_retries(
+        route,
+        &parts.method,
+        &path_and_query,
+        headers,
+        original_host,
+        &slot,
+        client_ip,
+        &path,
+        log,
+    )
+    .await?;
 
     // Phase `upstream_response`.
     finish_response(resp, upgrade, route)
@@ -191,8 +239,15 @@ async fn send_with_retries(
 ) -> Result<Response<Incoming>, GatewayError> {
     let upstream = &route.upstream;
     let cfg = &upstream.config;
-    let version = if cfg.http2 { Version::HTTP_2 } else { Version::HTTP_11 };
-    let idempotent = matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE);
+    let version = if cfg.http2 {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
+    let idempotent = matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    );
     let max_attempts = 1 + cfg.retries.attempts;
     let deadline = (!route.timeouts.total.is_zero()).then(|| Instant::now() + route.timeouts.total);
     route.budget.record_request();
@@ -200,12 +255,23 @@ async fn send_with_retries(
     let mut tried: Vec<SocketAddr> = Vec::new();
     for attempt_no in 0..max_attempts {
         let last = attempt_no + 1 == max_attempts;
-        let input = SelectInput { client_ip, path, headers: &headers };
-        let target = upstream
-            .select(&input, &tried)
-            .map_err(|_| GatewayError::new(ErrorKind::NoHealthyUpstream, format!("no healthy target in upstream `{}`", upstream.name)))?;
-        let _permit = InFlight::acquire(upstream, cfg.pool.max_requests)
-            .ok_or_else(|| GatewayError::new(ErrorKind::UpstreamOverloaded, format!("upstream `{}` is at its request limit", upstream.name)))?;
+        let input = SelectInput {
+            client_ip,
+            path,
+            headers: &headers,
+        };
+        let target = upstream.select(&input, &tried).map_err(|_| {
+            GatewayError::new(
+                ErrorKind::NoHealthyUpstream,
+                format!("no healthy target in upstream `{}`", upstream.name),
+            )
+        })?;
+        let _permit = InFlight::acquire(upstream, cfg.pool.max_requests).ok_or_else(|| {
+            GatewayError::new(
+                ErrorKind::UpstreamOverloaded,
+                format!("upstream `{}` is at its request limit", upstream.name),
+            )
+        })?;
         tried.push(target.addr);
         log.target = Some(target.addr);
         log.attempts = attempt_no + 1;
@@ -213,12 +279,18 @@ async fn send_with_retries(
         let uri = upstream
             .client
             .uri_for(target.addr, path_and_query)
-            .map_err(|_| GatewayError::new(ErrorKind::BadRequest, "request target cannot be forwarded"))?;
+            .map_err(|_| {
+                GatewayError::new(ErrorKind::BadRequest, "request target cannot be forwarded")
+            })?;
         let mut req = Request::new(slot.attempt().boxed_unsync());
         *req.method_mut() = method.clone();
         *req.uri_mut() = uri;
         *req.version_mut() = version;
-        *req.headers_mut() = if last { std::mem::take(&mut headers) } else { headers.clone() };
+        *req.headers_mut() = if last {
+            std::mem::take(&mut headers)
+        } else {
+            headers.clone()
+        };
         let host = match &route.upstream_host {
             turnpike_model::UpstreamHost::Target => HeaderValue::from_str(&target.authority()).ok(),
             turnpike_model::UpstreamHost::Preserve => original_host.clone(),
@@ -235,18 +307,32 @@ async fn send_with_retries(
             limit = limit.min(d);
         }
         let result = tokio::time::timeout_at(limit, upstream.client.request(req)).await;
-        let can_retry = |retry_safe: bool| !last && retry_safe && !slot.started() && route.budget.try_retry();
+        let can_retry =
+            |retry_safe: bool| !last && retry_safe && !slot.started() && route.budget.try_retry();
         match result {
             Ok(Ok(resp)) => {
                 let status = resp.status();
                 let failed = status.is_server_error();
-                if failed && idempotent && cfg.retries.on_status.contains(&status.as_u16()) && can_retry(true) {
+                if failed
+                    && idempotent
+                    && cfg.retries.on_status.contains(&status.as_u16())
+                    && can_retry(true)
+                {
                     attempt.finish(Outcome::Failure);
                     drop(resp);
-                    tokio::time::sleep(backoff(cfg.retries.backoff, cfg.retries.max_backoff, attempt_no)).await;
+                    tokio::time::sleep(backoff(
+                        cfg.retries.backoff,
+                        cfg.retries.max_backoff,
+                        attempt_no,
+                    ))
+                    .await;
                     continue;
                 }
-                attempt.finish(if failed { Outcome::Failure } else { Outcome::Success(start.elapsed()) });
+                attempt.finish(if failed {
+                    Outcome::Failure
+                } else {
+                    Outcome::Success(start.elapsed())
+                });
                 return Ok(resp);
             }
             Ok(Err(e)) => {
@@ -254,7 +340,9 @@ async fn send_with_retries(
                     // The client's body broke the exchange; the target is not to blame.
                     drop(attempt);
                     return Err(match kind {
-                        ErrorKind::BodyTooLarge => GatewayError::new(kind, "request body is too large"),
+                        ErrorKind::BodyTooLarge => {
+                            GatewayError::new(kind, "request body is too large")
+                        }
                         _ => GatewayError::new(kind, "client stopped sending the request body"),
                     });
                 }
@@ -264,22 +352,39 @@ async fn send_with_retries(
                 // the head may have reached the upstream, and only idempotent ones may.
                 if can_retry(connect || idempotent) {
                     tracing::debug!(upstream = %upstream.name, error = %e, "retrying after upstream error");
-                    tokio::time::sleep(backoff(cfg.retries.backoff, cfg.retries.max_backoff, attempt_no)).await;
+                    tokio::time::sleep(backoff(
+                        cfg.retries.backoff,
+                        cfg.retries.max_backoff,
+                        attempt_no,
+                    ))
+                    .await;
                     continue;
                 }
                 return Err(if connect {
-                    GatewayError::new(ErrorKind::UpstreamUnreachable, format!("cannot connect to upstream `{}`", upstream.name))
+                    GatewayError::new(
+                        ErrorKind::UpstreamUnreachable,
+                        format!("cannot connect to upstream `{}`", upstream.name),
+                    )
                 } else {
-                    GatewayError::new(ErrorKind::UpstreamError, format!("upstream `{}` failed to answer", upstream.name))
+                    GatewayError::new(
+                        ErrorKind::UpstreamError,
+                        format!("upstream `{}` failed to answer", upstream.name),
+                    )
                 });
             }
             Err(_elapsed) => {
                 attempt.finish(Outcome::Failure);
-                return Err(GatewayError::new(ErrorKind::UpstreamTimeout, format!("upstream `{}` did not answer in time", upstream.name)));
+                return Err(GatewayError::new(
+                    ErrorKind::UpstreamTimeout,
+                    format!("upstream `{}` did not answer in time", upstream.name),
+                ));
             }
         }
     }
-    Err(GatewayError::new(ErrorKind::UpstreamError, "retries exhausted"))
+    Err(GatewayError::new(
+        ErrorKind::UpstreamError,
+        "retries exhausted",
+    ))
 }
 
 fn finish_response(
@@ -289,9 +394,14 @@ fn finish_response(
 ) -> Result<Response<ProxyBody>, GatewayError> {
     let (mut parts, body) = resp.into_parts();
     if parts.status == StatusCode::SWITCHING_PROTOCOLS {
-        let (Some(client), Some(upstream)) = (client_upgrade, parts.extensions.remove::<hyper::upgrade::OnUpgrade>())
-        else {
-            return Err(GatewayError::new(ErrorKind::UpstreamError, "upstream switched protocols unasked"));
+        let (Some(client), Some(upstream)) = (
+            client_upgrade,
+            parts.extensions.remove::<hyper::upgrade::OnUpgrade>(),
+        ) else {
+            return Err(GatewayError::new(
+                ErrorKind::UpstreamError,
+                "upstream switched protocols unasked",
+            ));
         };
         // Only now, with the upstream's 101 in hand, does the connection become a tunnel.
         tokio::spawn(async move {
@@ -307,7 +417,9 @@ fn finish_response(
             }
         });
         strip_hop_by_hop(&mut parts.headers, true, false);
-        parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         return Ok(Response::from_parts(parts, body::empty()));
     }
     strip_hop_by_hop(&mut parts.headers, false, true);
@@ -395,7 +507,10 @@ fn strip_port(h: &str) -> &str {
 fn host_header_value(parts: &http::request::Parts) -> Option<HeaderValue> {
     match parts.headers.get(header::HOST) {
         Some(h) => Some(h.clone()),
-        None => parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+        None => parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
     }
 }
 
@@ -407,9 +522,13 @@ fn client_ip(settings: &Settings, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
     }
     let mut candidate = peer;
     for value in headers.get_all("x-forwarded-for").iter().rev() {
-        let Ok(s) = value.to_str() else { return candidate };
+        let Ok(s) = value.to_str() else {
+            return candidate;
+        };
         for part in s.rsplit(',') {
-            let Ok(ip) = part.trim().parse::<IpAddr>() else { return candidate };
+            let Ok(ip) = part.trim().parse::<IpAddr>() else {
+                return candidate;
+            };
             candidate = ip;
             if !settings.is_trusted(ip) {
                 return ip;
@@ -420,7 +539,12 @@ fn client_ip(settings: &Settings, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
 }
 
 fn connection_has(headers: &HeaderMap, token: &str) -> bool {
@@ -433,7 +557,9 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 }
 
 fn is_upgrade_request(parts: &http::request::Parts) -> bool {
-    parts.version <= Version::HTTP_11 && parts.headers.contains_key(header::UPGRADE) && connection_has(&parts.headers, "upgrade")
+    parts.version <= Version::HTTP_11
+        && parts.headers.contains_key(header::UPGRADE)
+        && connection_has(&parts.headers, "upgrade")
 }
 
 static HOP_BY_HOP: [HeaderName; 8] = [
@@ -501,14 +627,28 @@ fn add_forwarding(
     let fwd_name = HeaderName::from_static("forwarded");
 
     let prior_xff = trusted
-        .then(|| headers.get_all(&xff_name).iter().filter_map(|v| v.to_str().ok()).collect::<Vec<_>>().join(", "))
+        .then(|| {
+            headers
+                .get_all(&xff_name)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
         .filter(|s| !s.is_empty());
     let xff = match prior_xff {
         Some(prior) => format!("{prior}, {peer}"),
         None => peer.to_string(),
     };
     let prior_forwarded = trusted
-        .then(|| headers.get_all(&fwd_name).iter().filter_map(|v| v.to_str().ok()).collect::<Vec<_>>().join(", "))
+        .then(|| {
+            headers
+                .get_all(&fwd_name)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
         .filter(|s| !s.is_empty());
     let host_str = original_host.and_then(|h| h.to_str().ok()).unwrap_or("");
     let for_value = match peer {
@@ -516,7 +656,11 @@ fn add_forwarding(
         IpAddr::V6(ip) => format!("\"[{ip}]\""),
     };
     let mut element = format!("for={for_value};proto={proto}");
-    if !host_str.is_empty() && host_str.bytes().all(|b| b.is_ascii_graphic() && b != b'"' && b != b';' && b != b',') {
+    if !host_str.is_empty()
+        && host_str
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b';' && b != b',')
+    {
         element.push_str(";host=");
         element.push_str(host_str);
     }
@@ -560,7 +704,8 @@ pub fn service(
     Request<Incoming>,
     Response = Response<ProxyBody>,
     Error = std::convert::Infallible,
-    Future = impl std::future::Future<Output = Result<Response<ProxyBody>, std::convert::Infallible>> + Send,
+    Future = impl std::future::Future<Output = Result<Response<ProxyBody>, std::convert::Infallible>>
+             + Send,
 > + Clone
 + Send {
     hyper::service::service_fn(move |req| {
@@ -575,7 +720,10 @@ mod tests {
 
     fn settings(trusted: &[&str]) -> Settings {
         Settings {
-            trusted_proxies: trusted.iter().filter_map(|s| turnpike_model::parse_cidr(s)).collect(),
+            trusted_proxies: trusted
+                .iter()
+                .filter_map(|s| turnpike_model::parse_cidr(s))
+                .collect(),
             request_id_header: HeaderName::from_static("x-request-id"),
             via: Some(HeaderValue::from_static("1.1 turnpike")),
             limits: Default::default(),
@@ -587,23 +735,39 @@ mod tests {
         let s = settings(&["10.0.0.0/8"]);
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", HeaderValue::from_static("1.2.3.4"));
-        assert_eq!(client_ip(&s, "192.0.2.9".parse().unwrap(), &h), "192.0.2.9".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            client_ip(&s, "192.0.2.9".parse().unwrap(), &h),
+            "192.0.2.9".parse::<IpAddr>().unwrap()
+        );
         // From a trusted proxy, the right-most untrusted entry is the client.
-        h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6, 1.2.3.4, 10.1.1.1"));
-        assert_eq!(client_ip(&s, "10.0.0.1".parse().unwrap(), &h), "1.2.3.4".parse::<IpAddr>().unwrap());
+        h.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("6.6.6.6, 1.2.3.4, 10.1.1.1"),
+        );
+        assert_eq!(
+            client_ip(&s, "10.0.0.1".parse().unwrap(), &h),
+            "1.2.3.4".parse::<IpAddr>().unwrap()
+        );
     }
 
     #[test]
     fn hop_by_hop_and_connection_named_headers_are_removed() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert(header::TE, HeaderValue::from_static("trailers, deflate"));
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         h.insert("x-keep", HeaderValue::from_static("1"));
         strip_hop_by_hop(&mut h, false, true);
-        assert!(!h.contains_key("x-secret") && !h.contains_key("keep-alive") && !h.contains_key(header::UPGRADE));
+        assert!(
+            !h.contains_key("x-secret")
+                && !h.contains_key("keep-alive")
+                && !h.contains_key(header::UPGRADE)
+        );
         assert_eq!(h.get(header::TE).unwrap(), "trailers");
         assert!(h.contains_key("x-keep"));
     }
@@ -615,7 +779,10 @@ mod tests {
         h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
         h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
         h.insert("forwarded", HeaderValue::from_static("for=6.6.6.6"));
-        let conn = ClientConn { peer: "192.0.2.1:5555".parse().unwrap(), tls: false };
+        let conn = ClientConn {
+            peer: "192.0.2.1:5555".parse().unwrap(),
+            tls: false,
+        };
         let host = HeaderValue::from_static("api.test");
         add_forwarding(&mut h, &s, conn, Some(&host), "rid");
         assert_eq!(h["x-forwarded-for"], "192.0.2.1");

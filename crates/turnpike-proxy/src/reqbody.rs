@@ -60,7 +60,14 @@ pin_project_lite::pin_project! {
 impl LimitedBody {
     /// Wraps `inner`.
     pub fn new(inner: Incoming, limit: u64, idle: Duration) -> Self {
-        Self { inner, limit, seen: 0, idle, armed: false, timer: tokio::time::sleep(idle) }
+        Self {
+            inner,
+            limit,
+            seen: 0,
+            idle,
+            armed: false,
+            timer: tokio::time::sleep(idle),
+        }
     }
 }
 
@@ -68,7 +75,10 @@ impl Body for LimitedBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
         if !*this.armed {
             // The idle clock starts when the upstream starts reading, not while connecting.
@@ -119,7 +129,12 @@ impl BodySlot {
     pub fn new(body: LimitedBody) -> Self {
         let end_stream = body.is_end_stream();
         let hint = body.size_hint();
-        Self { body: Arc::new(Mutex::new(Some(Box::pin(body)))), started: Arc::new(AtomicBool::new(false)), end_stream, hint }
+        Self {
+            body: Arc::new(Mutex::new(Some(Box::pin(body)))),
+            started: Arc::new(AtomicBool::new(false)),
+            end_stream,
+            hint,
+        }
     }
 
     /// Whether any attempt has begun reading the body. A body known to be empty never counts
@@ -135,7 +150,10 @@ impl BodySlot {
 
     /// A body for one attempt.
     pub fn attempt(&self) -> AttemptBody {
-        AttemptBody { slot: self.clone(), taken: None }
+        AttemptBody {
+            slot: self.clone(),
+            taken: None,
+        }
     }
 }
 
@@ -149,7 +167,10 @@ impl Body for AttemptBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         if self.slot.end_stream {
             return Poll::Ready(None);
         }
@@ -179,7 +200,7 @@ impl Body for AttemptBody {
     fn size_hint(&self) -> SizeHint {
         match &self.taken {
             Some(b) => b.size_hint(),
-            None => self.slot.hint.clone(),
+            None => self.slot.hint,
         }
     }
 }
@@ -198,7 +219,11 @@ pin_project_lite::pin_project! {
 impl<B> IdleTimeoutBody<B> {
     /// Wraps `inner`.
     pub fn new(inner: B, idle: Duration) -> Self {
-        Self { inner, idle, timer: tokio::time::sleep(idle) }
+        Self {
+            inner,
+            idle,
+            timer: tokio::time::sleep(idle),
+        }
     }
 }
 
@@ -222,7 +247,10 @@ where
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
         match this.inner.poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use http::{HeaderName, HeaderValue};
 use ipnet::IpNet;
-use turnpike_model::{Config, ConfigError, ConfigErrors, Limits, Timeouts, UpstreamConfig, UpstreamHost};
+use turnpike_model::{
+    Config, ConfigError, ConfigErrors, Limits, Timeouts, UpstreamConfig, UpstreamHost,
+};
 
 use crate::router::Router;
 use crate::upstream::Upstream;
@@ -106,14 +108,21 @@ impl UpstreamRegistry {
         let settings = compile_settings(config, &mut errors);
         let mut routes = Vec::with_capacity(config.routes.len());
         for r in &config.routes {
-            let Some((upstream, budget)) = pools.get(&r.upstream) else { continue };
+            let Some((upstream, budget)) = pools.get(&r.upstream) else {
+                continue;
+            };
             routes.push(CompiledRoute {
                 name: Arc::from(r.name.as_str()),
                 upstream: upstream.clone(),
                 budget: budget.clone(),
                 upstream_host: r.upstream_host.clone(),
-                timeouts: r.timeouts.clone().unwrap_or_else(|| upstream.config.timeouts.clone()),
-                max_body_bytes: r.max_body_bytes.unwrap_or(config.server.limits.max_body_bytes),
+                timeouts: r
+                    .timeouts
+                    .clone()
+                    .unwrap_or_else(|| upstream.config.timeouts.clone()),
+                max_body_bytes: r
+                    .max_body_bytes
+                    .unwrap_or(config.server.limits.max_body_bytes),
             });
         }
 
@@ -128,18 +137,29 @@ impl UpstreamRegistry {
         }
         self.pools = pools;
         self.version += 1;
-        Ok(Snapshot { version: self.version, router, routes, settings })
+        Ok(Snapshot {
+            version: self.version,
+            router,
+            routes,
+            settings,
+        })
     }
 }
 
 fn compile_settings(config: &Config, errors: &mut Vec<ConfigError>) -> Option<Settings> {
     let s = &config.server;
-    let trusted_proxies =
-        s.trusted_proxies.iter().filter_map(|c| turnpike_model::parse_cidr(c)).collect::<Vec<_>>();
+    let trusted_proxies = s
+        .trusted_proxies
+        .iter()
+        .filter_map(|c| turnpike_model::parse_cidr(c))
+        .collect::<Vec<_>>();
     let request_id_header = match HeaderName::from_bytes(s.request_id_header.as_bytes()) {
         Ok(h) => h,
         Err(_) => {
-            errors.push(ConfigError::at("server.request_id_header", "not a valid header name"));
+            errors.push(ConfigError::at(
+                "server.request_id_header",
+                "not a valid header name",
+            ));
             return None;
         }
     };
@@ -154,7 +174,12 @@ fn compile_settings(config: &Config, errors: &mut Vec<ConfigError>) -> Option<Se
             }
         }
     };
-    Some(Settings { trusted_proxies, request_id_header, via, limits: s.limits.clone() })
+    Some(Settings {
+        trusted_proxies,
+        request_id_header,
+        via,
+        limits: s.limits.clone(),
+    })
 }
 
 /// Caps retries to a fraction of an upstream's traffic so retries cannot multiply load on an
@@ -210,7 +235,11 @@ impl RetryBudget {
             self.retries.store(0, Ordering::Relaxed);
         }
         let req = self.requests.load(Ordering::Relaxed);
-        let requests = if req >> 40 == w { req & 0xFF_FFFF_FFFF } else { 0 };
+        let requests = if req >> 40 == w {
+            req & 0xFF_FFFF_FFFF
+        } else {
+            0
+        };
         let allowed = self.min_per_sec.max((self.ratio * requests as f64) as u64);
         let used = self.retries.fetch_add(1, Ordering::Relaxed);
         if used < allowed {
@@ -224,9 +253,15 @@ impl RetryBudget {
 
 /// Backoff before retry number `n` (0-based): exponential with full jitter, capped.
 pub fn backoff(base: Duration, max: Duration, n: u32) -> Duration {
-    let exp = base.saturating_mul(1u32.checked_shl(n.min(16)).unwrap_or(u32::MAX)).min(max);
+    let exp = base
+        .saturating_mul(1u32.checked_shl(n.min(16)).unwrap_or(u32::MAX))
+        .min(max);
     let nanos = exp.as_nanos() as u64;
-    if nanos == 0 { Duration::ZERO } else { Duration::from_nanos(fastrand::u64(nanos / 2..=nanos)) }
+    if nanos == 0 {
+        Duration::ZERO
+    } else {
+        Duration::from_nanos(fastrand::u64(nanos / 2..=nanos))
+    }
 }
 
 #[cfg(test)]
@@ -235,8 +270,10 @@ mod tests {
 
     #[test]
     fn budget_allows_min_then_ratio() {
-        let mut u: UpstreamConfig =
-            serde_json::from_value(serde_json::json!({"name":"u","targets":[{"address":"127.0.0.1:1"}]})).unwrap();
+        let mut u: UpstreamConfig = serde_json::from_value(
+            serde_json::json!({"name":"u","targets":[{"address":"127.0.0.1:1"}]}),
+        )
+        .unwrap();
         u.retries.budget_min_per_sec = 2;
         u.retries.budget_ratio = 0.5;
         let b = RetryBudget::new(&u);

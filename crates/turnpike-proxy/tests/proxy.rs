@@ -1,4 +1,5 @@
 //! End-to-end proxy behaviour through real sockets: the gateway in-process, upstreams on port 0.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 
@@ -12,10 +13,16 @@ use hyper::body::Frame;
 use turnpike_proxy::demo::DemoServer;
 
 async fn demo(name: &str) -> DemoServer {
-    DemoServer::start("127.0.0.1:0".parse().unwrap(), name).await.unwrap()
+    DemoServer::start("127.0.0.1:0".parse().unwrap(), name)
+        .await
+        .unwrap()
 }
 
-fn one_route(upstream_addr: std::net::SocketAddr, extra_upstream: &str, extra_route: &str) -> String {
+fn one_route(
+    upstream_addr: std::net::SocketAddr,
+    extra_upstream: &str,
+    extra_route: &str,
+) -> String {
     format!(
         r#"
 upstreams:
@@ -54,11 +61,23 @@ async fn proxies_and_sets_forwarding_headers() {
     assert_eq!(h["x-forwarded-for"], "127.0.0.1");
     assert_eq!(h["x-forwarded-proto"], "http");
     assert_eq!(h["x-forwarded-host"], format!("{}", gw.addr));
-    assert!(h["forwarded"].as_str().unwrap().starts_with("for=127.0.0.1;proto=http"));
+    assert!(
+        h["forwarded"]
+            .as_str()
+            .unwrap()
+            .starts_with("for=127.0.0.1;proto=http")
+    );
     assert_eq!(h["via"], "1.1 turnpike");
     assert_eq!(h["x-request-id"], "req-abc");
-    assert!(h.get("x-drop-me").is_none(), "header named in Connection must not be forwarded");
-    assert_eq!(h["host"], up.local_addr().to_string(), "default Host is the target");
+    assert!(
+        h.get("x-drop-me").is_none(),
+        "header named in Connection must not be forwarded"
+    );
+    assert_eq!(
+        h["host"],
+        up.local_addr().to_string(),
+        "default Host is the target"
+    );
     assert_eq!(r.header("x-request-id"), Some("req-abc"));
     assert_eq!(r.header("via"), Some("1.1 turnpike"));
 }
@@ -91,7 +110,12 @@ routes:
     assert_eq!(v["error"]["code"], "route_not_found");
     assert_eq!(v["error"]["request_id"], r.header("x-request-id").unwrap());
 
-    let r = send(req("DELETE", &gw.url("/only")).body(Full::new(Bytes::new())).unwrap()).await;
+    let r = send(
+        req("DELETE", &gw.url("/only"))
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(r.json()["error"]["code"], "method_not_allowed");
     let allow = r.header("allow").unwrap();
@@ -110,7 +134,12 @@ async fn unreachable_upstream_is_502() {
 #[tokio::test]
 async fn slow_upstream_is_504() {
     let up = demo("slow").await;
-    let gw = Gw::start(&one_route(up.local_addr(), "    timeouts: {read: 200ms}\n    retries: {attempts: 0}", "")).await;
+    let gw = Gw::start(&one_route(
+        up.local_addr(),
+        "    timeouts: {read: 200ms}\n    retries: {attempts: 0}",
+        "",
+    ))
+    .await;
     let r = get(&gw.url("/delay/3000")).await;
     assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(r.json()["error"]["code"], "upstream_timeout");
@@ -119,9 +148,12 @@ async fn slow_upstream_is_504() {
 #[tokio::test]
 async fn total_timeout_bounds_the_exchange() {
     let up = demo("slow").await;
-    let gw =
-        Gw::start(&one_route(up.local_addr(), "    timeouts: {read: 10s, total: 200ms}\n    retries: {attempts: 0}", ""))
-            .await;
+    let gw = Gw::start(&one_route(
+        up.local_addr(),
+        "    timeouts: {read: 10s, total: 200ms}\n    retries: {attempts: 0}",
+        "",
+    ))
+    .await;
     let r = get(&gw.url("/delay/3000")).await;
     assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
 }
@@ -143,7 +175,12 @@ routes: [{{name: all, paths: [{{prefix: /}}], upstream: up}}]
     .await;
     // Non-idempotent too: nothing was sent on a connect failure, so a retry is safe.
     for _ in 0..10 {
-        let r = send(req("POST", &gw.url("/x")).body(Full::new(Bytes::from_static(b"payload"))).unwrap()).await;
+        let r = send(
+            req("POST", &gw.url("/x"))
+                .body(Full::new(Bytes::from_static(b"payload")))
+                .unwrap(),
+        )
+        .await;
         assert_eq!(r.status, StatusCode::OK, "{}", r.text());
         assert_eq!(r.text(), "live");
     }
@@ -172,15 +209,27 @@ routes: [{{name: all, paths: [{{prefix: /}}], upstream: up}}]
     .await;
     let mut failures = 0;
     for _ in 0..6 {
-        let r = send(req("POST", &gw.url("/x")).body(Full::new(Bytes::from_static(b"payload"))).unwrap()).await;
+        let r = send(
+            req("POST", &gw.url("/x"))
+                .body(Full::new(Bytes::from_static(b"payload")))
+                .unwrap(),
+        )
+        .await;
         if r.status == StatusCode::BAD_GATEWAY {
             failures += 1;
             assert_eq!(r.json()["error"]["code"], "upstream_error");
         }
     }
     // Round robin sends half the POSTs to the breaker; none of those may be re-sent.
-    assert!(failures >= 1, "some POSTs must have hit the breaking target");
-    assert_eq!(breaker.hits() + live.hits(), 6, "each POST reached exactly one target");
+    assert!(
+        failures >= 1,
+        "some POSTs must have hit the breaking target"
+    );
+    assert_eq!(
+        breaker.hits() + live.hits(),
+        6,
+        "each POST reached exactly one target"
+    );
 }
 
 #[tokio::test]
@@ -214,22 +263,37 @@ async fn body_limit_enforced_while_streaming() {
     ))
     .await;
     // Declared too large: refused before the upstream is contacted.
-    let r = send(req("POST", &gw.url("/echo")).body(Full::new(Bytes::from(vec![b'a'; 2000]))).unwrap()).await;
+    let r = send(
+        req("POST", &gw.url("/echo"))
+            .body(Full::new(Bytes::from(vec![b'a'; 2000])))
+            .unwrap(),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(r.json()["error"]["code"], "body_too_large");
 
     // Chunked, no length: caught while streaming.
     let chunks = futures_util::stream::iter(
-        (0..10).map(|_| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(vec![b'b'; 300])))),
+        (0..10)
+            .map(|_| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(vec![b'b'; 300])))),
     );
     let body = StreamBody::new(chunks);
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
-    let resp = client.request(http::Request::post(gw.url("/echo")).body(body).unwrap()).await.unwrap();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    let resp = client
+        .request(http::Request::post(gw.url("/echo")).body(body).unwrap())
+        .await
+        .unwrap();
     let r = collect(resp).await;
     assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", r.text());
 
     // Within the limit: fine.
-    let r = send(req("POST", &gw.url("/echo")).body(Full::new(Bytes::from(vec![b'c'; 900]))).unwrap()).await;
+    let r = send(
+        req("POST", &gw.url("/echo"))
+            .body(Full::new(Bytes::from(vec![b'c'; 900])))
+            .unwrap(),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.json()["body_bytes"], 900);
 }
@@ -237,8 +301,11 @@ async fn body_limit_enforced_while_streaming() {
 #[tokio::test]
 async fn long_uri_is_414() {
     let up = demo("d").await;
-    let gw =
-        Gw::start(&format!("server: {{limits: {{max_uri_length: 100}}}}\n{}", one_route(up.local_addr(), "", ""))).await;
+    let gw = Gw::start(&format!(
+        "server: {{limits: {{max_uri_length: 100}}}}\n{}",
+        one_route(up.local_addr(), "", "")
+    ))
+    .await;
     let long = format!("/echo?{}", "a".repeat(200));
     let r = get(&gw.url(&long)).await;
     assert_eq!(r.status, StatusCode::URI_TOO_LONG);
@@ -250,17 +317,31 @@ async fn sse_events_arrive_as_sent() {
     let up = demo("d").await;
     let gw = Gw::start(&one_route(up.local_addr(), "", "")).await;
     let client = client();
-    let resp = client.request(http::Request::get(gw.url("/sse?n=3&interval_ms=300")).body(Full::new(Bytes::new())).unwrap()).await.unwrap();
+    let resp = client
+        .request(
+            http::Request::get(gw.url("/sse?n=3&interval_ms=300"))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
     let mut body = resp.into_body();
     let start = tokio::time::Instant::now();
     // The first event must arrive long before the last one is sent (600 ms later): the
     // gateway forwards each event as it comes instead of buffering the stream.
-    let first = tokio::time::timeout(Duration::from_secs(10), body.frame()).await.unwrap().unwrap().unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(10), body.frame())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     let first_at = start.elapsed();
     assert!(String::from_utf8_lossy(first.data_ref().unwrap()).contains("id: 0"));
     let mut rest = Vec::new();
-    while let Some(f) = tokio::time::timeout(Duration::from_secs(10), body.frame()).await.unwrap() {
+    while let Some(f) = tokio::time::timeout(Duration::from_secs(10), body.frame())
+        .await
+        .unwrap()
+    {
         if let Ok(d) = f.unwrap().into_data() {
             rest.extend_from_slice(&d);
         }
@@ -268,7 +349,10 @@ async fn sse_events_arrive_as_sent() {
     let total = start.elapsed();
     assert!(String::from_utf8_lossy(&rest).contains("id: 2"));
     assert!(total >= Duration::from_millis(550), "stream took {total:?}");
-    assert!(first_at + Duration::from_millis(400) < total, "first event at {first_at:?}, all at {total:?}");
+    assert!(
+        first_at + Duration::from_millis(400) < total,
+        "first event at {first_at:?}, all at {total:?}"
+    );
 }
 
 #[tokio::test]
@@ -284,7 +368,13 @@ routes:
         a = up.local_addr()
     ))
     .await;
-    let r = send(req("GET", &gw.url("/keep")).header("host", "api.example.com").body(Full::new(Bytes::new())).unwrap()).await;
+    let r = send(
+        req("GET", &gw.url("/keep"))
+            .header("host", "api.example.com")
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
     assert_eq!(r.json()["headers"]["host"], "api.example.com");
     let r = get(&gw.url("/fixed")).await;
     assert_eq!(r.json()["headers"]["host"], "backend.internal");
@@ -302,7 +392,10 @@ async fn invalid_reload_keeps_serving_and_valid_reload_applies() {
         .reload("upstreams: []\nroutes: [{name: r, paths: [{prefix: /}], upstream: missing}]\n")
         .await
         .unwrap_err();
-    assert!(err.to_string().contains("unknown upstream `missing`"), "{err}");
+    assert!(
+        err.to_string().contains("unknown upstream `missing`"),
+        "{err}"
+    );
     assert_eq!(gw.gateway.version(), v0);
     assert_eq!(get(&gw.url("/")).await.text(), "a");
 
@@ -320,8 +413,10 @@ async fn no_healthy_target_is_503() {
         "",
     ))
     .await;
-    let ok = eventually(Duration::from_secs(10), || async { get(&gw.url("/x")).await.status == StatusCode::SERVICE_UNAVAILABLE })
-        .await;
+    let ok = eventually(Duration::from_secs(10), || async {
+        get(&gw.url("/x")).await.status == StatusCode::SERVICE_UNAVAILABLE
+    })
+    .await;
     assert!(ok, "target never marked unhealthy");
     let r = get(&gw.url("/x")).await;
     assert_eq!(r.json()["error"]["code"], "no_healthy_upstream");

@@ -15,7 +15,11 @@ use turnpike_proxy::gateway::Gateway;
 const QUICKSTART: &str = include_str!("../../../examples/quickstart.yaml");
 
 #[derive(Parser, Debug)]
-#[command(name = "turnpike", version, about = "API gateway, API management platform and AI gateway")]
+#[command(
+    name = "turnpike",
+    version,
+    about = "API gateway, API management platform and AI gateway"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -87,7 +91,10 @@ fn main() -> ExitCode {
 }
 
 fn run_async(fut: impl std::future::Future<Output = ExitCode>) -> ExitCode {
-    match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt.block_on(fut),
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -149,7 +156,10 @@ struct Overrides {
 
 impl From<&ServeArgs> for Overrides {
     fn from(a: &ServeArgs) -> Self {
-        Self { listen: a.listen.clone(), data_dir: a.data_dir.clone() }
+        Self {
+            listen: a.listen.clone(),
+            data_dir: a.data_dir.clone(),
+        }
     }
 }
 
@@ -157,7 +167,10 @@ fn load(file: Option<&Path>, args: &Overrides) -> Result<(Config, Source), Confi
     let (mut config, source) = match file {
         Some(path) => turnpike_model::load_file(path)?,
         None => {
-            let source = Source { file: "<embedded quickstart>".into(), text: QUICKSTART.into() };
+            let source = Source {
+                file: "<embedded quickstart>".into(),
+                text: QUICKSTART.into(),
+            };
             let config = turnpike_model::parse(&source, Format::Yaml)?;
             (config, source)
         }
@@ -165,10 +178,13 @@ fn load(file: Option<&Path>, args: &Overrides) -> Result<(Config, Source), Confi
     if let Some(listen) = &args.listen {
         match config.server.listeners.first_mut() {
             Some(l) => l.address.clone_from(listen),
-            None => config.server.listeners.push(turnpike_model::ListenerConfig {
-                address: listen.clone(),
-                ..Default::default()
-            }),
+            None => config
+                .server
+                .listeners
+                .push(turnpike_model::ListenerConfig {
+                    address: listen.clone(),
+                    ..Default::default()
+                }),
         }
     }
     if let Some(dir) = &args.data_dir {
@@ -181,7 +197,9 @@ fn load(file: Option<&Path>, args: &Overrides) -> Result<(Config, Source), Confi
 fn init_logging(args: &ServeArgs) {
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if args.log_format == "json" {
         builder.json().init();
     } else {
@@ -208,7 +226,10 @@ async fn serve(args: ServeArgs) -> ExitCode {
                 Some(d)
             }
             Err(e) => {
-                eprintln!("error: cannot start the demo upstream on {}: {e}", args.demo_addr);
+                eprintln!(
+                    "error: cannot start the demo upstream on {}: {e}",
+                    args.demo_addr
+                );
                 return ExitCode::FAILURE;
             }
         }
@@ -265,21 +286,34 @@ fn report_reload_errors(errors: &ConfigErrors) {
 
 /// Watches the configuration file's directory (editors replace files by renaming, which a
 /// watch on the file itself would miss) and asks for a reload when the file changes.
-fn watch(file: &Path, tx: tokio::sync::mpsc::Sender<&'static str>) -> Option<notify::RecommendedWatcher> {
+fn watch(
+    file: &Path,
+    tx: tokio::sync::mpsc::Sender<&'static str>,
+) -> Option<notify::RecommendedWatcher> {
     use notify::Watcher;
     let name = file.file_name()?.to_owned();
-    let dir = file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_owned();
+    let dir = file
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_owned();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         if let Ok(ev) = res {
             if ev.kind.is_access() {
                 return;
             }
-            if ev.paths.iter().any(|p| p.file_name() == Some(name.as_os_str())) {
+            if ev
+                .paths
+                .iter()
+                .any(|p| p.file_name() == Some(name.as_os_str()))
+            {
                 let _ = tx.try_send("file");
             }
         }
     })
-    .map_err(|e| tracing::warn!(error = %e, "cannot watch the configuration file; SIGHUP still reloads"))
+    .map_err(
+        |e| tracing::warn!(error = %e, "cannot watch the configuration file; SIGHUP still reloads"),
+    )
     .ok()?;
     watcher
         .watch(&dir, notify::RecursiveMode::NonRecursive)

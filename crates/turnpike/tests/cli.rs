@@ -1,5 +1,6 @@
 //! The real `turnpike` binary: validation errors, hot reload on file change and SIGHUP, and
 //! graceful drain on SIGTERM.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -24,7 +25,10 @@ fn config(target: SocketAddr) -> String {
 fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(20)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )?;
     let mut out = String::new();
     s.read_to_string(&mut out)?;
     let status = out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
@@ -33,7 +37,8 @@ fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
 
 fn served_by(addr: SocketAddr) -> Option<String> {
     let (_, text) = http_get(addr, "/").ok()?;
-    text.lines().find_map(|l| l.strip_prefix("x-served-by: ").map(|v| v.trim().to_owned()))
+    text.lines()
+        .find_map(|l| l.strip_prefix("x-served-by: ").map(|v| v.trim().to_owned()))
 }
 
 /// The gateway process, with its stderr log lines arriving on a channel.
@@ -63,10 +68,21 @@ impl Gateway {
                 }
             }
         });
-        let mut gw = Self { child, lines, seen: Vec::new(), addr: "0.0.0.0:0".parse().expect("addr") };
-        let line = gw.wait_for("\"listening\"", Duration::from_secs(30)).expect("gateway never listened");
+        let mut gw = Self {
+            child,
+            lines,
+            seen: Vec::new(),
+            addr: "0.0.0.0:0".parse().expect("addr"),
+        };
+        let line = gw
+            .wait_for("\"listening\"", Duration::from_secs(30))
+            .expect("gateway never listened");
         let v: serde_json::Value = serde_json::from_str(&line).expect("json log line");
-        gw.addr = v["fields"]["addr"].as_str().expect("addr field").parse().expect("socket addr");
+        gw.addr = v["fields"]["addr"]
+            .as_str()
+            .expect("addr field")
+            .parse()
+            .expect("socket addr");
         gw
     }
 
@@ -91,7 +107,11 @@ impl Gateway {
     }
 
     fn signal(&self, sig: &str) {
-        let ok = Command::new("kill").args([sig, &self.child.id().to_string()]).status().expect("kill").success();
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .expect("kill")
+            .success();
         assert!(ok, "kill {sig} failed");
     }
 }
@@ -115,7 +135,11 @@ fn poll_until(within: Duration, mut f: impl FnMut() -> bool) -> bool {
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime")
 }
 
 #[test]
@@ -127,10 +151,19 @@ fn validate_names_file_path_and_line() {
         "upstreams:\n  - name: up\n    targets: [{address: \"127.0.0.1:9\"}]\nroutes:\n  - name: r\n    paths: [{regex: \"(unclosed\"}]\n    upstream: nowhere\n",
     )
     .unwrap();
-    let out = Command::new(BIN).arg("validate").arg(&bad).output().unwrap();
+    let out = Command::new(BIN)
+        .arg("validate")
+        .arg(&bad)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("bad.yaml:7:") && err.contains("routes[0].upstream") && err.contains("unknown upstream `nowhere`"), "{err}");
+    assert!(
+        err.contains("bad.yaml:7:")
+            && err.contains("routes[0].upstream")
+            && err.contains("unknown upstream `nowhere`"),
+        "{err}"
+    );
 
     let good = dir.path().join("good.json");
     std::fs::write(
@@ -138,8 +171,16 @@ fn validate_names_file_path_and_line() {
         r#"{"upstreams":[{"name":"up","targets":[{"address":"127.0.0.1:9"}]}],"routes":[{"name":"r","paths":[{"prefix":"/"}],"upstream":"up"}]}"#,
     )
     .unwrap();
-    let out = Command::new(BIN).arg("validate").arg(&good).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(BIN)
+        .arg("validate")
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("ok (1 routes"));
 
     // A regex that does not compile is caught by the compile step and located.
@@ -149,10 +190,17 @@ fn validate_names_file_path_and_line() {
         "upstreams:\n  - name: up\n    targets: [{address: \"127.0.0.1:9\"}]\nroutes:\n  - name: r\n    paths:\n      - regex: \"(unclosed\"\n    upstream: up\n",
     )
     .unwrap();
-    let out = Command::new(BIN).arg("validate").arg(&regex).output().unwrap();
+    let out = Command::new(BIN)
+        .arg("validate")
+        .arg(&regex)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("regex.yaml:7:") && err.contains("routes[0].paths[0]"), "{err}");
+    assert!(
+        err.contains("regex.yaml:7:") && err.contains("routes[0].paths[0]"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -165,8 +213,12 @@ fn version_prints() {
 #[test]
 fn reloads_on_file_change_and_sighup_rejects_bad_edits() {
     let rt = runtime();
-    let a = rt.block_on(DemoServer::start("127.0.0.1:0".parse().unwrap(), "a")).unwrap();
-    let b = rt.block_on(DemoServer::start("127.0.0.1:0".parse().unwrap(), "b")).unwrap();
+    let a = rt
+        .block_on(DemoServer::start("127.0.0.1:0".parse().unwrap(), "a"))
+        .unwrap();
+    let b = rt
+        .block_on(DemoServer::start("127.0.0.1:0".parse().unwrap(), "b"))
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("turnpike.yaml");
     std::fs::write(&path, config(a.local_addr())).unwrap();
@@ -175,26 +227,50 @@ fn reloads_on_file_change_and_sighup_rejects_bad_edits() {
 
     // A saved change is picked up by the file watcher.
     std::fs::write(&path, config(b.local_addr())).unwrap();
-    assert!(poll_until(Duration::from_secs(20), || served_by(gw.addr).as_deref() == Some("b")), "file change not applied");
+    assert!(
+        poll_until(Duration::from_secs(20), || served_by(gw.addr).as_deref()
+            == Some("b")),
+        "file change not applied"
+    );
 
     // A broken edit is rejected with file and line; the running config keeps serving.
-    std::fs::write(&path, format!("{}  - name: broken\n    upstream: missing\n", config(b.local_addr()))).unwrap();
-    let line = gw.wait_for("configuration rejected", Duration::from_secs(20)).expect("no rejection logged");
-    assert!(line.contains("turnpike.yaml:") && line.contains("unknown upstream"), "{line}");
+    std::fs::write(
+        &path,
+        format!(
+            "{}  - name: broken\n    upstream: missing\n",
+            config(b.local_addr())
+        ),
+    )
+    .unwrap();
+    let line = gw
+        .wait_for("configuration rejected", Duration::from_secs(20))
+        .expect("no rejection logged");
+    assert!(
+        line.contains("turnpike.yaml:") && line.contains("unknown upstream"),
+        "{line}"
+    );
     assert_eq!(served_by(gw.addr).as_deref(), Some("b"));
 
     // SIGHUP reloads too (the file is valid again and unchanged since the signal).
     std::fs::write(&path, config(a.local_addr())).unwrap();
-    assert!(poll_until(Duration::from_secs(20), || served_by(gw.addr).as_deref() == Some("a")));
+    assert!(poll_until(Duration::from_secs(20), || served_by(gw.addr)
+        .as_deref()
+        == Some("a")));
     gw.signal("-HUP");
-    assert!(gw.wait_for("\"trigger\":\"SIGHUP\"", Duration::from_secs(20)).is_some(), "SIGHUP did not reload");
+    assert!(
+        gw.wait_for("\"trigger\":\"SIGHUP\"", Duration::from_secs(20))
+            .is_some(),
+        "SIGHUP did not reload"
+    );
     assert_eq!(served_by(gw.addr).as_deref(), Some("a"));
 }
 
 #[test]
 fn sigterm_drains_in_flight_requests() {
     let rt = runtime();
-    let up = rt.block_on(DemoServer::start("127.0.0.1:0".parse().unwrap(), "up")).unwrap();
+    let up = rt
+        .block_on(DemoServer::start("127.0.0.1:0".parse().unwrap(), "up"))
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("turnpike.yaml");
     std::fs::write(&path, config(up.local_addr())).unwrap();
@@ -202,11 +278,17 @@ fn sigterm_drains_in_flight_requests() {
     let addr = gw.addr;
 
     let slow = std::thread::spawn(move || http_get(addr, "/delay/1500"));
-    assert!(poll_until(Duration::from_secs(10), || up.requests() >= 1), "slow request never reached the upstream");
+    assert!(
+        poll_until(Duration::from_secs(10), || up.requests() >= 1),
+        "slow request never reached the upstream"
+    );
     gw.signal("-TERM");
     let (status, _) = slow.join().unwrap().expect("in-flight request was cut");
     assert_eq!(status, 200, "in-flight request must complete during drain");
-    assert!(gw.wait_for("\"stopped\"", Duration::from_secs(20)).is_some());
+    assert!(
+        gw.wait_for("\"stopped\"", Duration::from_secs(20))
+            .is_some()
+    );
     let exit = gw.child.wait().unwrap();
     assert!(exit.success(), "exit status {exit:?}");
 }

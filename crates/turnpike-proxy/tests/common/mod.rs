@@ -23,8 +23,12 @@ use turnpike_proxy::gateway::Gateway;
 
 /// Parses YAML into a config, forcing every listener onto 127.0.0.1:0.
 pub fn config(yaml: &str) -> Config {
-    let source = Source { file: "test.yaml".into(), text: yaml.into() };
-    let mut c = turnpike_model::parse(&source, Format::Yaml).unwrap_or_else(|e| panic!("bad test config: {e}"));
+    let source = Source {
+        file: "test.yaml".into(),
+        text: yaml.into(),
+    };
+    let mut c = turnpike_model::parse(&source, Format::Yaml)
+        .unwrap_or_else(|e| panic!("bad test config: {e}"));
     if c.server.listeners.is_empty() {
         c.server.listeners.push(Default::default());
     }
@@ -43,7 +47,9 @@ pub struct Gw {
 impl Gw {
     pub async fn start(yaml: &str) -> Self {
         let cfg = config(yaml);
-        let gateway = Gateway::start(&cfg).await.unwrap_or_else(|e| panic!("gateway failed to start: {e}"));
+        let gateway = Gateway::start(&cfg)
+            .await
+            .unwrap_or_else(|e| panic!("gateway failed to start: {e}"));
         let addr = gateway.local_addrs()[0].1;
         Self { gateway, addr }
     }
@@ -67,8 +73,12 @@ pub struct Reply {
 
 impl Reply {
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
     }
 
     pub fn text(&self) -> String {
@@ -99,7 +109,11 @@ pub async fn collect(resp: Response<Incoming>) -> Reply {
         .expect("body timed out")
         .expect("body failed")
         .to_bytes();
-    Reply { status: parts.status, headers: parts.headers, body }
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
 }
 
 pub async fn get(url: &str) -> Reply {
@@ -148,7 +162,8 @@ impl Mock {
                         let handler = handler.clone();
                         async move { Ok::<_, Infallible>(handler(req).await) }
                     });
-                    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    let builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
                     tokio::select! { _ = conn => {}, _ = s.cancelled() => {} }
                 });
@@ -174,7 +189,9 @@ impl Mock {
 }
 
 pub fn full(b: impl Into<Bytes>) -> ProxyBody {
-    Full::new(b.into()).map_err(|never: Infallible| -> BoxError { match never {} }).boxed_unsync()
+    Full::new(b.into())
+        .map_err(|never: Infallible| -> BoxError { match never {} })
+        .boxed_unsync()
 }
 
 /// An address on which nothing listens (bound then closed).
@@ -186,7 +203,10 @@ pub async fn dead_addr() -> SocketAddr {
 }
 
 /// Polls `cond` until it holds or `within` elapses.
-pub async fn eventually<F: FnMut() -> Fut, Fut: Future<Output = bool>>(within: Duration, mut cond: F) -> bool {
+pub async fn eventually<F: FnMut() -> Fut, Fut: Future<Output = bool>>(
+    within: Duration,
+    mut cond: F,
+) -> bool {
     let deadline = tokio::time::Instant::now() + within;
     loop {
         if cond().await {
