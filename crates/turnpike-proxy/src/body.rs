@@ -24,3 +24,46 @@ pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
         .map_err(|never| match never {})
         .boxed_unsync()
 }
+
+pin_project_lite::pin_project! {
+    /// A body that keeps `guard` alive until the body is finished or dropped, so per-request
+    /// accounting (in-flight counts, concurrency permits) covers the whole response stream.
+    pub struct Guarded<B, G> {
+        #[pin]
+        inner: B,
+        guard: Option<G>,
+    }
+}
+
+impl<B, G> Guarded<B, G> {
+    /// Wraps `inner`.
+    pub fn new(inner: B, guard: G) -> Self {
+        Self { inner, guard: Some(guard) }
+    }
+}
+
+impl<B: http_body::Body, G> http_body::Body for Guarded<B, G> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        let this = self.project();
+        let result = this.inner.poll_frame(cx);
+        if let std::task::Poll::Ready(None) | std::task::Poll::Ready(Some(Err(_))) = &result {
+            // Release as soon as the stream ends, not when hyper gets round to dropping it.
+            this.guard.take();
+        }
+        result
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -208,7 +208,7 @@ async fn proxy(
         route.max_body_bytes,
         route.timeouts.write,
     ));
-    let resp = send_with_retries(
+    let (resp, guard) = send_with_retries(
         route,
         &parts.method,
         &path_and_query,
@@ -222,8 +222,12 @@ async fn proxy(
     .await?;
 
     // Phase `upstream_response`.
-    finish_response(resp, upgrade, route)
+    finish_response(resp, guard, upgrade, route)
 }
+
+/// Held until the response body ends: the target's in-flight count and the upstream's
+/// concurrency permit.
+type ResponseGuard = (crate::upstream::Attempt, InFlight);
 
 #[allow(clippy::too_many_arguments)]
 async fn send_with_retries(
@@ -236,7 +240,7 @@ async fn send_with_retries(
     client_ip: IpAddr,
     path: &str,
     log: &mut LogFacts,
-) -> Result<Response<Incoming>, GatewayError> {
+) -> Result<(Response<Incoming>, ResponseGuard), GatewayError> {
     let upstream = &route.upstream;
     let cfg = &upstream.config;
     let version = if cfg.http2 {
@@ -266,7 +270,7 @@ async fn send_with_retries(
                 format!("no healthy target in upstream `{}`", upstream.name),
             )
         })?;
-        let _permit = InFlight::acquire(upstream, cfg.pool.max_requests).ok_or_else(|| {
+        let permit = InFlight::acquire(upstream, cfg.pool.max_requests).ok_or_else(|| {
             GatewayError::new(
                 ErrorKind::UpstreamOverloaded,
                 format!("upstream `{}` is at its request limit", upstream.name),
@@ -300,7 +304,7 @@ async fn send_with_retries(
             req.headers_mut().insert(header::HOST, h);
         }
 
-        let attempt = upstream.begin(target);
+        let mut attempt = upstream.begin(target);
         let start = Instant::now();
         let mut limit = start + route.timeouts.read;
         if let Some(d) = deadline {
@@ -328,12 +332,12 @@ async fn send_with_retries(
                     .await;
                     continue;
                 }
-                attempt.finish(if failed {
+                attempt.record(if failed {
                     Outcome::Failure
                 } else {
                     Outcome::Success(start.elapsed())
                 });
-                return Ok(resp);
+                return Ok((resp, (attempt, permit)));
             }
             Ok(Err(e)) => {
                 if let Some(kind) = client_body_error(&e) {
@@ -389,6 +393,7 @@ async fn send_with_retries(
 
 fn finish_response(
     resp: Response<Incoming>,
+    guard: ResponseGuard,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     route: &CompiledRoute,
 ) -> Result<Response<ProxyBody>, GatewayError> {
@@ -405,6 +410,8 @@ fn finish_response(
         };
         // Only now, with the upstream's 101 in hand, does the connection become a tunnel.
         tokio::spawn(async move {
+            // The tunnel counts as in flight on its target for as long as it is open.
+            let _guard = guard;
             match tokio::try_join!(client, upstream) {
                 Ok((c, u)) => {
                     let mut c = hyper_util::rt::TokioIo::new(c);
@@ -423,33 +430,32 @@ fn finish_response(
         return Ok(Response::from_parts(parts, body::empty()));
     }
     strip_hop_by_hop(&mut parts.headers, false, true);
-    let body = IdleTimeoutBody::new(body, route.timeouts.read).boxed_unsync();
+    let body = crate::body::Guarded::new(IdleTimeoutBody::new(body, route.timeouts.read), guard).boxed_unsync();
     Ok(Response::from_parts(parts, body))
 }
 
-/// Limits concurrent requests to one upstream.
-struct InFlight<'a>(Option<&'a std::sync::atomic::AtomicUsize>);
+/// Limits concurrent requests to one upstream; released when dropped.
+struct InFlight(Option<Arc<crate::upstream::Upstream>>);
 
-impl<'a> InFlight<'a> {
-    fn acquire(upstream: &'a crate::upstream::Upstream, max: usize) -> Option<Self> {
+impl InFlight {
+    fn acquire(upstream: &Arc<crate::upstream::Upstream>, max: usize) -> Option<Self> {
         use std::sync::atomic::Ordering;
         if max == 0 {
             return Some(Self(None));
         }
-        let counter = &upstream.in_flight;
-        let prev = counter.fetch_add(1, Ordering::AcqRel);
+        let prev = upstream.in_flight.fetch_add(1, Ordering::AcqRel);
         if prev >= max {
-            counter.fetch_sub(1, Ordering::AcqRel);
+            upstream.in_flight.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
-        Some(Self(Some(counter)))
+        Some(Self(Some(upstream.clone())))
     }
 }
 
-impl Drop for InFlight<'_> {
+impl Drop for InFlight {
     fn drop(&mut self) {
-        if let Some(c) = self.0 {
-            c.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        if let Some(u) = &self.0 {
+            u.in_flight.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
         }
     }
 }

@@ -421,3 +421,53 @@ async fn no_healthy_target_is_503() {
     let r = get(&gw.url("/x")).await;
     assert_eq!(r.json()["error"]["code"], "no_healthy_upstream");
 }
+
+/// An open response stream keeps counting as in flight on its target until it ends.
+#[tokio::test]
+async fn least_connections_sees_open_streams() {
+    let a = demo("a").await;
+    let b = demo("b").await;
+    let gw = Gw::start(&format!(
+        r#"
+upstreams:
+  - name: up
+    targets: [{{address: "{}"}}, {{address: "{}"}}]
+    load_balancer: {{algorithm: least_connections}}
+routes: [{{name: all, paths: [{{prefix: /}}], upstream: up}}]
+"#,
+        a.local_addr(),
+        b.local_addr()
+    ))
+    .await;
+    let client = client();
+    let resp = client
+        .request(http::Request::get(gw.url("/sse?n=100&interval_ms=100")).body(Full::new(Bytes::new())).unwrap())
+        .await
+        .unwrap();
+    let busy = resp.headers()["x-served-by"].to_str().unwrap().to_owned();
+    let mut body = resp.into_body();
+    let _first = tokio::time::timeout(Duration::from_secs(10), body.frame()).await.unwrap();
+    for _ in 0..6 {
+        let r = get(&gw.url("/echo")).await;
+        assert_ne!(r.header("x-served-by"), Some(busy.as_str()), "least-connections sent a request to the busy target");
+    }
+    drop(body);
+}
+
+#[tokio::test]
+async fn upstream_request_limit_holds_for_the_whole_stream() {
+    let up = demo("a").await;
+    let gw = Gw::start(&one_route(up.local_addr(), "    pool: {max_requests: 1}\n    retries: {attempts: 0}", "")).await;
+    let client = client();
+    let resp = client
+        .request(http::Request::get(gw.url("/sse?n=100&interval_ms=100")).body(Full::new(Bytes::new())).unwrap())
+        .await
+        .unwrap();
+    let mut body = resp.into_body();
+    let _first = tokio::time::timeout(Duration::from_secs(10), body.frame()).await.unwrap();
+    let r = get(&gw.url("/echo")).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.json()["error"]["code"], "upstream_overloaded");
+    drop(body);
+    assert!(eventually(Duration::from_secs(10), || async { get(&gw.url("/echo")).await.status == StatusCode::OK }).await);
+}

@@ -204,33 +204,40 @@ impl Upstream {
         Attempt {
             target,
             passive: self.config.health_check.passive.clone(),
-            done: false,
+            recorded: false,
         }
     }
 }
 
-/// One attempt in flight to a target. Dropping it without [`Attempt::finish`] counts as
-/// neither success nor failure (the client went away).
+/// One attempt in flight to a target. The target counts it as in flight until the guard is
+/// dropped, which the proxy delays until the response body has been sent, so least-connections
+/// and P2C see long streams. Dropping it without [`Attempt::record`] counts as neither success
+/// nor failure (the client went away).
 pub struct Attempt {
     /// The target.
     pub target: Arc<Target>,
     passive: Option<turnpike_model::PassiveHealthCheck>,
-    done: bool,
+    recorded: bool,
 }
 
 impl Attempt {
-    /// Records the outcome for latency estimates and passive ejection.
+    /// Records the outcome for latency estimates and passive ejection; only the first call
+    /// counts. The attempt stays in flight until dropped.
+    pub fn record(&mut self, outcome: Outcome) {
+        if !self.recorded {
+            self.recorded = true;
+            health::record(&self.target, self.passive.as_ref(), outcome);
+        }
+    }
+
+    /// Records the outcome and ends the attempt.
     pub fn finish(mut self, outcome: Outcome) {
-        self.done = true;
-        health::record(&self.target, self.passive.as_ref(), outcome);
-        self.target.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.record(outcome);
     }
 }
 
 impl Drop for Attempt {
     fn drop(&mut self) {
-        if !self.done {
-            self.target.in_flight.fetch_sub(1, Ordering::Relaxed);
-        }
+        self.target.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
