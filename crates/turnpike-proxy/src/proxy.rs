@@ -562,9 +562,19 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
+/// `Upgrade: h2c` is never treated as an upgrade: the gateway cannot speak HTTP/2 inside the
+/// tunnel, so a 101 from an upstream would hand the client a raw connection to it, past routing
+/// ("h2c smuggling"). Such a request is forwarded as plain HTTP/1.1 without its `Upgrade`.
 fn is_upgrade_request(parts: &http::request::Parts) -> bool {
     parts.version <= Version::HTTP_11
         && parts.headers.contains_key(header::UPGRADE)
+        && !parts
+            .headers
+            .get_all(header::UPGRADE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("h2c"))
         && connection_has(&parts.headers, "upgrade")
 }
 
