@@ -51,8 +51,9 @@ pub async fn handle(
     let started = Instant::now();
     let settings = &snap.settings;
     let request_id = request_id(req.headers(), &settings.request_id_header);
-    let method = req.method().clone();
-    let path_for_log = req.uri().path().to_owned();
+    // Only copy what the access event needs when someone listens for it: this is the hot path.
+    let log_request = tracing::enabled!(target: "turnpike::access", tracing::Level::DEBUG)
+        .then(|| (req.method().clone(), req.uri().path().to_owned()));
 
     let mut outcome = LogFacts::default();
     let mut resp = match proxy(&snap, conn, req, &request_id, &mut outcome).await {
@@ -75,8 +76,8 @@ pub async fn handle(
     tracing::debug!(
         target: "turnpike::access",
         request_id = %request_id,
-        method = %method,
-        path = %path_for_log,
+        method = %log_request.as_ref().map_or("-", |t| t.0.as_str()),
+        path = %log_request.as_ref().map_or("-", |t| t.1.as_str()),
         route = outcome.route.as_deref().unwrap_or("-"),
         upstream_target = %outcome.target.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
         status = resp.status().as_u16(),
