@@ -38,7 +38,10 @@ pin_project_lite::pin_project! {
 impl<B, G> Guarded<B, G> {
     /// Wraps `inner`.
     pub fn new(inner: B, guard: G) -> Self {
-        Self { inner, guard: Some(guard) }
+        Self {
+            inner,
+            guard: Some(guard),
+        }
     }
 }
 

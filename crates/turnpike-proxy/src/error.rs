@@ -116,6 +116,22 @@ impl ErrorKind {
         }
     }
 
+    /// The gRPC status code for this failure (gRPC clients read `grpc-status`, not HTTP).
+    pub fn grpc_status(self) -> u8 {
+        match self {
+            Self::RouteNotFound | Self::MethodNotAllowed => 12, // UNIMPLEMENTED
+            Self::InvalidPath | Self::BadRequest => 3,          // INVALID_ARGUMENT
+            Self::UriTooLong | Self::HeadersTooLarge | Self::BodyTooLarge => 8, // RESOURCE_EXHAUSTED
+            Self::ClientTimeout | Self::UpstreamTimeout => 4,                   // DEADLINE_EXCEEDED
+            Self::UpstreamUnreachable
+            | Self::UpstreamError
+            | Self::NoHealthyUpstream
+            | Self::UpstreamOverloaded
+            | Self::ShuttingDown => 14, // UNAVAILABLE
+            Self::Internal => 13,                                               // INTERNAL
+        }
+    }
+
     /// Whether a client may safely retry the same request.
     pub fn retryable(self) -> bool {
         matches!(
@@ -150,6 +166,16 @@ impl GatewayError {
     pub fn into_response(self, request_id: &str) -> Response<ProxyBody> {
         error_response(self.kind, &self.message, request_id)
     }
+
+    /// The error in the shape the client understands: a gRPC trailers-only response for gRPC
+    /// requests, JSON otherwise.
+    pub fn into_response_for(self, grpc: bool, request_id: &str) -> Response<ProxyBody> {
+        if grpc {
+            grpc_error_response(self.kind, &self.message)
+        } else {
+            self.into_response(request_id)
+        }
+    }
 }
 
 impl std::fmt::Display for GatewayError {
@@ -181,9 +207,75 @@ pub fn error_response(kind: ErrorKind, message: &str, request_id: &str) -> Respo
     resp
 }
 
+/// Whether a request is gRPC (`application/grpc`, `application/grpc+proto`, …).
+pub fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| {
+            ct.starts_with("application/grpc") && !ct.starts_with("application/grpc-web")
+        })
+}
+
+/// A gRPC "trailers-only" response: HTTP 200 whose headers carry `grpc-status` and
+/// `grpc-message`, which is how gRPC servers report an error before any message.
+pub fn grpc_error_response(kind: ErrorKind, message: &str) -> Response<ProxyBody> {
+    let mut resp = Response::new(crate::body::empty());
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    h.insert(
+        "grpc-status",
+        HeaderValue::from(u16::from(kind.grpc_status())),
+    );
+    let msg = format!("{}: {message}", kind.code());
+    if let Ok(v) = HeaderValue::from_str(&grpc_percent_encode(&msg)) {
+        h.insert("grpc-message", v);
+    }
+    resp
+}
+
+/// Percent-encodes a `grpc-message` as the gRPC HTTP/2 spec asks: everything outside
+/// printable ASCII, and `%` itself.
+fn grpc_percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grpc_errors_are_trailers_only() {
+        let resp = grpc_error_response(ErrorKind::UpstreamUnreachable, "café 100%");
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()["grpc-status"], "14");
+        assert_eq!(
+            resp.headers()["grpc-message"],
+            "upstream_unreachable: caf%C3%A9 100%25"
+        );
+        let mut h = http::HeaderMap::new();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc+proto"),
+        );
+        assert!(is_grpc(&h));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        assert!(!is_grpc(&h));
+    }
 
     #[tokio::test]
     async fn error_body_shape() {

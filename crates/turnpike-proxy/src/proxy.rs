@@ -55,12 +55,14 @@ pub async fn handle(
     let log_request = tracing::enabled!(target: "turnpike::access", tracing::Level::DEBUG)
         .then(|| (req.method().clone(), req.uri().path().to_owned()));
 
+    let grpc = crate::error::is_grpc(req.headers());
+
     let mut outcome = LogFacts::default();
     let mut resp = match proxy(&snap, conn, req, &request_id, &mut outcome).await {
         Ok(r) => r,
         Err(e) => {
             outcome.error = Some(e.kind.code());
-            e.into_response(&request_id)
+            e.into_response_for(grpc, &request_id)
         }
     };
     if let Ok(v) = HeaderValue::from_str(&request_id) {
@@ -143,6 +145,12 @@ async fn proxy(
             return Err(GatewayError::new(
                 ErrorKind::RouteNotFound,
                 "no route matches the request",
+            ));
+        }
+        RouteResult::MethodNotAllowed(_) if crate::error::is_grpc(&parts.headers) => {
+            return Err(GatewayError::new(
+                ErrorKind::MethodNotAllowed,
+                "method not allowed",
             ));
         }
         RouteResult::MethodNotAllowed(methods) => {
@@ -431,7 +439,8 @@ fn finish_response(
         return Ok(Response::from_parts(parts, body::empty()));
     }
     strip_hop_by_hop(&mut parts.headers, false, true);
-    let body = crate::body::Guarded::new(IdleTimeoutBody::new(body, route.timeouts.read), guard).boxed_unsync();
+    let body = crate::body::Guarded::new(IdleTimeoutBody::new(body, route.timeouts.read), guard)
+        .boxed_unsync();
     Ok(Response::from_parts(parts, body))
 }
 
@@ -456,7 +465,8 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         if let Some(u) = &self.0 {
-            u.in_flight.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+            u.in_flight
+                .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
         }
     }
 }

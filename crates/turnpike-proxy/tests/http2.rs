@@ -9,7 +9,9 @@ use common::*;
 use turnpike_proxy::demo::DemoServer;
 
 async fn gateway(limits: &str) -> (Gw, DemoServer) {
-    let up = DemoServer::start("127.0.0.1:0".parse().unwrap(), "up").await.unwrap();
+    let up = DemoServer::start("127.0.0.1:0".parse().unwrap(), "up")
+        .await
+        .unwrap();
     let gw = Gw::start(&format!(
         "server: {{limits: {limits}}}\nupstreams: [{{name: up, targets: [{{address: \"{}\"}}]}}]\nroutes: [{{name: all, paths: [{{prefix: /}}], upstream: up}}]\n",
         up.local_addr()
@@ -25,10 +27,15 @@ async fn advertises_the_configured_stream_limit() {
     let (mut client, conn) = h2::client::handshake(tcp).await.unwrap();
     tokio::spawn(conn);
     // The server's SETTINGS arrive with the first exchange.
-    let req = http::Request::get(format!("http://{}/echo", gw.addr)).body(()).unwrap();
+    let req = http::Request::get(format!("http://{}/echo", gw.addr))
+        .body(())
+        .unwrap();
     client = client.ready().await.unwrap();
     let (resp, _) = client.send_request(req, true).unwrap();
-    let resp = tokio::time::timeout(Duration::from_secs(10), resp).await.unwrap().unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(client.current_max_send_streams(), 7);
 }
@@ -42,7 +49,9 @@ async fn rapid_reset_flood_closes_the_connection() {
     let mut closed = false;
     // Bounded: the server must give up long before 1000 resets.
     for _ in 0..1000 {
-        let req = http::Request::get(format!("http://{}/delay/1000", gw.addr)).body(()).unwrap();
+        let req = http::Request::get(format!("http://{}/delay/1000", gw.addr))
+            .body(())
+            .unwrap();
         client = match client.ready().await {
             Ok(c) => c,
             Err(_) => {
@@ -58,8 +67,14 @@ async fn rapid_reset_flood_closes_the_connection() {
             }
         }
     }
-    let result = tokio::time::timeout(Duration::from_secs(10), conn).await.expect("connection still open").unwrap();
-    assert!(closed || result.is_err(), "server tolerated a rapid-reset flood");
+    let result = tokio::time::timeout(Duration::from_secs(10), conn)
+        .await
+        .expect("connection still open")
+        .unwrap();
+    assert!(
+        closed || result.is_err(),
+        "server tolerated a rapid-reset flood"
+    );
     if let Err(e) = result {
         assert!(e.is_go_away() || e.is_io() || e.reason().is_some(), "{e:?}");
     }

@@ -441,15 +441,25 @@ routes: [{{name: all, paths: [{{prefix: /}}], upstream: up}}]
     .await;
     let client = client();
     let resp = client
-        .request(http::Request::get(gw.url("/sse?n=100&interval_ms=100")).body(Full::new(Bytes::new())).unwrap())
+        .request(
+            http::Request::get(gw.url("/sse?n=100&interval_ms=100"))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
         .await
         .unwrap();
     let busy = resp.headers()["x-served-by"].to_str().unwrap().to_owned();
     let mut body = resp.into_body();
-    let _first = tokio::time::timeout(Duration::from_secs(10), body.frame()).await.unwrap();
+    let _first = tokio::time::timeout(Duration::from_secs(10), body.frame())
+        .await
+        .unwrap();
     for _ in 0..6 {
         let r = get(&gw.url("/echo")).await;
-        assert_ne!(r.header("x-served-by"), Some(busy.as_str()), "least-connections sent a request to the busy target");
+        assert_ne!(
+            r.header("x-served-by"),
+            Some(busy.as_str()),
+            "least-connections sent a request to the busy target"
+        );
     }
     drop(body);
 }
@@ -457,31 +467,56 @@ routes: [{{name: all, paths: [{{prefix: /}}], upstream: up}}]
 #[tokio::test]
 async fn upstream_request_limit_holds_for_the_whole_stream() {
     let up = demo("a").await;
-    let gw = Gw::start(&one_route(up.local_addr(), "    pool: {max_requests: 1}\n    retries: {attempts: 0}", "")).await;
+    let gw = Gw::start(&one_route(
+        up.local_addr(),
+        "    pool: {max_requests: 1}\n    retries: {attempts: 0}",
+        "",
+    ))
+    .await;
     let client = client();
     let resp = client
-        .request(http::Request::get(gw.url("/sse?n=100&interval_ms=100")).body(Full::new(Bytes::new())).unwrap())
+        .request(
+            http::Request::get(gw.url("/sse?n=100&interval_ms=100"))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
         .await
         .unwrap();
     let mut body = resp.into_body();
-    let _first = tokio::time::timeout(Duration::from_secs(10), body.frame()).await.unwrap();
+    let _first = tokio::time::timeout(Duration::from_secs(10), body.frame())
+        .await
+        .unwrap();
     let r = get(&gw.url("/echo")).await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(r.json()["error"]["code"], "upstream_overloaded");
     drop(body);
-    assert!(eventually(Duration::from_secs(10), || async { get(&gw.url("/echo")).await.status == StatusCode::OK }).await);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            get(&gw.url("/echo")).await.status == StatusCode::OK
+        })
+        .await
+    );
 }
 
 /// A listener that never accepts, with its accept queue filled: Linux drops further SYNs, so
 /// connecting hangs, which is what a black-holed upstream looks like.
-async fn blackhole() -> (tokio::net::TcpListener, Vec<tokio::net::TcpStream>, std::net::SocketAddr) {
+async fn blackhole() -> (
+    tokio::net::TcpListener,
+    Vec<tokio::net::TcpStream>,
+    std::net::SocketAddr,
+) {
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
     sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let listener = sock.listen(1).unwrap();
     let addr = listener.local_addr().unwrap();
     let mut fillers = Vec::new();
     for _ in 0..8 {
-        match tokio::time::timeout(Duration::from_millis(300), tokio::net::TcpStream::connect(addr)).await {
+        match tokio::time::timeout(
+            Duration::from_millis(300),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
             Ok(Ok(s)) => fillers.push(s),
             _ => break,
         }
@@ -492,23 +527,42 @@ async fn blackhole() -> (tokio::net::TcpListener, Vec<tokio::net::TcpStream>, st
 #[tokio::test]
 async fn connect_timeout_is_502() {
     let (_l, _fill, addr) = blackhole().await;
-    let gw = Gw::start(&one_route(addr, "    timeouts: {connect: 200ms}\n    retries: {attempts: 0}", "")).await;
+    let gw = Gw::start(&one_route(
+        addr,
+        "    timeouts: {connect: 200ms}\n    retries: {attempts: 0}",
+        "",
+    ))
+    .await;
     let start = tokio::time::Instant::now();
     let r = get(&gw.url("/x")).await;
     assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
     assert_eq!(r.json()["error"]["code"], "upstream_unreachable");
-    assert!(start.elapsed() < Duration::from_secs(5), "connect timeout not applied: {:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "connect timeout not applied: {:?}",
+        start.elapsed()
+    );
 }
 
 #[tokio::test]
 async fn stalled_request_body_is_408() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let up = demo("d").await;
-    let gw = Gw::start(&one_route(up.local_addr(), "    timeouts: {write: 200ms}\n    retries: {attempts: 0}", "")).await;
+    let gw = Gw::start(&one_route(
+        up.local_addr(),
+        "    timeouts: {write: 200ms}\n    retries: {attempts: 0}",
+        "",
+    ))
+    .await;
     let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    s.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789").await.unwrap();
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
+        .await
+        .unwrap();
     let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await.expect("no answer").unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .expect("no answer")
+        .unwrap();
     let reply = String::from_utf8_lossy(&buf[..n]).into_owned();
     assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
     assert!(reply.contains("client_timeout"), "{reply}");
@@ -537,7 +591,11 @@ routes: [{{name: all, paths: [{{prefix: /}}], upstream: up}}]
 
 #[tokio::test]
 async fn consistent_hash_on_header_is_sticky() {
-    let ups = [Mock::fixed("a", 200).await, Mock::fixed("b", 200).await, Mock::fixed("c", 200).await];
+    let ups = [
+        Mock::fixed("a", 200).await,
+        Mock::fixed("b", 200).await,
+        Mock::fixed("c", 200).await,
+    ];
     let gw = Gw::start(&format!(
         r#"
 upstreams:
@@ -552,8 +610,13 @@ routes: [{{name: all, paths: [{{prefix: /}}], upstream: up}}]
     let mut owners = std::collections::HashMap::new();
     for round in 0..3 {
         for user in 0..30 {
-            let r = send(req("GET", &gw.url("/")).header("x-user", format!("user-{user}")).body(Full::new(Bytes::new())).unwrap())
-                .await;
+            let r = send(
+                req("GET", &gw.url("/"))
+                    .header("x-user", format!("user-{user}"))
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+            .await;
             let who = r.text();
             let first = owners.entry(user).or_insert_with(|| who.clone());
             assert_eq!(*first, who, "user-{user} moved in round {round}");

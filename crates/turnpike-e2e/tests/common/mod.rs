@@ -40,8 +40,12 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 /// Parses YAML into a config, forcing every listener onto 127.0.0.1:0.
 pub fn config(yaml: &str) -> Config {
-    let source = Source { file: "e2e.yaml".into(), text: yaml.into() };
-    let mut c = turnpike_model::parse(&source, Format::Yaml).unwrap_or_else(|e| panic!("bad test config: {e}\n{yaml}"));
+    let source = Source {
+        file: "e2e.yaml".into(),
+        text: yaml.into(),
+    };
+    let mut c = turnpike_model::parse(&source, Format::Yaml)
+        .unwrap_or_else(|e| panic!("bad test config: {e}\n{yaml}"));
     if c.server.listeners.is_empty() {
         c.server.listeners.push(Default::default());
     }
@@ -136,8 +140,11 @@ impl Upstream {
                         let (reply, l) = (reply.clone(), l.clone());
                         async move { Ok::<_, Infallible>(record_and_reply(req, &l, &*reply).await) }
                     });
-                    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                    let _ = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).await;
+                    let builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    let _ = builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                        .await;
                 });
             }
         });
@@ -168,7 +175,10 @@ pub async fn record_and_reply(
     };
     let s = Seen {
         method: parts.method,
-        path_and_query: parts.uri.path_and_query().map_or_else(|| "/".into(), |p| p.as_str().to_owned()),
+        path_and_query: parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| "/".into(), |p| p.as_str().to_owned()),
         version: parts.version,
         headers: parts.headers,
         body,
@@ -195,7 +205,10 @@ pub fn echo_reply(s: &Seen) -> Response<Full<Bytes>> {
 }
 
 pub fn status(code: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
-    Response::builder().status(code).body(Full::new(Bytes::from_static(body.as_bytes()))).unwrap()
+    Response::builder()
+        .status(code)
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .unwrap()
 }
 
 /// A test PKI: one CA, certificates it signs, and files in a temporary directory.
@@ -230,21 +243,36 @@ impl Pki {
     pub fn in_dir(dir: tempfile::TempDir, name: &str) -> Self {
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params.distinguished_name.push(rcgen::DnType::CommonName, format!("{name} test CA"));
-        params.key_usages =
-            vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::DigitalSignature, rcgen::KeyUsagePurpose::CrlSign];
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("{name} test CA"));
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
         let key = rcgen::KeyPair::generate().unwrap();
         let cert = params.self_signed(&key).unwrap();
         let ca_pem_path = dir.path().join(format!("{name}-ca.pem"));
         std::fs::write(&ca_pem_path, cert.pem()).unwrap();
-        Self { ca_der: cert.der().clone(), ca: rcgen::Issuer::new(params, key), dir, ca_pem_path }
+        Self {
+            ca_der: cert.der().clone(),
+            ca: rcgen::Issuer::new(params, key),
+            dir,
+            ca_pem_path,
+        }
     }
 
     /// A certificate for `names` signed by the CA; `client` selects the clientAuth usage
     /// instead of serverAuth. Files: `<dir>/<file>.pem` and `<dir>/<file>-key.pem`.
     pub fn issue(&self, file: &str, names: &[&str], client: bool) -> Leaf {
-        let mut params = rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
-        params.distinguished_name.push(rcgen::DnType::CommonName, names.first().copied().unwrap_or(file));
+        let mut params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params.distinguished_name.push(
+            rcgen::DnType::CommonName,
+            names.first().copied().unwrap_or(file),
+        );
         params.use_authority_key_identifier_extension = true;
         params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![if client {
@@ -292,7 +320,11 @@ pub async fn read_response(s: &mut TcpStream, buf: &mut Vec<u8>) -> (String, Vec
         }
         let mut chunk = [0u8; 4096];
         let n = within("read head", s.read(&mut chunk)).await.expect("read");
-        assert!(n > 0, "connection closed before a full head: {:?}", String::from_utf8_lossy(buf));
+        assert!(
+            n > 0,
+            "connection closed before a full head: {:?}",
+            String::from_utf8_lossy(buf)
+        );
         buf.extend_from_slice(&chunk[..n]);
     };
     let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
@@ -314,7 +346,8 @@ pub async fn read_response(s: &mut TcpStream, buf: &mut Vec<u8>) -> (String, Vec
                 }
                 fill(s, buf, buf.len() + 1).await;
             };
-            let size = usize::from_str_radix(String::from_utf8_lossy(&buf[..line_end]).trim(), 16).expect("chunk size");
+            let size = usize::from_str_radix(String::from_utf8_lossy(&buf[..line_end]).trim(), 16)
+                .expect("chunk size");
             buf.drain(..line_end + 2);
             fill(s, buf, size + 2).await;
             body.extend(buf.drain(..size));
@@ -335,4 +368,3 @@ pub async fn fill(s: &mut TcpStream, buf: &mut Vec<u8>, want: usize) {
         buf.extend_from_slice(&chunk[..n]);
     }
 }
-
