@@ -21,7 +21,7 @@ use tokio::time::Instant;
 
 use crate::body::{self, ProxyBody};
 use crate::error::{ErrorKind, GatewayError, error_response};
-use crate::reqbody::{BodyIdleTimeout, BodySlot, BodyTooLarge, IdleTimeoutBody, LimitedBody};
+use crate::reqbody::{BodyIdleTimeout, BodySlot, IdleTimeoutBody, UpstreamBodyTimeout};
 use crate::router::{RequestView, RouteResult, normalize_path};
 use crate::snapshot::{CompiledRoute, Settings, Snapshot, backoff};
 use crate::upstream::{Outcome, SelectInput};
@@ -212,7 +212,7 @@ async fn proxy(
         request_id,
     );
 
-    let slot = BodySlot::new(LimitedBody::new(
+    let slot = BodySlot::new(crate::reqbody::limited(
         body,
         route.max_body_bytes,
         route.timeouts.write,
@@ -439,8 +439,11 @@ fn finish_response(
         return Ok(Response::from_parts(parts, body::empty()));
     }
     strip_hop_by_hop(&mut parts.headers, false, true);
-    let body = crate::body::Guarded::new(IdleTimeoutBody::new(body, route.timeouts.read), guard)
-        .boxed_unsync();
+    let body = crate::body::Guarded::new(
+        IdleTimeoutBody::new(body, route.timeouts.read, || Box::new(UpstreamBodyTimeout)),
+        guard,
+    )
+    .boxed_unsync();
     Ok(Response::from_parts(parts, body))
 }
 
@@ -475,7 +478,7 @@ impl Drop for InFlight {
 fn client_body_error(e: &(dyn std::error::Error + 'static)) -> Option<ErrorKind> {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {
-        if err.is::<BodyTooLarge>() {
+        if err.is::<http_body_util::LengthLimitError>() {
             return Some(ErrorKind::BodyTooLarge);
         }
         if err.is::<BodyIdleTimeout>() {

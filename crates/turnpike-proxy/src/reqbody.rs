@@ -19,18 +19,6 @@ use tokio::time::{Instant, Sleep};
 
 use crate::body::BoxError;
 
-/// The request body grew past its limit.
-#[derive(Debug)]
-pub struct BodyTooLarge(pub u64);
-
-impl std::fmt::Display for BodyTooLarge {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "request body exceeds {} bytes", self.0)
-    }
-}
-
-impl std::error::Error for BodyTooLarge {}
-
 /// The client paused longer than the write timeout while sending its body.
 #[derive(Debug)]
 pub struct BodyIdleTimeout;
@@ -43,76 +31,16 @@ impl std::fmt::Display for BodyIdleTimeout {
 
 impl std::error::Error for BodyIdleTimeout {}
 
-pin_project_lite::pin_project! {
-    /// The client's body with a byte limit and an idle timeout.
-    pub struct LimitedBody {
-        #[pin]
-        inner: Incoming,
-        limit: u64,
-        seen: u64,
-        idle: Duration,
-        armed: bool,
-        #[pin]
-        timer: Sleep,
-    }
-}
+/// The client's body on its way upstream: the byte limit (`http_body_util::Limited`, whose
+/// `LengthLimitError` becomes 413) inside the write timeout between chunks (408).
+pub type LimitedBody = IdleTimeoutBody<http_body_util::Limited<Incoming>>;
 
-impl LimitedBody {
-    /// Wraps `inner`.
-    pub fn new(inner: Incoming, limit: u64, idle: Duration) -> Self {
-        Self {
-            inner,
-            limit,
-            seen: 0,
-            idle,
-            armed: false,
-            timer: tokio::time::sleep(idle),
-        }
-    }
-}
-
-impl Body for LimitedBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let mut this = self.project();
-        if !*this.armed {
-            // The idle clock starts when the upstream starts reading, not while connecting.
-            *this.armed = true;
-            this.timer.as_mut().reset(Instant::now() + *this.idle);
-        }
-        match this.inner.poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    *this.seen += data.len() as u64;
-                    if *this.seen > *this.limit {
-                        return Poll::Ready(Some(Err(Box::new(BodyTooLarge(*this.limit)))));
-                    }
-                }
-                let deadline = Instant::now() + *this.idle;
-                this.timer.as_mut().reset(deadline);
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => match this.timer.poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyIdleTimeout)))),
-                Poll::Pending => Poll::Pending,
-            },
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
+/// Wraps the client's body with its limit and idle timeout.
+pub fn limited(inner: Incoming, limit: u64, idle: Duration) -> LimitedBody {
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    IdleTimeoutBody::new(http_body_util::Limited::new(inner, limit), idle, || {
+        Box::new(BodyIdleTimeout)
+    })
 }
 
 /// Holds the request body until an attempt starts sending it.
@@ -206,22 +134,28 @@ impl Body for AttemptBody {
 }
 
 pin_project_lite::pin_project! {
-    /// A response body with an idle timeout between frames (the upstream read timeout).
+    /// A body with an idle timeout between frames: the upstream read timeout on responses,
+    /// the write timeout on client bodies. The clock starts at the first poll, so time spent
+    /// connecting upstream does not count against a request body.
     pub struct IdleTimeoutBody<B> {
         #[pin]
         inner: B,
         idle: Duration,
+        armed: bool,
+        on_timeout: fn() -> BoxError,
         #[pin]
         timer: Sleep,
     }
 }
 
 impl<B> IdleTimeoutBody<B> {
-    /// Wraps `inner`.
-    pub fn new(inner: B, idle: Duration) -> Self {
+    /// Wraps `inner`; `on_timeout` makes the error reported when the body stalls.
+    pub fn new(inner: B, idle: Duration, on_timeout: fn() -> BoxError) -> Self {
         Self {
             inner,
             idle,
+            armed: false,
+            on_timeout,
             timer: tokio::time::sleep(idle),
         }
     }
@@ -252,6 +186,10 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
+        if !*this.armed {
+            *this.armed = true;
+            this.timer.as_mut().reset(Instant::now() + *this.idle);
+        }
         match this.inner.poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 let deadline = Instant::now() + *this.idle;
@@ -261,7 +199,7 @@ where
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => match this.timer.poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(UpstreamBodyTimeout)))),
+                Poll::Ready(()) => Poll::Ready(Some(Err((this.on_timeout)()))),
                 Poll::Pending => Poll::Pending,
             },
         }
