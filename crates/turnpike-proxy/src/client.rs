@@ -101,6 +101,29 @@ impl UpstreamClient {
             .build()
     }
 
+    /// The URI addressing `target` with `path_and_query`, from parts prepared when the target
+    /// was resolved (no formatting or re-parsing of the address per request).
+    pub fn uri_for_target(
+        &self,
+        target: &crate::upstream::Target,
+        path_and_query: String,
+    ) -> Result<Uri, http::Error> {
+        let Some(authority) = target.uri_authority.clone() else {
+            return self.uri_for(target.addr, &path_and_query);
+        };
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(if self.scheme == "https" {
+            http::uri::Scheme::HTTPS
+        } else {
+            http::uri::Scheme::HTTP
+        });
+        parts.authority = Some(authority);
+        parts.path_and_query = Some(http::uri::PathAndQuery::from_maybe_shared(
+            bytes::Bytes::from(path_and_query),
+        )?);
+        Ok(Uri::from_parts(parts)?)
+    }
+
     /// Sends a request whose URI came from [`UpstreamClient::uri_for`].
     pub fn request(
         &self,

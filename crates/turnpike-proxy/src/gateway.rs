@@ -49,13 +49,7 @@ impl Gateway {
             listeners.push((name, listener.local_addr()));
             let shared = shared.clone();
             let make = move |info: ConnInfo| {
-                crate::proxy::service(
-                    shared.clone(),
-                    ClientConn {
-                        peer: info.peer,
-                        tls: info.tls,
-                    },
-                )
+                crate::proxy::service(shared.clone(), ClientConn::new(info.peer, info.tls))
             };
             tasks.push(tokio::spawn(listener.serve(
                 make,

@@ -32,25 +32,53 @@ pub struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
 }
 
-/// What the proxy needs to know about the client connection.
-#[derive(Debug, Clone, Copy)]
+/// What the proxy needs to know about the client connection. Built once per connection,
+/// so per-request work reuses the peer's formatted values.
+#[derive(Debug, Clone)]
 pub struct ClientConn {
     /// Peer address of the TCP connection.
     pub peer: SocketAddr,
     /// Whether the connection is TLS.
     pub tls: bool,
+    /// The peer IP as an `X-Forwarded-For` value.
+    peer_ip: HeaderValue,
+    /// `for=<peer>;proto=<scheme>`: the start of this hop's `Forwarded` element.
+    forwarded_base: Arc<str>,
+}
+
+impl ClientConn {
+    /// Describes a connection from `peer`, over TLS or not.
+    pub fn new(peer: SocketAddr, tls: bool) -> Self {
+        // A dual-stack listener reports IPv4 clients as `::ffff:a.b.c.d`; use the IPv4 form so
+        // `trusted_proxies` CIDRs, logs and forwarding headers see the address people write.
+        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+        let ip = peer.ip();
+        let ip_text = ip.to_string();
+        let proto = if tls { "https" } else { "http" };
+        let forwarded_base = match ip {
+            IpAddr::V4(_) => format!("for={ip_text};proto={proto}"),
+            IpAddr::V6(_) => format!("for=\"[{ip_text}]\";proto={proto}"),
+        };
+        Self {
+            peer,
+            tls,
+            peer_ip: HeaderValue::from_str(&ip_text).unwrap_or(HeaderValue::from_static("unknown")),
+            forwarded_base: Arc::from(forwarded_base),
+        }
+    }
 }
 
 /// Handles one request end to end. Never fails: every error becomes a JSON response.
 pub async fn handle(
     shared: Arc<Shared>,
-    conn: ClientConn,
+    conn: &ClientConn,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let snap = shared.snapshot.load_full();
     let started = Instant::now();
     let settings = &snap.settings;
-    let request_id = request_id(req.headers(), &settings.request_id_header);
+    let rid = request_id(req.headers(), &settings.request_id_header);
+    let request_id = rid.to_str().unwrap_or("-");
     // Only copy what the access event needs when someone listens for it: this is the hot path.
     let log_request = tracing::enabled!(target: "turnpike::access", tracing::Level::DEBUG)
         .then(|| (req.method().clone(), req.uri().path().to_owned()));
@@ -58,17 +86,15 @@ pub async fn handle(
     let grpc = crate::error::is_grpc(req.headers());
 
     let mut outcome = LogFacts::default();
-    let mut resp = match proxy(&snap, conn, req, &request_id, &mut outcome).await {
+    let mut resp = match proxy(&snap, conn, req, &rid, &mut outcome).await {
         Ok(r) => r,
         Err(e) => {
             outcome.error = Some(e.kind.code());
-            e.into_response_for(grpc, &request_id)
+            e.into_response_for(grpc, request_id)
         }
     };
-    if let Ok(v) = HeaderValue::from_str(&request_id) {
-        resp.headers_mut()
-            .insert(settings.request_id_header.clone(), v);
-    }
+    resp.headers_mut()
+        .insert(settings.request_id_header.clone(), rid.clone());
     if let Some(via) = &settings.via {
         resp.headers_mut().append(header::VIA, via.clone());
     }
@@ -102,9 +128,9 @@ struct LogFacts {
 
 async fn proxy(
     snap: &Snapshot,
-    conn: ClientConn,
+    conn: &ClientConn,
     req: Request<Incoming>,
-    request_id: &str,
+    request_id: &HeaderValue,
     log: &mut LogFacts,
 ) -> Result<Response<ProxyBody>, GatewayError> {
     let settings = &snap.settings;
@@ -162,7 +188,7 @@ async fn proxy(
             let mut resp = error_response(
                 ErrorKind::MethodNotAllowed,
                 &format!("method {} is not allowed here", parts.method),
-                request_id,
+                request_id.to_str().unwrap_or("-"),
             );
             if let Ok(v) = HeaderValue::from_str(&allow) {
                 resp.headers_mut().insert(header::ALLOW, v);
@@ -291,7 +317,7 @@ async fn send_with_retries(
 
         let uri = upstream
             .client
-            .uri_for(target.addr, path_and_query)
+            .uri_for_target(&target, path_and_query.to_owned())
             .map_err(|_| {
                 GatewayError::new(ErrorKind::BadRequest, "request target cannot be forwarded")
             })?;
@@ -305,7 +331,7 @@ async fn send_with_retries(
             headers.clone()
         };
         let host = match &route.upstream_host {
-            turnpike_model::UpstreamHost::Target => HeaderValue::from_str(&target.authority()).ok(),
+            turnpike_model::UpstreamHost::Target => target.host_header().cloned(),
             turnpike_model::UpstreamHost::Preserve => original_host.clone(),
             turnpike_model::UpstreamHost::Rewrite(h) => HeaderValue::from_str(h).ok(),
         };
@@ -490,13 +516,17 @@ fn client_body_error(e: &(dyn std::error::Error + 'static)) -> Option<ErrorKind>
 }
 
 /// The client's request id if it is sane, else a fresh one.
-fn request_id(headers: &HeaderMap, name: &HeaderName) -> String {
-    if let Some(v) = headers.get(name).and_then(|v| v.to_str().ok()) {
-        if !v.is_empty() && v.len() <= 200 && v.bytes().all(|b| b.is_ascii_graphic()) {
-            return v.to_owned();
+fn request_id(headers: &HeaderMap, name: &HeaderName) -> HeaderValue {
+    if let Some(v) = headers.get(name) {
+        let b = v.as_bytes();
+        if !b.is_empty() && b.len() <= 200 && b.iter().all(u8::is_ascii_graphic) {
+            return v.clone();
         }
     }
-    uuid::Uuid::new_v4().to_string()
+    // Encoded into a stack buffer: `to_string` would go through the formatting machinery.
+    let mut buf = uuid::Uuid::encode_buffer();
+    let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
+    HeaderValue::from_str(id).unwrap_or(HeaderValue::from_static("-"))
 }
 
 /// Host for routing: URI authority (HTTP/2, absolute-form) or `Host`, lowercased, no port.
@@ -606,13 +636,18 @@ static HOP_BY_HOP: [HeaderName; 8] = [
 /// Removes hop-by-hop headers and those the `Connection` header names. `upgrade` keeps the
 /// `Upgrade` negotiation; `keep_te_trailers` keeps `TE: trailers`, which gRPC needs end to end.
 fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool, keep_te_trailers: bool) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
+    // Most requests (all HTTP/2 ones) carry no `Connection` header: skip the allocation.
+    let named: Vec<HeaderName> = if headers.contains_key(header::CONNECTION) {
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect()
+    } else {
+        Vec::new()
+    };
     let te_trailers = keep_te_trailers
         && headers
             .get_all(header::TE)
@@ -644,62 +679,50 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool, keep_te_trailers: bo
 fn add_forwarding(
     headers: &mut HeaderMap,
     settings: &Settings,
-    conn: ClientConn,
+    conn: &ClientConn,
     original_host: Option<&HeaderValue>,
-    request_id: &str,
+    request_id: &HeaderValue,
 ) {
-    let peer = conn.peer.ip();
-    let trusted = settings.is_trusted(peer);
-    let proto = if conn.tls { "https" } else { "http" };
+    let trusted = settings.is_trusted(conn.peer.ip());
     let xff_name = HeaderName::from_static("x-forwarded-for");
     let xfp_name = HeaderName::from_static("x-forwarded-proto");
     let xfh_name = HeaderName::from_static("x-forwarded-host");
     let fwd_name = HeaderName::from_static("forwarded");
 
-    let prior_xff = trusted
-        .then(|| {
-            headers
-                .get_all(&xff_name)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .collect::<Vec<_>>()
-                .join(", ")
-        })
-        .filter(|s| !s.is_empty());
-    let xff = match prior_xff {
-        Some(prior) => format!("{prior}, {peer}"),
-        None => peer.to_string(),
-    };
-    let prior_forwarded = trusted
-        .then(|| {
-            headers
-                .get_all(&fwd_name)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .collect::<Vec<_>>()
-                .join(", ")
-        })
-        .filter(|s| !s.is_empty());
-    let host_str = original_host.and_then(|h| h.to_str().ok()).unwrap_or("");
-    let for_value = match peer {
-        IpAddr::V4(ip) => ip.to_string(),
-        IpAddr::V6(ip) => format!("\"[{ip}]\""),
-    };
-    let mut element = format!("for={for_value};proto={proto}");
-    if !host_str.is_empty()
-        && host_str
-            .bytes()
-            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b';' && b != b',')
-    {
-        element.push_str(";host=");
-        element.push_str(host_str);
-    }
-    let forwarded = match prior_forwarded {
-        Some(prior) => format!("{prior}, {element}"),
-        None => element,
+    let xff = match trusted.then(|| joined(headers, &xff_name)).flatten() {
+        Some(mut prior) => {
+            prior.push_str(", ");
+            prior.push_str(conn.peer_ip.to_str().unwrap_or(""));
+            HeaderValue::from_str(&prior).ok()
+        }
+        None => Some(conn.peer_ip.clone()),
     };
 
+    // This hop's `Forwarded` element; `host` only when it needs no quoting.
+    let host_str = original_host.and_then(|h| h.to_str().ok()).unwrap_or("");
+    let host_ok = !host_str.is_empty()
+        && host_str
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b';' && b != b',');
+    let prior_forwarded = trusted.then(|| joined(headers, &fwd_name)).flatten();
+    let mut forwarded = String::with_capacity(
+        prior_forwarded.as_ref().map_or(0, |p| p.len() + 2)
+            + conn.forwarded_base.len()
+            + host_str.len()
+            + 6,
+    );
+    if let Some(prior) = &prior_forwarded {
+        forwarded.push_str(prior);
+        forwarded.push_str(", ");
+    }
+    forwarded.push_str(&conn.forwarded_base);
+    if host_ok {
+        forwarded.push_str(";host=");
+        forwarded.push_str(host_str);
+    }
+
     if !(trusted && headers.contains_key(&xfp_name)) {
+        let proto = if conn.tls { "https" } else { "http" };
         headers.insert(xfp_name, HeaderValue::from_static(proto));
     }
     if !(trusted && headers.contains_key(&xfh_name)) {
@@ -712,7 +735,7 @@ fn add_forwarding(
             }
         }
     }
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    if let Some(v) = xff {
         headers.insert(xff_name, v);
     }
     if let Ok(v) = HeaderValue::from_str(&forwarded) {
@@ -721,9 +744,19 @@ fn add_forwarding(
     if let Some(via) = &settings.via {
         headers.append(header::VIA, via.clone());
     }
-    if let Ok(v) = HeaderValue::from_str(request_id) {
-        headers.insert(settings.request_id_header.clone(), v);
+    headers.insert(settings.request_id_header.clone(), request_id.clone());
+}
+
+/// All values of a header joined with `, `, or `None` if there are none.
+fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
+    let mut out = String::new();
+    for v in headers.get_all(name).iter().filter_map(|v| v.to_str().ok()) {
+        if !out.is_empty() {
+            out.push_str(", ");
+        }
+        out.push_str(v);
     }
+    (!out.is_empty()).then_some(out)
 }
 
 /// Used by the listener wiring to turn a handler into a hyper service.
@@ -738,9 +771,11 @@ pub fn service(
              + Send,
 > + Clone
 + Send {
+    let conn = Arc::new(conn);
     hyper::service::service_fn(move |req| {
         let shared = shared.clone();
-        async move { Ok::<_, std::convert::Infallible>(handle(shared, conn, req).await) }
+        let conn = conn.clone();
+        async move { Ok::<_, std::convert::Infallible>(handle(shared, &conn, req).await) }
     })
 }
 
@@ -809,18 +844,50 @@ mod tests {
         h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
         h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
         h.insert("forwarded", HeaderValue::from_static("for=6.6.6.6"));
-        let conn = ClientConn {
-            peer: "192.0.2.1:5555".parse().unwrap(),
-            tls: false,
-        };
+        let conn = ClientConn::new("192.0.2.1:5555".parse().unwrap(), false);
         let host = HeaderValue::from_static("api.test");
-        add_forwarding(&mut h, &s, conn, Some(&host), "rid");
+        add_forwarding(
+            &mut h,
+            &s,
+            &conn,
+            Some(&host),
+            &HeaderValue::from_static("rid"),
+        );
         assert_eq!(h["x-forwarded-for"], "192.0.2.1");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "api.test");
         assert_eq!(h["forwarded"], "for=192.0.2.1;proto=http;host=api.test");
         assert_eq!(h["via"], "1.1 turnpike");
         assert_eq!(h["x-request-id"], "rid");
+    }
+
+    #[test]
+    fn forwarding_extends_headers_from_trusted_proxies() {
+        let s = settings(&["10.0.0.0/8"]);
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.7"));
+        h.insert("forwarded", HeaderValue::from_static("for=203.0.113.7"));
+        h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        let conn = ClientConn::new("[::ffff:10.1.2.3]:443".parse().unwrap(), true);
+        let v6 = ClientConn::new("[2001:db8::1]:443".parse().unwrap(), true);
+        add_forwarding(&mut h, &s, &conn, None, &HeaderValue::from_static("rid"));
+        // An IPv4-mapped peer is treated as the IPv4 address it is: trusted here.
+        assert_eq!(h["x-forwarded-for"], "203.0.113.7, 10.1.2.3");
+        let conn = ClientConn::new("10.1.2.3:443".parse().unwrap(), true);
+        let mut h2 = HeaderMap::new();
+        h2.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.7"));
+        h2.insert("forwarded", HeaderValue::from_static("for=203.0.113.7"));
+        h2.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+        add_forwarding(&mut h2, &s, &conn, None, &HeaderValue::from_static("rid"));
+        assert_eq!(h2["x-forwarded-for"], "203.0.113.7, 10.1.2.3");
+        assert_eq!(h2["forwarded"], "for=203.0.113.7, for=10.1.2.3;proto=https");
+        assert_eq!(
+            h2["x-forwarded-proto"], "http",
+            "a trusted proxy's proto is kept"
+        );
+        let mut h3 = HeaderMap::new();
+        add_forwarding(&mut h3, &s, &v6, None, &HeaderValue::from_static("rid"));
+        assert_eq!(h3["forwarded"], "for=\"[2001:db8::1]\";proto=https");
     }
 
     #[test]

@@ -42,11 +42,16 @@ pub struct Target {
     pub(crate) ewma_ns: AtomicU64,
     /// Reference point for `ejected_until`.
     pub(crate) epoch: Instant,
+    /// `addr` as a URI authority, built once: every request to this target needs it.
+    pub(crate) uri_authority: Option<http::uri::Authority>,
+    /// [`Target::authority`] as a header value, built once for the same reason.
+    pub(crate) host_header: Option<http::HeaderValue>,
 }
 
 impl Target {
     /// A new target, healthy and idle.
     pub fn new(addr: SocketAddr, host: String, port: u16, weight: u32) -> Self {
+        let host_header = http::HeaderValue::try_from(authority_of(&host, port)).ok();
         Self {
             addr,
             host,
@@ -58,7 +63,14 @@ impl Target {
             in_flight: AtomicUsize::new(0),
             ewma_ns: AtomicU64::new(0),
             epoch: Instant::now(),
+            uri_authority: http::uri::Authority::try_from(addr.to_string()).ok(),
+            host_header,
         }
+    }
+
+    /// The `Host` value naming this target (`host:port` as configured).
+    pub fn host_header(&self) -> Option<&http::HeaderValue> {
+        self.host_header.as_ref()
     }
 
     /// Whether the target may receive traffic now: weighted, actively healthy, not ejected.
@@ -82,11 +94,15 @@ impl Target {
 
     /// `host:port` as configured, for the `Host` header.
     pub fn authority(&self) -> String {
-        if self.host.contains(':') {
-            format!("[{}]:{}", self.host, self.port)
-        } else {
-            format!("{}:{}", self.host, self.port)
-        }
+        authority_of(&self.host, self.port)
+    }
+}
+
+fn authority_of(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
     }
 }
 
