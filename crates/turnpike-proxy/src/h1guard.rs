@@ -773,17 +773,10 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> H1Guard<IO> {
 
     /// Reads more raw bytes from the client into `buf`.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        let start = self.buf.len();
-        self.buf.resize(start + READ_CHUNK, 0);
-        let mut rb = ReadBuf::new(self.buf.get_mut(start..).unwrap_or_default());
-        let res = Pin::new(&mut self.io).poll_read(cx, &mut rb);
-        let n = rb.filled().len();
-        self.buf.truncate(start + n);
-        match res {
-            Poll::Ready(Ok(())) => Poll::Ready(Ok(n)),
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => Poll::Pending,
-        }
+        // Reads into the buffer's spare capacity: zero-filling 8 KiB before every read showed
+        // up as the gateway's largest single cost in profiles.
+        self.buf.reserve(READ_CHUNK);
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
     }
 }
 

@@ -11,11 +11,6 @@ use turnpike_model::{Config, ConfigErrors, Format, Source};
 use turnpike_proxy::demo::DemoServer;
 use turnpike_proxy::gateway::Gateway;
 
-// The proxy allocates small, short-lived buffers on every request on many threads; mimalloc
-// measured faster than the system allocator for that pattern (docs/BENCHMARKS.md).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// The quickstart configuration, used when no `--config` is given.
 const QUICKSTART: &str = include_str!("../../../examples/quickstart.yaml");
 
