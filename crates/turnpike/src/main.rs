@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use turnpike_model::{Config, ConfigErrors, Format, Source};
+use turnpike_model::{Config, ConfigError, ConfigErrors, Format, Source};
 use turnpike_proxy::demo::DemoServer;
 use turnpike_proxy::gateway::Gateway;
 
@@ -55,9 +55,10 @@ struct ServeArgs {
     /// demo upstream.
     #[arg(short, long, env = "TURNPIKE_CONFIG")]
     config: Option<PathBuf>,
-    /// Overrides the address of the first listener (`ip:port`).
-    #[arg(long, env = "TURNPIKE_LISTEN")]
-    listen: Option<String>,
+    /// Overrides listener addresses: `ip:port` for the first listener, `NAME=ip:port` for the
+    /// listener called NAME. Repeatable; in the environment, comma-separated.
+    #[arg(long, env = "TURNPIKE_LISTEN", value_delimiter = ',')]
+    listen: Vec<String>,
     /// Directory for runtime state.
     #[arg(long, env = "TURNPIKE_DATA_DIR")]
     data_dir: Option<String>,
@@ -150,7 +151,7 @@ async fn validate(file: PathBuf) -> ExitCode {
 /// Flag and environment values that override the file.
 #[derive(Debug, Clone, Default)]
 struct Overrides {
-    listen: Option<String>,
+    listen: Vec<String>,
     data_dir: Option<String>,
 }
 
@@ -175,16 +176,30 @@ fn load(file: Option<&Path>, args: &Overrides) -> Result<(Config, Source), Confi
             (config, source)
         }
     };
-    if let Some(listen) = &args.listen {
-        match config.server.listeners.first_mut() {
-            Some(l) => l.address.clone_from(listen),
-            None => config
-                .server
-                .listeners
-                .push(turnpike_model::ListenerConfig {
-                    address: listen.clone(),
-                    ..Default::default()
-                }),
+    for (i, spec) in args.listen.iter().enumerate() {
+        let at = format!("--listen[{i}] ({spec})");
+        match spec.split_once('=') {
+            Some((name, addr)) => match config.server.listeners.iter_mut().find(|l| l.name == name)
+            {
+                Some(l) => l.address = addr.to_owned(),
+                None => {
+                    return Err(ConfigError::at(
+                        at,
+                        format!("no listener named `{name}` in the configuration"),
+                    )
+                    .into());
+                }
+            },
+            None => match config.server.listeners.first_mut() {
+                Some(l) => l.address.clone_from(spec),
+                None => config
+                    .server
+                    .listeners
+                    .push(turnpike_model::ListenerConfig {
+                        address: spec.clone(),
+                        ..Default::default()
+                    }),
+            },
         }
     }
     if let Some(dir) = &args.data_dir {

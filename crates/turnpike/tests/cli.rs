@@ -51,10 +51,16 @@ struct Gateway {
 
 impl Gateway {
     fn start(config_path: &Path) -> Self {
+        Self::start_with(config_path, &[])
+    }
+
+    /// Starts with extra environment variables.
+    fn start_with(config_path: &Path, env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(BIN)
             .args(["serve", "--config"])
             .arg(config_path)
             .args(["--log-format", "json", "--log-level", "info"])
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -291,4 +297,43 @@ fn sigterm_drains_in_flight_requests() {
     );
     let exit = gw.child.wait().unwrap();
     assert!(exit.success(), "exit status {exit:?}");
+}
+
+#[test]
+fn listen_overrides_by_name_and_rejects_unknown_names() {
+    let rt = runtime();
+    let up = rt
+        .block_on(DemoServer::start("127.0.0.1:0".parse().unwrap(), "up"))
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("turnpike.yaml");
+    // The file asks for a fixed port; the override by name moves it to port 0.
+    std::fs::write(
+        &path,
+        config(up.local_addr()).replace("127.0.0.1:0", "127.0.0.1:1"),
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&path)
+        .args(["--listen", "nosuch=127.0.0.1:0"])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(status.code(), Some(1));
+    assert!(err.contains("no listener named `nosuch`"), "{err}");
+
+    // Through the environment this time; the override moves the listener to a free port.
+    let gw = Gateway::start_with(&path, &[("TURNPIKE_LISTEN", "public=127.0.0.1:0")]);
+    assert_ne!(gw.addr.port(), 1, "override not applied");
+    assert_eq!(served_by(gw.addr).as_deref(), Some("up"));
 }
