@@ -10,7 +10,7 @@
 //!
 //! # How the listener uses it
 //!
-//! ```ignore
+//! ```text
 //! let io = TokioIo::new(H1Guard::new(tcp_or_tls_stream, limits));
 //! auto_builder.serve_connection_with_upgrades(io, service).await;
 //! ```
