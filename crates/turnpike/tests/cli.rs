@@ -148,22 +148,31 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
+/// Writes `text` to `dir/name` and runs `turnpike validate` on it: (exit code, stdout, stderr).
+fn validate_file(dir: &Path, name: &str, text: &str) -> (Option<i32>, String, String) {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new(BIN)
+        .arg("validate")
+        .arg(&path)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 #[test]
 fn validate_names_file_path_and_line() {
     let dir = tempfile::tempdir().unwrap();
-    let bad = dir.path().join("bad.yaml");
-    std::fs::write(
-        &bad,
+    let (code, _, err) = validate_file(
+        dir.path(),
+        "bad.yaml",
         "upstreams:\n  - name: up\n    targets: [{address: \"127.0.0.1:9\"}]\nroutes:\n  - name: r\n    paths: [{regex: \"(unclosed\"}]\n    upstream: nowhere\n",
-    )
-    .unwrap();
-    let out = Command::new(BIN)
-        .arg("validate")
-        .arg(&bad)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    );
+    assert_eq!(code, Some(1));
     assert!(
         err.contains("bad.yaml:7:")
             && err.contains("routes[0].upstream")
@@ -171,38 +180,21 @@ fn validate_names_file_path_and_line() {
         "{err}"
     );
 
-    let good = dir.path().join("good.json");
-    std::fs::write(
-        &good,
+    let (code, out, err) = validate_file(
+        dir.path(),
+        "good.json",
         r#"{"upstreams":[{"name":"up","targets":[{"address":"127.0.0.1:9"}]}],"routes":[{"name":"r","paths":[{"prefix":"/"}],"upstream":"up"}]}"#,
-    )
-    .unwrap();
-    let out = Command::new(BIN)
-        .arg("validate")
-        .arg(&good)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("ok (1 routes"));
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("ok (1 routes"), "{out}");
 
     // A regex that does not compile is caught by the compile step and located.
-    let regex = dir.path().join("regex.yaml");
-    std::fs::write(
-        &regex,
+    let (code, _, err) = validate_file(
+        dir.path(),
+        "regex.yaml",
         "upstreams:\n  - name: up\n    targets: [{address: \"127.0.0.1:9\"}]\nroutes:\n  - name: r\n    paths:\n      - regex: \"(unclosed\"\n    upstream: up\n",
-    )
-    .unwrap();
-    let out = Command::new(BIN)
-        .arg("validate")
-        .arg(&regex)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    );
+    assert_eq!(code, Some(1));
     assert!(
         err.contains("regex.yaml:7:") && err.contains("routes[0].paths[0]"),
         "{err}"
