@@ -3,9 +3,7 @@
 //! Every failure kind has a stable `code` that clients and dashboards can rely on, an HTTP
 //! status, where it came from, and whether retrying is safe.
 
-use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full};
 
 use crate::body::ProxyBody;
 
@@ -191,12 +189,7 @@ pub fn error_response(kind: ErrorKind, message: &str, request_id: &str) -> Respo
     let body = serde_json::json!({
         "error": { "code": kind.code(), "message": message, "request_id": request_id }
     });
-    let bytes = Bytes::from(body.to_string());
-    let mut resp = Response::new(
-        Full::new(bytes)
-            .map_err(|never| match never {})
-            .boxed_unsync(),
-    );
+    let mut resp = Response::new(crate::body::full(body.to_string()));
     *resp.status_mut() = kind.status();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -254,6 +247,7 @@ fn grpc_percent_encode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body_util::BodyExt;
 
     #[test]
     fn grpc_errors_are_trailers_only() {

@@ -458,10 +458,8 @@ fn finish_response(
                 Err(e) => tracing::debug!(error = %e, "upgrade failed"),
             }
         });
+        // Keeps `Upgrade` and sets `Connection: upgrade`, as the 101 must carry both.
         strip_hop_by_hop(&mut parts.headers, true, false);
-        parts
-            .headers
-            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         return Ok(Response::from_parts(parts, body::empty()));
     }
     strip_hop_by_hop(&mut parts.headers, false, true);

@@ -197,9 +197,9 @@ async fn probe(
         .uri_for(target.addr, &path)
         .map_err(|e| format!("bad probe URI: {e}"))?;
     let mut req = http::Request::get(uri).header(http::header::USER_AGENT, "turnpike-health-check");
-    if !http2 {
+    if !http2 && let Some(host) = target.host_header() {
         // The client does not set Host itself; HTTP/2 carries the authority in the URI.
-        req = req.header(http::header::HOST, target.authority());
+        req = req.header(http::header::HOST, host.clone());
     }
     let req = req
         .body(crate::body::empty())

@@ -18,7 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use turnpike_model::{Config, Format, Source};
-use turnpike_proxy::body::{BoxError, ProxyBody};
+use turnpike_proxy::body::ProxyBody;
 use turnpike_proxy::gateway::Gateway;
 
 /// Parses YAML into a config, forcing every listener onto 127.0.0.1:0.
@@ -188,11 +188,7 @@ impl Mock {
     }
 }
 
-pub fn full(b: impl Into<Bytes>) -> ProxyBody {
-    Full::new(b.into())
-        .map_err(|never: Infallible| -> BoxError { match never {} })
-        .boxed_unsync()
-}
+pub use turnpike_proxy::body::full;
 
 /// An address on which nothing listens (bound then closed).
 pub async fn dead_addr() -> SocketAddr {
