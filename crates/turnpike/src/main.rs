@@ -259,13 +259,24 @@ async fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Err(e) = save_last_good(&config, &source) {
+        eprintln!("error: {e}");
+        gateway.shutdown().await;
+        return ExitCode::FAILURE;
+    }
+    // Reload triggers are in place before we announce that we serve, so an edit made right
+    // after start-up is never missed; one made while starting is caught by the comparison.
+    let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<&'static str>(4);
+    let _watcher = file.as_deref().and_then(|f| watch(f, reload_tx.clone()));
+    if let Some(f) = file.as_deref() {
+        if std::fs::read_to_string(f).ok().as_deref() != Some(source.text.as_str()) {
+            let _ = reload_tx.try_send("file");
+        }
+    }
+    spawn_sighup(reload_tx);
     for (name, addr) in gateway.local_addrs() {
         tracing::info!(listener = %name, %addr, "listening");
     }
-
-    let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<&'static str>(4);
-    let _watcher = file.as_deref().and_then(|f| watch(f, reload_tx.clone()));
-    spawn_sighup(reload_tx);
 
     let reloader = {
         let gateway = gateway.clone();
@@ -276,7 +287,12 @@ async fn serve(args: ServeArgs) -> ExitCode {
                 while reload_rx.try_recv().is_ok() {}
                 match load(file.as_deref(), &overrides) {
                     Ok((config, source)) => match gateway.reload(&config).await {
-                        Ok(v) => tracing::info!(version = v, trigger = why, "reload applied"),
+                        Ok(v) => {
+                            tracing::info!(version = v, trigger = why, "reload applied");
+                            if let Err(e) = save_last_good(&config, &source) {
+                                tracing::warn!(error = %e, "cannot record the applied configuration");
+                            }
+                        }
                         Err(e) => report_reload_errors(&source.locate(e)),
                     },
                     Err(e) => report_reload_errors(&e),
@@ -291,6 +307,28 @@ async fn serve(args: ServeArgs) -> ExitCode {
     gateway.shutdown().await;
     tracing::info!("stopped");
     ExitCode::SUCCESS
+}
+
+/// Keeps a copy of the configuration that is live in the data directory, so operators (and,
+/// later, a node starting without its store) can see exactly what is being served. Written to
+/// a temporary file and renamed, so the copy is never half-written.
+fn save_last_good(config: &Config, source: &Source) -> Result<(), String> {
+    let Some(dir) = &config.server.data_dir else {
+        return Ok(());
+    };
+    let dir = Path::new(dir);
+    std::fs::create_dir_all(dir)
+        .map_err(|e| format!("cannot create data directory `{}`: {e}", dir.display()))?;
+    let ext = if source.file.ends_with(".json") {
+        "json"
+    } else {
+        "yaml"
+    };
+    let target = dir.join(format!("last-good-config.{ext}"));
+    let tmp = dir.join(format!(".last-good-config.{ext}.tmp"));
+    std::fs::write(&tmp, &source.text)
+        .and_then(|()| std::fs::rename(&tmp, &target))
+        .map_err(|e| format!("cannot write `{}`: {e}", target.display()))
 }
 
 fn report_reload_errors(errors: &ConfigErrors) {

@@ -329,3 +329,44 @@ fn listen_overrides_by_name_and_rejects_unknown_names() {
     assert_ne!(gw.addr.port(), 1, "override not applied");
     assert_eq!(served_by(gw.addr).as_deref(), Some("up"));
 }
+
+#[test]
+fn data_dir_keeps_the_live_configuration() {
+    let rt = runtime();
+    let a = rt
+        .block_on(DemoServer::start("127.0.0.1:0".parse().unwrap(), "a"))
+        .unwrap();
+    let b = rt
+        .block_on(DemoServer::start("127.0.0.1:0".parse().unwrap(), "b"))
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("state");
+    let path = dir.path().join("turnpike.yaml");
+    std::fs::write(&path, config(a.local_addr())).unwrap();
+    let data_str = data.to_str().unwrap().to_owned();
+    let mut gw = Gateway::start_with(&path, &[("TURNPIKE_DATA_DIR", data_str.as_str())]);
+    let saved = data.join("last-good-config.yaml");
+    assert_eq!(
+        std::fs::read_to_string(&saved).unwrap(),
+        config(a.local_addr())
+    );
+
+    // A valid edit replaces the copy; a rejected one leaves it alone.
+    std::fs::write(&path, config(b.local_addr())).unwrap();
+    let applied = gw.wait_for("reload applied", Duration::from_secs(20));
+    assert!(applied.is_some(), "{:#?}", gw.seen);
+    assert_eq!(served_by(gw.addr).as_deref(), Some("b"));
+    assert!(poll_until(
+        Duration::from_secs(10),
+        || std::fs::read_to_string(&saved).ok() == Some(config(b.local_addr()))
+    ));
+    std::fs::write(&path, "routes: [{name: r, upstream: missing}]\n").unwrap();
+    assert!(
+        gw.wait_for("configuration rejected", Duration::from_secs(20))
+            .is_some()
+    );
+    assert_eq!(
+        std::fs::read_to_string(&saved).unwrap(),
+        config(b.local_addr())
+    );
+}
