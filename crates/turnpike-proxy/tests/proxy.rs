@@ -625,3 +625,58 @@ routes: [{{name: all, paths: [{{prefix: /}}], upstream: up}}]
     let distinct: std::collections::HashSet<_> = owners.values().collect();
     assert!(distinct.len() >= 2, "30 keys all on one target: {owners:?}");
 }
+
+#[tokio::test]
+async fn passive_ejection_takes_a_failing_target_out() {
+    let bad = Mock::fixed("bad", 500).await;
+    let good = Mock::fixed("good", 200).await;
+    let gw = Gw::start(&format!(
+        r#"
+upstreams:
+  - name: up
+    targets: [{{address: "{}"}}, {{address: "{}"}}]
+    retries: {{attempts: 0}}
+    health_check: {{passive: {{consecutive_failures: 2, ejection_time: 60s}}}}
+routes: [{{name: all, paths: [{{prefix: /}}], upstream: up}}]
+"#,
+        bad.addr, good.addr
+    ))
+    .await;
+    // Round robin alternates until the bad target has failed twice; then it is ejected.
+    for _ in 0..4 {
+        get(&gw.url("/")).await;
+    }
+    assert_eq!(bad.hits(), 2);
+    for _ in 0..20 {
+        assert_eq!(get(&gw.url("/")).await.status, StatusCode::OK);
+    }
+    assert_eq!(bad.hits(), 2, "an ejected target received traffic");
+}
+
+#[tokio::test]
+async fn p2c_ewma_prefers_the_faster_target() {
+    let slow = Mock::start(|_req| async {
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        http::Response::new(full("slow"))
+    })
+    .await;
+    let fast = Mock::fixed("fast", 200).await;
+    let gw = Gw::start(&format!(
+        r#"
+upstreams:
+  - name: up
+    targets: [{{address: "{}"}}, {{address: "{}"}}]
+    load_balancer: {{algorithm: p2c_ewma}}
+routes: [{{name: all, paths: [{{prefix: /}}], upstream: up}}]
+"#,
+        slow.addr, fast.addr
+    ))
+    .await;
+    for _ in 0..60 {
+        get(&gw.url("/")).await;
+    }
+    // With two targets P2C compares both every time; once both have a latency estimate the
+    // 30 ms target loses every comparison.
+    assert!(slow.hits() <= 5, "slow target got {} of 60", slow.hits());
+    assert!(fast.hits() >= 55);
+}
