@@ -7,10 +7,11 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// The whole declarative configuration file.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Schema version of the file. Only `1` exists today.
@@ -25,14 +26,31 @@ pub struct Config {
     /// Routes, matched by host, path, method and predicates.
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
+    /// What the management store adds (service bindings, consumers); empty for a file alone.
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub managed: std::sync::Arc<crate::managed::Managed>,
 }
 
 fn default_version() -> u32 {
     1
 }
 
+// Not derived: an empty document must mean the current schema version, not 0.
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            version: default_version(),
+            server: ServerConfig::default(),
+            upstreams: Vec::new(),
+            routes: Vec::new(),
+            managed: std::sync::Arc::default(),
+        }
+    }
+}
+
 /// Process-wide settings.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     /// Listening sockets. Defaults to one plain HTTP listener on `127.0.0.1:8080`.
@@ -43,6 +61,7 @@ pub struct ServerConfig {
     /// Headers from any other peer are discarded and replaced.
     pub trusted_proxies: Vec<String>,
     /// How long SIGTERM waits for in-flight requests before exiting.
+    #[schemars(with = "String")]
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
     /// Header that carries the request id, generated when absent.
@@ -68,7 +87,7 @@ impl Default for ServerConfig {
 }
 
 /// One listening socket.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     /// A name used in logs and metrics.
@@ -100,13 +119,14 @@ impl Default for ListenerConfig {
 }
 
 /// TLS termination with certificates chosen by SNI.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerTls {
     /// Certificates; the first whose names match the SNI wins, the first overall is the
     /// default for clients that send no SNI.
     pub certificates: Vec<CertificateConfig>,
     /// How often certificate files are checked for changes and reloaded.
+    #[schemars(with = "String")]
     #[serde(default = "default_cert_reload", with = "humantime_serde")]
     pub reload_interval: Duration,
 }
@@ -116,7 +136,7 @@ fn default_cert_reload() -> Duration {
 }
 
 /// A PEM certificate chain and its private key.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CertificateConfig {
     /// Path to the PEM certificate chain.
@@ -130,7 +150,7 @@ pub struct CertificateConfig {
 }
 
 /// Limits, each with a safe default.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// Total bytes of the request head (request line + headers). Past it: 431.
@@ -144,9 +164,11 @@ pub struct Limits {
     /// Concurrent connections per listener; further connections wait in the accept queue.
     pub max_connections: usize,
     /// Idle time allowed between requests on a kept-alive connection.
+    #[schemars(with = "String")]
     #[serde(with = "humantime_serde")]
     pub keepalive_timeout: Duration,
     /// Time allowed to receive a complete request head; slow clients are cut off.
+    #[schemars(with = "String")]
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
     /// HTTP/2 concurrent streams per connection.
@@ -176,7 +198,7 @@ impl Default for Limits {
 }
 
 /// A named pool of targets.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     /// Name that routes refer to.
@@ -208,6 +230,7 @@ pub struct UpstreamConfig {
     #[serde(default)]
     pub tls: UpstreamTls,
     /// How often host names are resolved again.
+    #[schemars(with = "String")]
     #[serde(default = "default_dns_refresh", with = "humantime_serde")]
     pub dns_refresh: Duration,
 }
@@ -217,7 +240,7 @@ fn default_dns_refresh() -> Duration {
 }
 
 /// One upstream target.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TargetConfig {
     /// `host:port` or `ip:port`.
@@ -232,7 +255,7 @@ fn default_weight() -> u32 {
 }
 
 /// Protocol spoken to an upstream.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum UpstreamScheme {
     /// Plain HTTP.
@@ -243,7 +266,7 @@ pub enum UpstreamScheme {
 }
 
 /// Load-balancing algorithm.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(rename_all = "snake_case", tag = "algorithm", deny_unknown_fields)]
 pub enum LoadBalancer {
     /// Smooth weighted round robin.
@@ -261,7 +284,7 @@ pub enum LoadBalancer {
 }
 
 /// Request attribute used by consistent hashing.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum HashOn {
     /// The real client IP (after trusted-proxy processing).
@@ -275,7 +298,7 @@ pub enum HashOn {
 }
 
 /// Health checking settings.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct HealthCheckConfig {
     /// Active probes. Absent: none.
@@ -285,7 +308,7 @@ pub struct HealthCheckConfig {
 }
 
 /// Active HTTP health probe.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct ActiveHealthCheck {
     /// Path probed with GET.
@@ -293,9 +316,11 @@ pub struct ActiveHealthCheck {
     /// Statuses that count as healthy.
     pub expected_status: Vec<u16>,
     /// Time between probes.
+    #[schemars(with = "String")]
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
     /// Probe timeout.
+    #[schemars(with = "String")]
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
     /// Consecutive successes to mark an unhealthy target healthy.
@@ -318,12 +343,13 @@ impl Default for ActiveHealthCheck {
 }
 
 /// Passive outlier ejection from real traffic.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct PassiveHealthCheck {
     /// Consecutive failures (connect errors, timeouts, 5xx) that eject a target.
     pub consecutive_failures: u32,
     /// How long an ejected target stays out before it is tried again.
+    #[schemars(with = "String")]
     #[serde(with = "humantime_serde")]
     pub ejection_time: Duration,
 }
@@ -338,19 +364,23 @@ impl Default for PassiveHealthCheck {
 }
 
 /// Timeouts for an upstream call.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Timeouts {
     /// TCP (and TLS) connection establishment.
+    #[schemars(with = "String")]
     #[serde(with = "humantime_serde")]
     pub connect: Duration,
     /// Waiting for the response head, and between response body chunks.
+    #[schemars(with = "String")]
     #[serde(with = "humantime_serde")]
     pub read: Duration,
     /// Sending the request body: longest pause between chunks accepted by the upstream.
+    #[schemars(with = "String")]
     #[serde(with = "humantime_serde")]
     pub write: Duration,
     /// Whole exchange until the response head, across retries. `0s` disables it.
+    #[schemars(with = "String")]
     #[serde(with = "humantime_serde")]
     pub total: Duration,
 }
@@ -367,15 +397,17 @@ impl Default for Timeouts {
 }
 
 /// Retry policy.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetryConfig {
     /// Extra attempts after the first (0 disables retries).
     pub attempts: u32,
     /// Backoff before the first retry; doubles each time, with jitter.
+    #[schemars(with = "String")]
     #[serde(with = "humantime_serde")]
     pub backoff: Duration,
     /// Upper bound of the backoff.
+    #[schemars(with = "String")]
     #[serde(with = "humantime_serde")]
     pub max_backoff: Duration,
     /// Response statuses that are retried for idempotent requests.
@@ -400,12 +432,13 @@ impl Default for RetryConfig {
 }
 
 /// Connection pool to one upstream.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct PoolConfig {
     /// Idle connections kept per target.
     pub max_idle_per_target: usize,
     /// Idle connections are closed after this.
+    #[schemars(with = "String")]
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
     /// Concurrent requests in flight to the upstream; 0 means unlimited. Past it: 503.
@@ -423,7 +456,7 @@ impl Default for PoolConfig {
 }
 
 /// TLS settings towards an upstream.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpstreamTls {
     /// Server name sent in SNI and verified; defaults to the target host.
@@ -439,7 +472,7 @@ pub struct UpstreamTls {
 }
 
 /// A route.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     /// Unique name, used in logs, metrics and errors.
@@ -482,7 +515,7 @@ pub struct RouteConfig {
 }
 
 /// A path matcher. Exactly one field is set.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum PathMatch {
     /// The whole normalised path equals this.
@@ -498,7 +531,7 @@ pub enum PathMatch {
 }
 
 /// A header, query or cookie predicate.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Predicate {
     /// Name (case-insensitive for headers).
@@ -509,7 +542,7 @@ pub struct Predicate {
 }
 
 /// The test a predicate applies.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum PredicateTest {
     /// Value equals.
@@ -525,7 +558,7 @@ pub enum PredicateTest {
 }
 
 /// How the path sent upstream is derived from the matched path.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum PathRewrite {
     /// Remove the matched prefix (the route must use a `prefix` path).
@@ -544,7 +577,7 @@ pub enum PathRewrite {
 }
 
 /// The `Host` header sent upstream.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum UpstreamHost {
     /// The chosen target's `host:port`.

@@ -8,6 +8,8 @@
 
 pub mod config;
 mod locate;
+pub mod managed;
+pub mod mgmt;
 mod validate;
 
 use std::fmt;
