@@ -6,8 +6,8 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
-# Services the test suite talks to. Nothing in the current suite needs PostgreSQL or Redis;
-# scripts/services.sh starts (and if needed installs) them for the suites that will.
+# Services the test suite talks to: the store and cluster tests need PostgreSQL (Redis is
+# for the policy and cache suites). scripts/services.sh starts, and if needed installs, them.
 if [ -x scripts/services.sh ]; then
   step "services"
   scripts/services.sh
@@ -29,3 +29,6 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --workspace --locked --no-fail-fast
 fi
+
+step "Admin API fuzzing (schemathesis against the OpenAPI document)"
+ST_EXAMPLES=${ST_EXAMPLES:-15} scripts/schemathesis.sh

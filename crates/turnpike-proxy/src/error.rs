@@ -49,6 +49,14 @@ pub enum ErrorKind {
     UpstreamTimeout,
     /// The gateway is shutting down.
     ShuttingDown,
+    /// The route's service was retired (410, with its successor when it has one).
+    ApiRetired,
+    /// The service requires a credential and the request carries none.
+    CredentialMissing,
+    /// The request's credential is not known.
+    CredentialInvalid,
+    /// The application has no approved subscription to the service.
+    SubscriptionRequired,
     /// A bug or an unexpected state.
     Internal,
 }
@@ -71,6 +79,10 @@ impl ErrorKind {
             Self::UpstreamOverloaded => "upstream_overloaded",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::ShuttingDown => "shutting_down",
+            Self::ApiRetired => "api_retired",
+            Self::CredentialMissing => "credential_missing",
+            Self::CredentialInvalid => "credential_invalid",
+            Self::SubscriptionRequired => "subscription_required",
             Self::Internal => "internal_error",
         }
     }
@@ -90,6 +102,9 @@ impl ErrorKind {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::ApiRetired => StatusCode::GONE,
+            Self::CredentialMissing | Self::CredentialInvalid => StatusCode::UNAUTHORIZED,
+            Self::SubscriptionRequired => StatusCode::FORBIDDEN,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -104,7 +119,11 @@ impl ErrorKind {
             | Self::UriTooLong
             | Self::HeadersTooLarge
             | Self::BodyTooLarge
-            | Self::ClientTimeout => Origin::Client,
+            | Self::ClientTimeout
+            | Self::ApiRetired
+            | Self::CredentialMissing
+            | Self::CredentialInvalid
+            | Self::SubscriptionRequired => Origin::Client,
             Self::UpstreamUnreachable
             | Self::UpstreamError
             | Self::NoHealthyUpstream
@@ -126,6 +145,9 @@ impl ErrorKind {
             | Self::NoHealthyUpstream
             | Self::UpstreamOverloaded
             | Self::ShuttingDown => 14, // UNAVAILABLE
+            Self::ApiRetired => 5,                                              // NOT_FOUND
+            Self::CredentialMissing | Self::CredentialInvalid => 16,            // UNAUTHENTICATED
+            Self::SubscriptionRequired => 7,                                    // PERMISSION_DENIED
             Self::Internal => 13,                                               // INTERNAL
         }
     }

@@ -1,5 +1,6 @@
 //! Turnpike's data plane: listeners, router, proxy pipeline and upstream pools.
 
+pub mod access;
 pub mod body;
 pub mod client;
 pub mod demo;

@@ -19,6 +19,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
+use crate::access::{self, Access};
 use crate::body::{self, ProxyBody};
 use crate::error::{ErrorKind, GatewayError, error_response};
 use crate::reqbody::{BodyIdleTimeout, BodySlot, IdleTimeoutBody, UpstreamBodyTimeout};
@@ -211,6 +212,25 @@ async fn proxy(
             ));
         }
     }
+    access::strip_identity(&mut parts.headers);
+    let consumer = match &route.service {
+        None => None,
+        Some(service) => {
+            let access = access::check(
+                &snap.managed,
+                service,
+                &parts.headers,
+                request_id.to_str().unwrap_or("-"),
+            )?;
+            // The key identifies the application to the gateway only: an upstream (another
+            // team's) must never see it.
+            parts.headers.remove(&access::API_KEY);
+            match access {
+                Access::Respond(resp) => return Ok(resp),
+                Access::Forward(consumer) => consumer,
+            }
+        }
+    };
 
     // Phase `upstream_request`.
     let upgrade = if is_upgrade_request(&parts) {
@@ -237,6 +257,9 @@ async fn proxy(
         original_host.as_ref(),
         request_id,
     );
+    if let Some(consumer) = &consumer {
+        access::identify(&mut headers, consumer);
+    }
 
     let slot = BodySlot::new(crate::reqbody::limited(
         body,
@@ -463,6 +486,9 @@ fn finish_response(
         return Ok(Response::from_parts(parts, body::empty()));
     }
     strip_hop_by_hop(&mut parts.headers, false, true);
+    if let Some(service) = &route.service {
+        access::announce(service, &mut parts.headers);
+    }
     let body = crate::body::Guarded::new(
         IdleTimeoutBody::new(body, route.timeouts.read, || Box::new(UpstreamBodyTimeout)),
         guard,

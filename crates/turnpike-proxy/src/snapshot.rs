@@ -27,6 +27,8 @@ pub struct Snapshot {
     pub routes: Vec<CompiledRoute>,
     /// Process-wide settings.
     pub settings: Settings,
+    /// Consumers and subscriptions from the management store.
+    pub managed: Arc<turnpike_model::managed::Managed>,
 }
 
 /// A route with its references resolved.
@@ -43,6 +45,8 @@ pub struct CompiledRoute {
     pub timeouts: Timeouts,
     /// Effective body limit.
     pub max_body_bytes: u64,
+    /// The managed service the route belongs to; `None` for routes from the file.
+    pub service: Option<Arc<turnpike_model::managed::ServiceBinding>>,
 }
 
 /// Process-wide request settings.
@@ -123,6 +127,7 @@ impl UpstreamRegistry {
                 max_body_bytes: r
                     .max_body_bytes
                     .unwrap_or(config.server.limits.max_body_bytes),
+                service: config.managed.routes.get(&r.name).cloned(),
             });
         }
 
@@ -142,6 +147,7 @@ impl UpstreamRegistry {
             router,
             routes,
             settings,
+            managed: config.managed.clone(),
         })
     }
 }

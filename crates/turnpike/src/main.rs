@@ -7,12 +7,17 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use turnpike_control::ControlPlane;
 use turnpike_model::{Config, ConfigError, ConfigErrors, Format, Source};
 use turnpike_proxy::demo::DemoServer;
 use turnpike_proxy::gateway::Gateway;
+use turnpike_store::Store;
 
 /// The quickstart configuration, used when no `--config` is given.
 const QUICKSTART: &str = include_str!("../../../examples/quickstart.yaml");
+
+/// Where runtime state goes when neither a flag nor the file names a directory.
+const DEFAULT_DATA_DIR: &str = "turnpike-data";
 
 #[derive(Parser, Debug)]
 #[command(
@@ -38,6 +43,30 @@ enum Command {
     },
     /// Print version and build information.
     Version,
+    /// Print every managed object as one YAML document (for Git).
+    Export(StoreArgs),
+    /// Make the store match a document: prints the diff per object and applies it in one
+    /// transaction. Collections the document leaves out are not touched.
+    Apply {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// The document (YAML or JSON), as `turnpike export` writes it.
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// Show the diff and run every check, but change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Management store administration.
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+    /// Admin API tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
     /// Run only the built-in demo upstream (for trying routes and for benchmarks).
     DemoUpstream {
         /// Address to listen on.
@@ -47,6 +76,49 @@ enum Command {
         #[arg(long, default_value = "demo")]
         name: String,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum AdminCommand {
+    /// Create the first super admin (`admin`) and print its token, if the store has no user.
+    Bootstrap(StoreArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCommand {
+    /// Create an Admin API token for a user and print it (shown once).
+    Create {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// The user the token acts as.
+        #[arg(long, default_value = "admin")]
+        user: String,
+        /// A label for the token.
+        #[arg(long, default_value = "cli")]
+        name: String,
+        /// Lifetime, like `30d` or `12h`; without it the token does not expire.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+    },
+}
+
+/// Where the store is, for commands that only talk to the store.
+#[derive(clap::Args, Debug, Clone)]
+struct StoreArgs {
+    /// Management store URL. Default: `sqlite://<data-dir>/turnpike.db`.
+    #[arg(long, env = "TURNPIKE_STORE")]
+    store: Option<String>,
+    /// Data directory holding the embedded store.
+    #[arg(long, env = "TURNPIKE_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+    data_dir: PathBuf,
+}
+
+impl StoreArgs {
+    fn url(&self) -> String {
+        self.store
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("turnpike.db").display()))
+    }
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -59,9 +131,23 @@ struct ServeArgs {
     /// listener called NAME. Repeatable; in the environment, comma-separated.
     #[arg(long, env = "TURNPIKE_LISTEN", value_delimiter = ',')]
     listen: Vec<String>,
-    /// Directory for runtime state.
+    /// Directory for runtime state: the embedded store, the last good configuration and
+    /// store state. Default: `turnpike-data` in the working directory.
     #[arg(long, env = "TURNPIKE_DATA_DIR")]
     data_dir: Option<String>,
+    /// Management store: `sqlite://PATH`, `postgres://...`, or `none` to serve the file alone.
+    /// Default: `sqlite://<data-dir>/turnpike.db`.
+    #[arg(long, env = "TURNPIKE_STORE")]
+    store: Option<String>,
+    /// Address of the Admin API (`/admin/v1`). Keep it on loopback or a private network.
+    #[arg(long, env = "TURNPIKE_ADMIN_LISTEN", default_value = "127.0.0.1:8001")]
+    admin_listen: SocketAddr,
+    /// How often the store version is polled, as a fallback to change notifications.
+    #[arg(long, env = "TURNPIKE_STORE_POLL", default_value = "1s", value_parser = humantime::parse_duration)]
+    store_poll: Duration,
+    /// How long start-up waits for the store before serving the saved store state instead.
+    #[arg(long, env = "TURNPIKE_STORE_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    store_connect_timeout: Duration,
     /// Log filter: `error`, `warn`, `info`, `debug`, `trace`, or a tracing directive list.
     #[arg(long, env = "TURNPIKE_LOG_LEVEL", default_value = "info")]
     log_level: String,
@@ -87,6 +173,24 @@ fn main() -> ExitCode {
         Some(Command::Validate { file }) => run_async(validate(file)),
         Some(Command::Serve(args)) => run_async(serve(args)),
         Some(Command::DemoUpstream { listen, name }) => run_async(demo_upstream(listen, name)),
+        Some(Command::Export(store)) => run_async(export(store)),
+        Some(Command::Apply {
+            store,
+            file,
+            dry_run,
+        }) => run_async(apply(store, file, dry_run)),
+        Some(Command::Admin {
+            command: AdminCommand::Bootstrap(store),
+        }) => run_async(admin_bootstrap(store)),
+        Some(Command::Token {
+            command:
+                TokenCommand::Create {
+                    store,
+                    user,
+                    name,
+                    ttl,
+                },
+        }) => run_async(token_create(store, user, name, ttl)),
         None => run_async(serve(cli.serve)),
     }
 }
@@ -113,6 +217,119 @@ async fn demo_upstream(listen: SocketAddr, name: String) -> ExitCode {
         }
         Err(e) => {
             eprintln!("error: cannot listen on {listen}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn open_for_command(args: &StoreArgs) -> Result<Store, ExitCode> {
+    let url = args.url();
+    Store::open(&url).await.map_err(|e| {
+        eprintln!("error: cannot open the store {}: {e}", redact(&url));
+        ExitCode::FAILURE
+    })
+}
+
+async fn export(args: StoreArgs) -> ExitCode {
+    let store = match open_for_command(&args).await {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let doc = match turnpike_admin::gitops::export(&store).await {
+        Ok(doc) => doc,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match serde_yaml_ng::to_string(&doc) {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: cannot render the document: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn apply(args: StoreArgs, file: PathBuf, dry_run: bool) -> ExitCode {
+    let text = match std::fs::read_to_string(&file) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: cannot read `{}`: {e}", file.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let doc: serde_json::Value = match serde_yaml_ng::from_str(&text) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("{}: invalid YAML: {e}", file.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let store = match open_for_command(&args).await {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    match turnpike_admin::gitops::apply(&store, &doc, "cli:apply", dry_run).await {
+        Ok(changes) => {
+            for c in &changes {
+                println!("{c}");
+            }
+            let verb = if dry_run { "would change" } else { "changed" };
+            eprintln!("{verb} {} object(s)", changes.len());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{}: {e}", file.display());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn admin_bootstrap(args: StoreArgs) -> ExitCode {
+    let store = match open_for_command(&args).await {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    match turnpike_admin::bootstrap(&store).await {
+        Ok(Some(secret)) => {
+            eprintln!("created the super admin `admin`; its token (shown once):");
+            println!("{secret}");
+            ExitCode::SUCCESS
+        }
+        Ok(None) => {
+            eprintln!(
+                "the store already has users; use `turnpike token create --user NAME` for a new token"
+            );
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn token_create(
+    args: StoreArgs,
+    user: String,
+    name: String,
+    ttl: Option<Duration>,
+) -> ExitCode {
+    let store = match open_for_command(&args).await {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    match turnpike_admin::create_token(&store, &user, &name, ttl).await {
+        Ok(secret) => {
+            println!("{secret}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
             ExitCode::FAILURE
         }
     }
@@ -205,6 +422,9 @@ fn load(file: Option<&Path>, args: &Overrides) -> Result<(Config, Source), Confi
     if let Some(dir) = &args.data_dir {
         config.server.data_dir = Some(dir.clone());
     }
+    if config.server.data_dir.is_none() {
+        config.server.data_dir = Some(DEFAULT_DATA_DIR.to_owned());
+    }
     turnpike_model::validate(&config).map_err(|e| source.locate(e))?;
     Ok((config, source))
 }
@@ -252,7 +472,61 @@ async fn serve(args: ServeArgs) -> ExitCode {
         None
     };
 
-    let gateway = match Gateway::start(&config).await {
+    let data_dir = PathBuf::from(
+        config
+            .server
+            .data_dir
+            .as_deref()
+            .unwrap_or(DEFAULT_DATA_DIR),
+    );
+    let store_url = match args.store.as_deref() {
+        Some("none") => None,
+        Some(url) => Some(url.to_owned()),
+        None => Some(format!(
+            "sqlite://{}",
+            data_dir.join("turnpike.db").display()
+        )),
+    };
+    let (store, state) = match &store_url {
+        None => (None, None),
+        Some(url) => match tokio::time::timeout(args.store_connect_timeout, open_store(url))
+            .await
+            .unwrap_or_else(|_| Err("no answer in time".to_owned()))
+        {
+            Ok((store, state)) => (Some(store), Some(state)),
+            Err(e) => {
+                // Serve what this node last served; keep trying the store in the background.
+                tracing::error!(store = %redact(url), error = %e, "the store is unreachable");
+                match turnpike_control::load_saved_state(&data_dir) {
+                    Ok(Some(state)) => {
+                        tracing::warn!(
+                            store_version = state.version,
+                            "serving the last store state saved in the data directory; admin writes are unavailable until the store is back"
+                        );
+                        (None, Some(state))
+                    }
+                    Ok(None) => (None, None),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "no usable saved store state");
+                        (None, None)
+                    }
+                }
+            }
+        },
+    };
+    let part = state
+        .as_ref()
+        .map(|s| (s.version, turnpike_control::compile(s)));
+    if let Some((_, p)) = &part {
+        for w in &p.warnings {
+            tracing::warn!("{w}");
+        }
+    }
+    let served = match &part {
+        Some((_, p)) => turnpike_control::merge(&config, p),
+        None => config.clone(),
+    };
+    let gateway = match Gateway::start(&served).await {
         Ok(g) => g,
         Err(e) => {
             eprintln!("{}", source.locate(e));
@@ -264,6 +538,13 @@ async fn serve(args: ServeArgs) -> ExitCode {
         gateway.shutdown().await;
         return ExitCode::FAILURE;
     }
+    if let Some(state) = &state
+        && store.is_some()
+        && let Err(e) = turnpike_control::save_state(&data_dir, state)
+    {
+        tracing::warn!(error = %e, "cannot save the store state");
+    }
+    let control = ControlPlane::new(gateway.clone(), config, part, Some(data_dir));
     // Reload triggers are in place before we announce that we serve, so an edit made right
     // after start-up is never missed; one made while starting is caught by the comparison.
     let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<&'static str>(4);
@@ -274,19 +555,45 @@ async fn serve(args: ServeArgs) -> ExitCode {
         }
     }
     spawn_sighup(reload_tx);
+    // With a store configured, the Admin API listens from the start; until the store
+    // answers, it answers every request with 503 `store_unavailable`.
+    let admin = std::sync::Arc::new(std::sync::OnceLock::new());
+    let mut management = Vec::new();
+    if store_url.is_some() {
+        match serve_admin(args.admin_listen, admin.clone()).await {
+            Ok(task) => management.push(task),
+            Err(e) => {
+                eprintln!("error: {e}");
+                gateway.shutdown().await;
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    match (store, store_url) {
+        (Some(store), _) => {
+            management.push(start_management(&control, store, &admin, args.store_poll));
+        }
+        (None, Some(url)) => management.push(tokio::spawn(reconnect(
+            control.clone(),
+            url,
+            admin.clone(),
+            args.store_poll,
+        ))),
+        (None, None) => {}
+    }
     for (name, addr) in gateway.local_addrs() {
         tracing::info!(listener = %name, %addr, "listening");
     }
 
     let reloader = {
-        let gateway = gateway.clone();
+        let control = control.clone();
         tokio::spawn(async move {
             while let Some(why) = reload_rx.recv().await {
                 // Coalesce bursts of file events (editors write several times).
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 while reload_rx.try_recv().is_ok() {}
                 match load(file.as_deref(), &overrides) {
-                    Ok((config, source)) => match gateway.reload(&config).await {
+                    Ok((config, source)) => match control.set_file(config.clone()).await {
                         Ok(v) => {
                             tracing::info!(version = v, trigger = why, "reload applied");
                             if let Err(e) = save_last_good(&config, &source) {
@@ -304,9 +611,140 @@ async fn serve(args: ServeArgs) -> ExitCode {
     wait_for_termination().await;
     tracing::info!("shutting down: draining in-flight requests");
     reloader.abort();
+    for task in management {
+        task.abort();
+    }
     gateway.shutdown().await;
     tracing::info!("stopped");
     ExitCode::SUCCESS
+}
+
+/// Opens the store (creating and migrating it if needed), creates the first super admin on
+/// a fresh store, and reads the state to serve.
+async fn open_store(url: &str) -> Result<(Store, turnpike_control::StoreState), String> {
+    let store = Store::open(url).await.map_err(|e| e.to_string())?;
+    match turnpike_admin::bootstrap(&store).await {
+        Ok(Some(secret)) => {
+            // Printed once, on the console of whoever started the first run; never logged to
+            // a sink and never stored (only its hash is).
+            eprintln!(
+                "\nFirst run: created the super admin `admin`. Its Admin API token (shown once):\n\n    {secret}\n\nUse it as `Authorization: Bearer <token>`; `turnpike token create` makes more.\n"
+            );
+        }
+        Ok(None) => {}
+        Err(e) => return Err(format!("cannot bootstrap the store: {e}")),
+    }
+    let state = turnpike_control::fetch(&store)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((store, state))
+}
+
+/// The Admin API once the store is open; empty while it is unreachable.
+type AdminSlot = std::sync::Arc<std::sync::OnceLock<axum::Router>>;
+
+/// Binds the Admin API listener and serves whatever `slot` holds.
+async fn serve_admin(
+    addr: SocketAddr,
+    slot: AdminSlot,
+) -> Result<tokio::task::JoinHandle<()>, String> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen for the Admin API on {addr}: {e}"))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    tracing::info!(listener = "admin", addr = %local, "listening");
+    let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
+        let router = slot.get().cloned();
+        async move {
+            use axum::response::IntoResponse;
+            use tower::ServiceExt;
+            match router {
+                Some(router) => router.oneshot(req).await.into_response(),
+                None => store_unavailable(&req).into_response(),
+            }
+        }
+    });
+    Ok(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "the Admin API stopped");
+        }
+    }))
+}
+
+/// 503 in the project's error shape, while the store cannot be reached.
+fn store_unavailable(
+    req: &axum::extract::Request,
+) -> (
+    axum::http::StatusCode,
+    [(&'static str, String); 1],
+    axum::Json<serde_json::Value>,
+) {
+    let request_id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 200)
+        .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned);
+    (
+        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        [("x-request-id", request_id.clone())],
+        axum::Json(serde_json::json!({"error": {
+            "code": "store_unavailable",
+            "message": "the management store is unreachable; the gateway serves its last saved state and changes cannot be made until the store answers",
+            "request_id": request_id,
+        }})),
+    )
+}
+
+/// Starts following the store and puts the Admin API in its slot.
+fn start_management(
+    control: &std::sync::Arc<ControlPlane>,
+    store: Store,
+    admin: &AdminSlot,
+    poll: Duration,
+) -> tokio::task::JoinHandle<()> {
+    let _ = admin.set(turnpike_admin::router(turnpike_admin::AdminState::new(
+        store.clone(),
+    )));
+    turnpike_control::spawn_sync(control.clone(), store, poll)
+}
+
+/// Retries the store until it answers, then starts management as at a normal start.
+async fn reconnect(
+    control: std::sync::Arc<ControlPlane>,
+    url: String,
+    admin: AdminSlot,
+    poll: Duration,
+) {
+    let mut wait = Duration::from_millis(500);
+    loop {
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(10));
+        let Ok(Ok((store, state))) = tokio::time::timeout(wait * 2, open_store(&url)).await else {
+            continue;
+        };
+        tracing::info!(
+            store_version = state.version,
+            "the store is reachable again"
+        );
+        if let Err(e) = control.set_store(&state).await {
+            report_reload_errors(&e);
+        }
+        let _ = start_management(&control, store, &admin, poll).await;
+        return;
+    }
+}
+
+/// The store URL without its password, for logs.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
 }
 
 /// Keeps a copy of the configuration that is live in the data directory, so operators (and,

@@ -2,151 +2,15 @@
 //! graceful drain on SIGTERM.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+mod common;
+
+use std::io::Read;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
+use common::{BIN, Gateway, config, http_get, poll_until, runtime, served_by};
 use turnpike_proxy::demo::DemoServer;
-
-const BIN: &str = env!("CARGO_BIN_EXE_turnpike");
-
-fn config(target: SocketAddr) -> String {
-    format!(
-        "server:\n  listeners: [{{name: public, address: \"127.0.0.1:0\"}}]\n  drain_timeout: 10s\n\
-         upstreams:\n  - name: up\n    targets: [{{address: \"{target}\"}}]\n\
-         routes:\n  - name: all\n    paths: [{{prefix: /}}]\n    upstream: up\n"
-    )
-}
-
-/// Minimal blocking HTTP/1.1 GET: (status, headers+body text).
-fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(20)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    let status = out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-    Ok((status, out))
-}
-
-fn served_by(addr: SocketAddr) -> Option<String> {
-    let (_, text) = http_get(addr, "/").ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("x-served-by: ").map(|v| v.trim().to_owned()))
-}
-
-/// The gateway process, with its stderr log lines arriving on a channel.
-struct Gateway {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-    addr: SocketAddr,
-}
-
-impl Gateway {
-    fn start(config_path: &Path) -> Self {
-        Self::start_with(config_path, &[])
-    }
-
-    /// Starts with extra environment variables.
-    fn start_with(config_path: &Path, env: &[(&str, &str)]) -> Self {
-        let mut child = Command::new(BIN)
-            .args(["serve", "--config"])
-            .arg(config_path)
-            .args(["--log-format", "json", "--log-level", "info"])
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn turnpike");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut gw = Self {
-            child,
-            lines,
-            seen: Vec::new(),
-            addr: "0.0.0.0:0".parse().expect("addr"),
-        };
-        let line = gw
-            .wait_for("\"listening\"", Duration::from_secs(30))
-            .expect("gateway never listened");
-        let v: serde_json::Value = serde_json::from_str(&line).expect("json log line");
-        gw.addr = v["fields"]["addr"]
-            .as_str()
-            .expect("addr field")
-            .parse()
-            .expect("socket addr");
-        gw
-    }
-
-    /// Waits for a log line containing `needle` (including lines already seen).
-    fn wait_for(&mut self, needle: &str, within: Duration) -> Option<String> {
-        if let Some(l) = self.seen.iter().find(|l| l.contains(needle)) {
-            return Some(l.clone());
-        }
-        let deadline = Instant::now() + within;
-        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if line.contains(needle) {
-                        return Some(line);
-                    }
-                }
-                Err(_) => return None,
-            }
-        }
-        None
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .expect("kill")
-            .success();
-        assert!(ok, "kill {sig} failed");
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn poll_until(within: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    f()
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
 
 /// Writes `text` to `dir/name` and runs `turnpike validate` on it: (exit code, stdout, stderr).
 fn validate_file(dir: &Path, name: &str, text: &str) -> (Option<i32>, String, String) {
@@ -369,4 +233,85 @@ fn data_dir_keeps_the_live_configuration() {
         std::fs::read_to_string(&saved).unwrap(),
         config(b.local_addr())
     );
+}
+
+/// Runs a store command against the embedded store in `data`: (exit code, stdout, stderr).
+fn store_command(data: &Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .env("TURNPIKE_DATA_DIR", data)
+        .env_remove("TURNPIKE_STORE")
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bootstrap_once_then_tokens_on_demand() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let (code, out, err) = store_command(dir.path(), args);
+        (code, out.trim().to_owned(), err)
+    };
+    let (code, first, _) = run(&["admin", "bootstrap"]);
+    assert_eq!(code, Some(0));
+    assert!(first.starts_with("tp_"), "{first}");
+    assert!(dir.path().join("turnpike.db").exists());
+
+    let (code, out, err) = run(&["admin", "bootstrap"]);
+    assert_eq!(code, Some(1));
+    assert!(out.is_empty() && err.contains("already has users"), "{err}");
+
+    let (code, second, _) = run(&["token", "create", "--name", "ci", "--ttl", "1h"]);
+    assert_eq!(code, Some(0));
+    assert!(second.starts_with("tp_") && second != first, "{second}");
+
+    let (code, _, err) = run(&["token", "create", "--user", "nobody"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("nobody"), "{err}");
+}
+
+#[test]
+fn export_and_apply_round_trip_through_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| store_command(dir.path(), args);
+    let doc = dir.path().join("state.yaml");
+    std::fs::write(
+        &doc,
+        "version: 1\nteams:\n  - name: acme\nupstreams:\n  - team: acme\n    name: backend\n    targets: [{address: \"127.0.0.1:9\"}]\n",
+    )
+    .unwrap();
+    let path = doc.to_str().unwrap();
+
+    let (code, out, _) = run(&["apply", "-f", path, "--dry-run"]);
+    assert_eq!(code, Some(0));
+    assert_eq!(out, "+ team acme\n+ upstream acme/backend\n");
+    let (code, out, _) = run(&["apply", "-f", path]);
+    assert_eq!(
+        (code, out.as_str()),
+        (Some(0), "+ team acme\n+ upstream acme/backend\n")
+    );
+    let (code, out, err) = run(&["apply", "-f", path]);
+    assert_eq!((code, out.as_str()), (Some(0), ""));
+    assert!(err.contains("changed 0 object(s)"), "{err}");
+
+    let (code, exported, _) = run(&["export"]);
+    assert_eq!(code, Some(0));
+    assert!(exported.contains("name: backend"), "{exported}");
+    std::fs::write(&doc, &exported).unwrap();
+    let (code, out, _) = run(&["apply", "-f", path]);
+    assert_eq!((code, out.as_str()), (Some(0), ""));
+
+    std::fs::write(
+        &doc,
+        "version: 1\nteams:\n  - name: acme\n    colour: red\n",
+    )
+    .unwrap();
+    let (code, _, err) = run(&["apply", "-f", path]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("teams[0]") && err.contains("colour"), "{err}");
 }

@@ -1,0 +1,324 @@
+//! The management workflows driven through the Admin API and seen at the gateway: a
+//! subscription requested, approved and revoked; a service published, rolled back,
+//! deprecated and retired.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use turnpike_control::{ControlPlane, spawn_sync};
+use turnpike_model::{Config, ListenerConfig, ServerConfig};
+use turnpike_proxy::demo::DemoServer;
+use turnpike_proxy::gateway::Gateway;
+use turnpike_store::Store;
+
+struct Env {
+    _dir: tempfile::TempDir,
+    store: Store,
+    control: Arc<ControlPlane>,
+    _upstream: DemoServer,
+    upstream: String,
+    gateway: String,
+    admin: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+async fn env() -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&format!("sqlite://{}", dir.path().join("s.db").display()))
+        .await
+        .unwrap();
+    let token = turnpike_admin::bootstrap(&store).await.unwrap().unwrap();
+    let upstream = DemoServer::start("127.0.0.1:0".parse().unwrap(), "up")
+        .await
+        .unwrap();
+    let file = Config {
+        server: ServerConfig {
+            listeners: vec![ListenerConfig {
+                address: "127.0.0.1:0".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let gw = Gateway::start(&file).await.unwrap();
+    let control = ControlPlane::new(gw.clone(), file, None, None);
+    spawn_sync(control.clone(), store.clone(), Duration::from_secs(1));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = format!("http://{}/admin/v1", listener.local_addr().unwrap());
+    let app = turnpike_admin::router(turnpike_admin::AdminState::new(store.clone()));
+    tokio::spawn(async move { axum_serve(listener, app).await });
+    Env {
+        _dir: dir,
+        store,
+        control,
+        upstream: upstream.local_addr().to_string(),
+        _upstream: upstream,
+        gateway: format!("http://{}", gw.local_addrs()[0].1),
+        admin,
+        token,
+        http: reqwest::Client::new(),
+    }
+}
+
+async fn axum_serve(listener: tokio::net::TcpListener, app: axum::Router) {
+    axum::serve(listener, app).await.unwrap();
+}
+
+impl Env {
+    async fn admin(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
+        let resp = self
+            .http
+            .request(method, format!("{}{path}", self.admin))
+            .bearer_auth(&self.token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status();
+        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        assert!(status.is_success(), "{path}: {status} {body}");
+        body
+    }
+
+    async fn post(&self, path: &str, body: Value) -> Value {
+        self.admin(reqwest::Method::POST, path, body).await
+    }
+
+    /// Waits until the gateway serves everything committed so far; returns how long.
+    async fn settled(&self) -> Duration {
+        let v = self.store.current_version().await.unwrap();
+        let start = Instant::now();
+        let mut rx = self.control.applied();
+        tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|seen| *seen >= v))
+            .await
+            .expect("change not applied within 5 s")
+            .unwrap();
+        start.elapsed()
+    }
+
+    async fn call(&self, path: &str, key: Option<&str>) -> reqwest::Response {
+        let mut req = self.http.get(format!("{}{path}", self.gateway));
+        if let Some(k) = key {
+            req = req.header("x-api-key", k);
+        }
+        req.send().await.unwrap()
+    }
+
+    async fn code(&self, path: &str, key: Option<&str>) -> (u16, String) {
+        let resp = self.call(path, key).await;
+        let status = resp.status().as_u16();
+        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        (
+            status,
+            body["error"]["code"].as_str().unwrap_or("").to_owned(),
+        )
+    }
+}
+
+/// Team `acme` with upstream `backend` and a service `pay` with one route under `/pay`.
+async fn provider(e: &Env, approval: &str) {
+    e.post("/teams", json!({"name": "acme"})).await;
+    e.post(
+        "/teams/acme/upstreams",
+        json!({"name": "backend", "targets": [{"address": e.upstream}]}),
+    )
+    .await;
+    e.post(
+        "/teams/acme/services",
+        json!({"name": "pay", "upstream": "backend", "visibility": "public",
+               "approval": approval, "successor": "https://example.com/pay/v2",
+               "sunset": "2031-06-30T00:00:00Z"}),
+    )
+    .await;
+    e.post(
+        "/teams/acme/routes",
+        json!({"name": "charge", "service": "pay", "paths": [{"prefix": "/pay"}],
+               "rewrite": {"template": "/echo"}}),
+    )
+    .await;
+    e.post("/teams/acme/services/pay/publish", json!({})).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscription_approval_and_revocation_reach_the_gateway() {
+    let e = env().await;
+    provider(&e, "manual").await;
+    e.post("/teams", json!({"name": "shop"})).await;
+    e.post("/teams/shop/applications", json!({"name": "web"}))
+        .await;
+    let key = e
+        .post(
+            "/teams/shop/credentials",
+            json!({"name": "web-key", "application": "web", "type": "api_key"}),
+        )
+        .await["secret"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    e.post(
+        "/teams/shop/subscriptions",
+        json!({"name": "web-pay", "application": "web", "service_team": "acme", "service": "pay"}),
+    )
+    .await;
+    e.settled().await;
+    assert_eq!(
+        e.code("/pay", None).await,
+        (401, "credential_missing".into())
+    );
+    assert_eq!(
+        e.code("/pay", Some(&key)).await,
+        (403, "subscription_required".into())
+    );
+
+    e.post(
+        "/teams/shop/subscriptions/web-pay/approve",
+        json!({"reason": "contract signed"}),
+    )
+    .await;
+    let took = e.settled().await;
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    let resp = e.call("/pay", Some(&key)).await;
+    assert_eq!(resp.status(), 200);
+    let echo: Value = resp.json().await.unwrap();
+    assert_eq!(echo["headers"]["x-consumer-name"], "web");
+    assert_eq!(echo["headers"]["x-consumer-team"], "shop");
+    assert!(
+        echo["headers"].get("x-api-key").is_none(),
+        "the key must not reach the upstream"
+    );
+    assert_eq!(echo["headers"]["x-consumer-team"], "shop");
+    assert!(
+        echo["headers"].get("x-api-key").is_none(),
+        "the key must not reach the upstream"
+    );
+
+    e.post("/teams/shop/subscriptions/web-pay/revoke", json!({}))
+        .await;
+    e.settled().await;
+    assert_eq!(
+        e.code("/pay", Some(&key)).await,
+        (403, "subscription_required".into())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn releases_rollback_deprecation_and_retirement_at_the_gateway() {
+    let e = env().await;
+    provider(&e, "auto").await;
+    e.settled().await;
+    let echo: Value = e.call("/pay/x", None).await.json().await.unwrap();
+    assert_eq!(echo["path"], "/echo");
+
+    // Editing the route changes nothing until the service is published again.
+    e.admin(
+        reqwest::Method::PATCH,
+        "/teams/acme/routes/charge",
+        json!({"rewrite": {"template": "/anything/v2"}}),
+    )
+    .await;
+    e.settled().await;
+    let echo: Value = e.call("/pay/x", None).await.json().await.unwrap();
+    assert_eq!(echo["path"], "/echo", "a draft edit must not be served");
+    e.post("/teams/acme/services/pay/publish", json!({"note": "v2"}))
+        .await;
+    e.settled().await;
+    let echo: Value = e.call("/pay/x", None).await.json().await.unwrap();
+    assert_eq!(echo["path"], "/anything/v2");
+
+    // Rolling back to release 1 serves its content again.
+    e.post("/teams/acme/services/pay/rollback", json!({"release": 1}))
+        .await;
+    e.settled().await;
+    let echo: Value = e.call("/pay/x", None).await.json().await.unwrap();
+    assert_eq!(echo["path"], "/echo");
+
+    e.post("/teams/acme/services/pay/deprecate", json!({}))
+        .await;
+    e.settled().await;
+    let resp = e.call("/pay/x", None).await;
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers().contains_key("deprecation"));
+    assert_eq!(resp.headers()["sunset"], "Mon, 30 Jun 2031 00:00:00 GMT");
+    assert_eq!(
+        resp.headers()["link"],
+        "<https://example.com/pay/v2>; rel=\"successor-version\""
+    );
+
+    e.post("/teams/acme/services/pay/retire", json!({})).await;
+    e.settled().await;
+    assert_eq!(e.code("/pay/x", None).await, (410, "api_retired".into()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_team_routes_only_within_its_space() {
+    let e = env().await;
+    e.post(
+        "/teams",
+        json!({"name": "acme", "path_prefixes": ["/acme"]}),
+    )
+    .await;
+    e.post(
+        "/teams/acme/upstreams",
+        json!({"name": "backend", "targets": [{"address": e.upstream}]}),
+    )
+    .await;
+    e.post(
+        "/teams/acme/services",
+        json!({"name": "svc", "upstream": "backend"}),
+    )
+    .await;
+    // A catch-all route would take every other team's traffic: refused.
+    let resp = e
+        .http
+        .post(format!("{}/teams/acme/routes", e.admin))
+        .bearer_auth(&e.token)
+        .json(&json!({"name": "all", "service": "svc", "priority": 1000000}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 422);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["field"], "paths", "{body}");
+    e.post(
+        "/teams/acme/routes",
+        json!({"name": "own", "service": "svc", "paths": [{"prefix": "/acme"}],
+               "rewrite": {"template": "/echo"}}),
+    )
+    .await;
+    e.post("/teams/acme/services/svc/publish", json!({})).await;
+    e.settled().await;
+    assert_eq!(e.call("/acme/x", None).await.status(), 200);
+
+    // Narrowing the space later takes the route out at the gateway, whatever was released.
+    e.admin(
+        reqwest::Method::PATCH,
+        "/teams/acme",
+        json!({"path_prefixes": ["/elsewhere"]}),
+    )
+    .await;
+    e.settled().await;
+    assert_eq!(e.call("/acme/x", None).await.status(), 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switching_to_manual_approval_applies_without_a_new_release() {
+    let e = env().await;
+    provider(&e, "auto").await;
+    e.settled().await;
+    assert_eq!(e.call("/pay", None).await.status(), 200);
+    e.admin(
+        reqwest::Method::PATCH,
+        "/teams/acme/services/pay",
+        json!({"approval": "manual"}),
+    )
+    .await;
+    e.settled().await;
+    assert_eq!(
+        e.code("/pay", None).await,
+        (401, "credential_missing".into())
+    );
+}
