@@ -239,3 +239,28 @@ pub(crate) fn schema(ctx: &Ctx) -> AdminResult<Response> {
         .ok_or_else(|| AdminError::not_found(format!("no kind named {name:?}")))?;
     Ok(axum::Json(spec_schema(kind)).into_response())
 }
+
+/// `GET /schemas/policies`: every policy type, the stage it runs in, and its schema's path.
+pub(crate) fn policy_types() -> Response {
+    use turnpike_model::policy::{POLICY_TYPES, stage_of};
+    let items: Vec<Value> = POLICY_TYPES
+        .iter()
+        .map(|t| {
+            let stage = stage_of(t).map(|s| format!("{s:?}").to_ascii_lowercase());
+            json!({
+                "type": t,
+                "stage": stage,
+                "schema": format!("{}/schemas/policies/{t}", crate::endpoints::PREFIX),
+            })
+        })
+        .collect();
+    axum::Json(json!({ "items": items })).into_response()
+}
+
+/// `GET /schemas/policies/{policy_type}`.
+pub(crate) fn policy_schema(ctx: &Ctx) -> AdminResult<Response> {
+    let name = ctx.param("policy_type");
+    let schema = turnpike_model::policy::policy_schema(name)
+        .ok_or_else(|| AdminError::not_found(format!("no policy type named {name:?}")))?;
+    Ok(axum::Json(schema).into_response())
+}

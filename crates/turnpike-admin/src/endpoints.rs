@@ -54,6 +54,10 @@ pub(crate) enum Op {
     OpenApi,
     /// A kind's spec schema.
     Schema,
+    /// The policy types.
+    PolicyTypes,
+    /// A policy type's config schema.
+    PolicySchema,
 }
 
 /// The request body an endpoint takes.
@@ -485,6 +489,28 @@ fn build() -> Vec<Endpoint> {
     );
     add(
         Method::GET,
+        format!("{PREFIX}/schemas/policies"),
+        "listPolicyTypes".into(),
+        "The policy types, with the stage each runs in".into(),
+        "schemas",
+        Op::PolicyTypes,
+        BodySpec::None,
+        200,
+        Some("PolicyTypeList".into()),
+    );
+    add(
+        Method::GET,
+        format!("{PREFIX}/schemas/policies/{{policy_type}}"),
+        "getPolicySchema".into(),
+        "The JSON Schema of a policy type's `config`".into(),
+        "schemas",
+        Op::PolicySchema,
+        BodySpec::None,
+        200,
+        Some("JsonSchema".into()),
+    );
+    add(
+        Method::GET,
         format!("{PREFIX}/openapi.json"),
         "getOpenapi".into(),
         "This OpenAPI document".into(),
@@ -517,6 +543,8 @@ fn errors_for(op: Op, path: &str, body: &BodySpec) -> Vec<u16> {
             | Op::Catalog
             | Op::Me
             | Op::Schema
+            | Op::PolicyTypes
+            | Op::PolicySchema
     );
     if !reads_team_scoped {
         e.push(403);

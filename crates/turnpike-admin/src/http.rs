@@ -300,6 +300,8 @@ async fn dispatch(ctx: Ctx) -> AdminResult<Response> {
         Op::Audit => account::audit(&ctx).await,
         Op::Catalog => account::catalog(&ctx).await,
         Op::Schema => account::schema(&ctx),
+        Op::PolicyTypes => Ok(account::policy_types()),
+        Op::PolicySchema => account::policy_schema(&ctx),
         Op::OpenApi => Ok(axum::Json(openapi::document().clone()).into_response()),
     }
 }

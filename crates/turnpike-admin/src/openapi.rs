@@ -395,6 +395,27 @@ fn components() -> Map<String, Value> {
             json!({ "type": "object", "description": "A JSON Schema (2020-12)." }),
         ),
         (
+            "PolicyTypeList",
+            json!({
+                "type": "object",
+                "required": ["items"],
+                "properties": {
+                    "items": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["type", "stage", "schema"],
+                            "properties": {
+                                "type": { "type": "string" },
+                                "stage": { "type": "string", "enum": ["admission", "authentication", "authorization", "limit", "cors"] },
+                                "schema": { "type": "string" }
+                            }
+                        }
+                    }
+                }
+            }),
+        ),
+        (
             "OpenApiDocument",
             json!({ "type": "object", "description": "An OpenAPI 3 document." }),
         ),
@@ -417,6 +438,10 @@ fn path_params(path: &str) -> Vec<Value> {
                 "kind" => (
                     json!({ "type": "string", "enum": Kind::ALL.iter().map(|k| k.as_str()).collect::<Vec<_>>() }),
                     "Kind name.",
+                ),
+                "policy_type" => (
+                    json!({ "type": "string", "enum": turnpike_model::policy::POLICY_TYPES }),
+                    "Policy type.",
                 ),
                 _ => (json!({ "type": "string", "pattern": NAME_PATTERN }), "Object name."),
             };

@@ -176,13 +176,13 @@ fn cases() -> Vec<Case> {
         },
         Case {
             kind: Kind::Policy,
-            valid: json!({ "name": "x-pol", "type": "cors", "scope": "service", "target": "svc1" }),
+            valid: json!({ "name": "x-pol", "type": "cors", "config": { "allow_origins": ["https://a.example"] }, "scope": "service", "target": "svc1" }),
             invalid: (
-                json!({ "name": "x-pol", "type": "cors", "scope": "service", "target": "svc1", "priority": "top" }),
+                json!({ "name": "x-pol", "type": "cors", "config": { "allow_origins": ["https://a.example"] }, "scope": "service", "target": "svc1", "priority": "top" }),
                 "priority",
             ),
             bad_ref: Some((
-                json!({ "name": "x-pol", "type": "cors", "scope": "route", "target": "nope" }),
+                json!({ "name": "x-pol", "type": "cors", "config": { "allow_origins": ["https://a.example"] }, "scope": "route", "target": "nope" }),
                 "target",
             )),
             patch: (json!({ "enabled": false }), "/enabled", json!(false)),

@@ -338,7 +338,7 @@ async fn service_lifecycle_and_releases() {
     s.post(
         &format!("{t}/policies"),
         &o,
-        json!({ "name": "cors", "type": "cors", "scope": "route", "target": "orders-list" }),
+        json!({ "name": "cors", "type": "cors", "config": { "allow_origins": ["https://a.example"] }, "scope": "route", "target": "orders-list" }),
     )
     .await
     .expect(201);

@@ -54,7 +54,7 @@ async fn populate_b(s: &Server) {
         ),
         (
             "policies",
-            json!({ "name": "pol-b", "type": "cors", "scope": "service", "target": "svc-b" }),
+            json!({ "name": "pol-b", "type": "cors", "config": { "allow_origins": ["https://a.example"] }, "scope": "service", "target": "svc-b" }),
         ),
     ];
     for (collection, spec) in objects {
@@ -181,6 +181,7 @@ async fn a_team_admin_cannot_see_or_touch_another_team() {
                 .replace("{id}", &bob_token_id)
                 .replace("{number}", "1")
                 .replace("{kind}", "service")
+                .replace("{policy_type}", "rate_limit")
                 .replace("{name}", b_name(path));
             let body = body_for(path, &method);
             let r = s
@@ -297,7 +298,7 @@ async fn roles_gate_writes() {
     s.post(
         "/admin/v1/teams/a/policies",
         &owner,
-        json!({ "name": "g", "type": "cors", "scope": "global" }),
+        json!({ "name": "g", "type": "cors", "config": { "allow_origins": ["https://a.example"] }, "scope": "global" }),
     )
     .await
     .expect_error(403, "forbidden");

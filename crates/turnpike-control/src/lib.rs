@@ -23,23 +23,27 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
-use turnpike_model::managed::{Consumer, Managed, ServiceBinding};
+use turnpike_model::managed::{BasicUser, Consumer, JwtIssuerBinding, Managed, ServiceBinding};
 use turnpike_model::mgmt::{
-    ApplicationSpec, CredentialMethod, CredentialSpec, Kind, Lifecycle, RouteSpec, ServiceSpec,
-    SubscriptionSpec, TeamSpec, UpstreamSpec,
+    ApplicationSpec, ConsumerGroupSpec, CredentialMethod, CredentialSpec, Kind, Lifecycle,
+    PolicyScope, PolicySpec, RouteSpec, ServiceSpec, SubscriptionSpec, TeamSpec, UpstreamSpec,
 };
+use turnpike_model::policy::PolicyKind;
 use turnpike_model::{Config, ConfigErrors, RouteConfig, UpstreamConfig};
 use turnpike_proxy::gateway::Gateway;
 use turnpike_store::{Object, Release, Store, StoreError};
 
 /// Kinds the gateway needs from the store.
-const SERVED_KINDS: [Kind; 6] = [
+const SERVED_KINDS: [Kind; 9] = [
     Kind::Team,
     Kind::Upstream,
     Kind::Service,
     Kind::Application,
     Kind::Credential,
+    Kind::ConsumerGroup,
+    Kind::Plan,
     Kind::Subscription,
+    Kind::Policy,
 ];
 
 /// File name of the saved store state in the data directory.
@@ -98,6 +102,9 @@ pub struct StorePart {
     pub routes: Vec<RouteConfig>,
     /// Service bindings and consumer indexes.
     pub managed: Managed,
+    /// Policies, their targets resolved: routes by compiled name, services, applications
+    /// and plans by id.
+    pub policies: Vec<PolicySpec>,
     /// Objects that could not be used, and why. They are left out; the rest is served.
     pub warnings: Vec<String>,
 }
@@ -155,34 +162,98 @@ pub fn compile(state: &StoreState) -> StorePart {
         compile_release(&mut part, space, o, lifecycle, release, &upstream_names);
     }
 
-    // Applications and their API keys.
+    // Applications, their groups and their credentials.
+    let mut groups: HashMap<(String, String), Vec<String>> = HashMap::new();
+    for o in of(Kind::ConsumerGroup) {
+        let (Some(team), Some(g)) = (team_of(o), spec::<ConsumerGroupSpec>(o, &mut part.warnings))
+        else {
+            continue;
+        };
+        for app in g.applications {
+            groups
+                .entry((team.clone(), app))
+                .or_default()
+                .push(g.name.clone());
+        }
+    }
     let mut apps: HashMap<(String, String), Arc<Consumer>> = HashMap::new();
     for o in of(Kind::Application) {
         let (Some(team), Some(_)) = (team_of(o), spec::<ApplicationSpec>(o, &mut part.warnings))
         else {
             continue;
         };
+        let key = (team.clone(), o.name.clone());
+        let mut app_groups = groups.remove(&key).unwrap_or_default();
+        app_groups.sort();
         let consumer = Arc::new(Consumer {
             id: o.id.clone(),
             name: o.name.clone(),
             team: team.clone(),
+            groups: app_groups,
         });
-        apps.insert((team.clone(), o.name.clone()), consumer);
+        part.managed
+            .consumers
+            .insert(o.id.clone(), consumer.clone());
+        part.managed
+            .consumers
+            .insert(format!("{team}/{}", o.name), consumer.clone());
+        apps.insert(key, consumer);
     }
     for o in of(Kind::Credential) {
         let (Some(team), Some(c)) = (team_of(o), spec::<CredentialSpec>(o, &mut part.warnings))
         else {
             continue;
         };
-        if let CredentialMethod::ApiKey { hash, .. } = c.method
-            && !hash.is_empty()
-            && let Some(app) = apps.get(&(team.clone(), c.application.clone()))
-        {
-            part.managed
-                .api_keys
-                .insert(hash.to_ascii_lowercase(), app.clone());
+        let Some(app) = apps.get(&(team.clone(), c.application.clone())) else {
+            continue;
+        };
+        match c.method {
+            CredentialMethod::ApiKey { hash, .. } if !hash.is_empty() => {
+                part.managed
+                    .api_keys
+                    .insert(hash.to_ascii_lowercase(), app.clone());
+            }
+            CredentialMethod::Basic {
+                username,
+                password_hash,
+                ..
+            } if !password_hash.is_empty() => {
+                part.managed.basic_users.insert(
+                    username,
+                    BasicUser {
+                        password_hash,
+                        consumer: app.clone(),
+                    },
+                );
+            }
+            CredentialMethod::Jwt {
+                issuer,
+                jwks_url,
+                public_key,
+                secret,
+            } => {
+                if secret.is_some() && jwks_url.is_none() && public_key.is_none() {
+                    part.warnings.push(format!(
+                        "credential `{}` ({}): HMAC secrets of jwt credentials are not used yet; \
+                         give the issuer a public key or JWKS URL",
+                        o.name, o.id
+                    ));
+                    continue;
+                }
+                part.managed.jwt_issuers.push(JwtIssuerBinding {
+                    issuer,
+                    jwks_url,
+                    public_key,
+                    secret: None,
+                    consumer: app.clone(),
+                });
+            }
+            _ => {}
         }
     }
+    let plan_ids: HashMap<(String, String), String> = of(Kind::Plan)
+        .filter_map(|o| Some(((team_of(o)?.clone(), o.name.clone()), o.id.clone())))
+        .collect();
     for o in of(Kind::Subscription) {
         if o.state.as_deref() != Some("approved") {
             continue;
@@ -195,12 +266,55 @@ pub fn compile(state: &StoreState) -> StorePart {
             apps.get(&(team.clone(), s.application.clone())),
             service_ids.get(&(s.service_team.clone(), s.service.clone())),
         ) {
+            let plan = s
+                .plan
+                .as_ref()
+                .and_then(|p| plan_ids.get(&(s.service_team.clone(), p.clone())))
+                .cloned();
             part.managed
                 .subscriptions
-                .insert((app.id.clone(), service.clone()));
+                .insert((app.id.clone(), service.clone()), plan);
+        }
+    }
+
+    // Live policies: global ones and those of applications and plans (operations, not API
+    // design; a service's and its routes' policies come with its releases).
+    for o in of(Kind::Policy) {
+        let (Some(team), Some(mut p)) = (team_of(o), spec::<PolicySpec>(o, &mut part.warnings))
+        else {
+            continue;
+        };
+        let resolved = match &p.scope {
+            PolicyScope::Global => Some(PolicyScope::Global),
+            PolicyScope::Application(a) => apps
+                .get(&(team.clone(), a.clone()))
+                .map(|c| PolicyScope::Application(c.id.clone())),
+            PolicyScope::Plan(plan) => plan_ids
+                .get(&(team.clone(), plan.clone()))
+                .map(|id| PolicyScope::Plan(id.clone())),
+            PolicyScope::Service(_) | PolicyScope::Route(_) => continue,
+        };
+        let label = format!("policy `{}` ({})", o.name, o.id);
+        match resolved {
+            Some(scope) => {
+                p.scope = scope;
+                p.name = format!("{team}/{}", p.name);
+                push_policy(&mut part, p, &label);
+            }
+            None => part
+                .warnings
+                .push(format!("{label}: its target does not exist; left out")),
         }
     }
     part
+}
+
+/// Adds a policy whose target is resolved, if its configuration is valid.
+fn push_policy(part: &mut StorePart, policy: PolicySpec, label: &str) {
+    match PolicyKind::parse_attachment(&policy.policy_type, &policy.config) {
+        Ok(_) => part.policies.push(policy),
+        Err(e) => part.warnings.push(format!("{label}: {e}; left out")),
+    }
 }
 
 /// Adds one service release's routes.
@@ -275,6 +389,38 @@ fn compile_release(
         part.managed.routes.insert(name.clone(), binding.clone());
         part.routes.push(route.to_route_config(name, upstream));
     }
+    let policies = release
+        .content
+        .get("policies")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    for p in policies {
+        let Some(mut policy) = parse::<PolicySpec>(Some(p), &label, &mut part.warnings) else {
+            continue;
+        };
+        let scope = match &policy.scope {
+            PolicyScope::Service(_) => Some(PolicyScope::Service(service.id.clone())),
+            PolicyScope::Route(r) => {
+                let name = format!("{team}/{}/{r}", service.name);
+                part.managed
+                    .routes
+                    .contains_key(&name)
+                    .then_some(PolicyScope::Route(name))
+            }
+            _ => None,
+        };
+        let policy_label = format!("{label}: policy `{}`", policy.name);
+        let Some(scope) = scope else {
+            part.warnings.push(format!(
+                "{policy_label}: its target is not served; left out"
+            ));
+            continue;
+        };
+        policy.scope = scope;
+        policy.name = format!("{team}/{}/{}", service.name, policy.name);
+        push_policy(part, policy, &policy_label);
+    }
 }
 
 fn spec<T: serde::de::DeserializeOwned>(o: &Object, warnings: &mut Vec<String>) -> Option<T> {
@@ -308,6 +454,7 @@ pub fn merge(file: &Config, part: &StorePart) -> Config {
     let mut config = file.clone();
     config.upstreams.extend(part.upstreams.iter().cloned());
     config.routes.extend(part.routes.iter().cloned());
+    config.policies.extend(part.policies.iter().cloned());
     config.managed = Arc::new(part.managed.clone());
     config
 }

@@ -322,3 +322,129 @@ async fn switching_to_manual_approval_applies_without_a_new_release() {
         (401, "credential_missing".into())
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_from_the_admin_api_reach_the_gateway() {
+    let e = env().await;
+    provider(&e, "auto").await;
+    e.post("/teams", json!({"name": "shop"})).await;
+    e.post("/teams/shop/applications", json!({"name": "web"}))
+        .await;
+    e.post(
+        "/teams/shop/credentials",
+        json!({"name": "web-basic", "application": "web", "type": "basic",
+               "username": "web", "password": "pw-123456"}),
+    )
+    .await;
+
+    // The schemas of the policy types are published.
+    let types = e
+        .admin(reqwest::Method::GET, "/schemas/policies", Value::Null)
+        .await;
+    assert!(
+        types["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["type"] == "rate_limit" && t["stage"] == "limit")
+    );
+    let schema = e
+        .admin(
+            reqwest::Method::GET,
+            "/schemas/policies/rate_limit",
+            Value::Null,
+        )
+        .await;
+    assert!(schema["properties"]["limits"].is_object(), "{schema}");
+    let resp = e
+        .http
+        .get(format!("{}/schemas/policies/teleport", e.admin))
+        .bearer_auth(&e.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+
+    // A bad config is refused with the field named.
+    let resp = e
+        .http
+        .post(format!("{}/teams/acme/policies", e.admin))
+        .bearer_auth(&e.token)
+        .json(
+            &json!({"name": "bad", "type": "rate_limit", "scope": "route", "target": "charge",
+                      "config": {"limits": [{"requests": 0, "per": "1s"}]}}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 422);
+    let body: Value = resp.json().await.unwrap();
+    assert!(
+        body.to_string().contains("config.limits[0].requests"),
+        "{body}"
+    );
+
+    // Service and route policies ship with a release.
+    e.post(
+        "/teams/acme/policies",
+        json!({"name": "login", "type": "basic_auth", "scope": "service", "target": "pay"}),
+    )
+    .await;
+    e.post(
+        "/teams/acme/policies",
+        json!({"name": "per-app", "type": "rate_limit", "scope": "route", "target": "charge",
+               "config": {"key": {"by": "application"}, "limits": [{"requests": 2, "per": "1000s"}]}}),
+    )
+    .await;
+    e.settled().await;
+    assert_eq!(
+        e.call("/pay", None).await.status(),
+        200,
+        "not published yet"
+    );
+    e.post("/teams/acme/services/pay/publish", json!({})).await;
+    e.settled().await;
+    assert_eq!(
+        e.code("/pay", None).await,
+        (401, "credential_missing".into())
+    );
+    let basic = |user: &str, pw: &str| {
+        use base64::Engine;
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pw}"))
+        )
+    };
+    let with_basic = |pw: &'static str| {
+        e.http
+            .get(format!("{}/pay", e.gateway))
+            .header("authorization", basic("web", pw))
+            .send()
+    };
+    assert_eq!(with_basic("wrong").await.unwrap().status(), 401);
+    let ok = with_basic("pw-123456").await.unwrap();
+    assert_eq!(ok.status(), 200);
+    let echo: Value = ok.json().await.unwrap();
+    assert_eq!(echo["headers"]["x-consumer-name"], "web");
+    assert_eq!(echo["headers"]["x-consumer-team"], "shop");
+    assert_eq!(with_basic("pw-123456").await.unwrap().status(), 200);
+    let limited = with_basic("pw-123456").await.unwrap();
+    assert_eq!(limited.status(), 429);
+    assert!(limited.headers().contains_key("retry-after"));
+
+    // The application's own limit replaces the route's at once (no release needed).
+    e.post(
+        "/teams/shop/policies",
+        json!({"name": "web-limit", "type": "rate_limit", "scope": "application", "target": "web",
+               "config": {"key": {"by": "application"}, "limits": [{"requests": 5, "per": "1000s"}]}}),
+    )
+    .await;
+    e.settled().await;
+    let mut ok = 0;
+    for _ in 0..8 {
+        if with_basic("pw-123456").await.unwrap().status() == 200 {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 5);
+}

@@ -26,6 +26,12 @@ pub struct Config {
     /// Routes, matched by host, path, method and predicates.
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
+    /// Policies attached globally, to routes or to consumers (see `policy`).
+    #[serde(default)]
+    pub policies: Vec<crate::mgmt::PolicySpec>,
+    /// Consumers (applications) defined in the file, with their credentials.
+    #[serde(default)]
+    pub consumers: Vec<ConsumerConfig>,
     /// What the management store adds (service bindings, consumers); empty for a file alone.
     #[serde(skip)]
     #[schemars(skip)]
@@ -44,9 +50,48 @@ impl Default for Config {
             server: ServerConfig::default(),
             upstreams: Vec::new(),
             routes: Vec::new(),
+            policies: Vec::new(),
+            consumers: Vec::new(),
             managed: std::sync::Arc::default(),
         }
     }
+}
+
+/// A consumer (application) defined in the file. Its id at the gateway is its name.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumerConfig {
+    /// Unique among the file's consumers.
+    pub name: String,
+    /// Consumer groups it belongs to (for `acl`).
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Its API keys.
+    #[serde(default)]
+    pub api_keys: Vec<ApiKeyConfig>,
+    /// Its basic-auth users.
+    #[serde(default)]
+    pub basic_auth: Vec<BasicUserConfig>,
+}
+
+/// An API key of a file consumer, never written in clear in the file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum ApiKeyConfig {
+    /// Lower-case hex SHA-256 of the key (`printf %s KEY | sha256sum`).
+    Sha256(String),
+    /// Name of an environment variable holding the key.
+    Env(String),
+}
+
+/// A basic-auth user of a file consumer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BasicUserConfig {
+    /// User name.
+    pub username: String,
+    /// Argon2 hash in PHC form (`$argon2id$v=19$...`).
+    pub password_hash: String,
 }
 
 /// Process-wide settings.

@@ -2,7 +2,7 @@
 //! route belongs to (lifecycle, approval) and the consumer indexes the gateway enforces.
 //! Built by the control plane from the store; never read from or written to a file.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::mgmt::{Approval, Lifecycle};
@@ -14,8 +14,38 @@ pub struct Managed {
     pub routes: HashMap<String, Arc<ServiceBinding>>,
     /// Lower-case hex SHA-256 of an API key → the application it identifies.
     pub api_keys: HashMap<String, Arc<Consumer>>,
-    /// Approved subscriptions as (application id, service id).
-    pub subscriptions: HashSet<(String, String)>,
+    /// Approved subscriptions: (application id, service id) → the plan's id, if any.
+    pub subscriptions: HashMap<(String, String), Option<String>>,
+    /// Basic-auth user name → its Argon2 hash and application.
+    pub basic_users: HashMap<String, BasicUser>,
+    /// JWT issuers of `jwt` credentials, with the application their tokens map to.
+    pub jwt_issuers: Vec<JwtIssuerBinding>,
+    /// Applications by id and by `team/name`.
+    pub consumers: HashMap<String, Arc<Consumer>>,
+}
+
+/// A basic-auth credential.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BasicUser {
+    /// Argon2 hash, PHC form.
+    pub password_hash: String,
+    /// The application.
+    pub consumer: Arc<Consumer>,
+}
+
+/// A `jwt` credential: tokens of `issuer`, verified with its key, identify `consumer`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JwtIssuerBinding {
+    /// Expected `iss`.
+    pub issuer: String,
+    /// JWKS URL.
+    pub jwks_url: Option<String>,
+    /// PEM public key.
+    pub public_key: Option<String>,
+    /// HMAC secret, resolved from its secret reference.
+    pub secret: Option<String>,
+    /// The application.
+    pub consumer: Arc<Consumer>,
 }
 
 /// A service as the gateway needs it for a route of the service.
@@ -46,6 +76,8 @@ pub struct Consumer {
     pub id: String,
     /// Application name.
     pub name: String,
-    /// Owning team's name.
+    /// Owning team's name (empty for consumers from the file).
     pub team: String,
+    /// Consumer groups it belongs to.
+    pub groups: Vec<String>,
 }

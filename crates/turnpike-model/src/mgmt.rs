@@ -667,7 +667,7 @@ pub struct Decision {
 }
 
 /// Where a policy applies.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case", tag = "scope", content = "target")]
 pub enum PolicyScope {
     /// Every request (global policies are created by super admins only).
@@ -682,8 +682,8 @@ pub enum PolicyScope {
     Plan(String),
 }
 
-/// A policy attachment. Its `config` is checked against the policy type's schema when the
-/// policy types exist (the policies issue); here it is kept as given.
+/// A policy attachment. Its `config` is checked against the policy type's configuration
+/// ([`crate::policy::PolicyKind::parse`]); the schema of each type is published.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PolicySpec {
@@ -785,6 +785,11 @@ pub fn parse_spec(kind: Kind, value: Value) -> Result<Value, ConfigErrors> {
     check_name(name).map_err(|m| ConfigError::at("name", m))?;
     if kind == Kind::Member && value.get("role").and_then(Value::as_str) == Some("super_admin") {
         return Err(ConfigError::at("role", "super_admin is a user flag, not a team role").into());
+    }
+    if kind == Kind::Policy {
+        let policy_type = value.get("type").and_then(Value::as_str).unwrap_or("");
+        let config = value.get("config").unwrap_or(&Value::Null);
+        crate::policy::PolicyKind::parse_attachment(policy_type, config)?;
     }
     Ok(value)
 }
@@ -913,11 +918,19 @@ mod tests {
         assert_eq!(v["visibility"], "internal");
         let v = parse_spec(
             Kind::Policy,
-            json!({"name": "p", "type": "cors", "scope": "route", "target": "r"}),
+            json!({"name": "p", "type": "key_auth", "scope": "route", "target": "r"}),
         )
         .unwrap();
         assert_eq!(v["enabled"], true);
         assert_eq!(v["target"], "r");
+        // A policy's config is checked against its type, the field named.
+        let e = parse_spec(
+            Kind::Policy,
+            json!({"name": "p", "type": "cors", "scope": "route", "target": "r", "config": {}}),
+        )
+        .unwrap_err();
+        assert_eq!(e.0[0].path, "config", "{e}");
+        assert!(e.0[0].message.contains("allow_origins"), "{e}");
     }
 
     #[test]

@@ -270,6 +270,90 @@ pub fn validate(config: &Config) -> Result<(), ConfigErrors> {
         }
     }
 
+    let mut consumers = HashSet::new();
+    for (i, c) in config.consumers.iter().enumerate() {
+        let p = format!("consumers[{i}]");
+        if c.name.is_empty() || c.name.contains('/') {
+            err(
+                format!("{p}.name"),
+                "must be a non-empty name without `/`".into(),
+            );
+        }
+        if !consumers.insert(c.name.as_str()) {
+            err(
+                format!("{p}.name"),
+                format!("duplicate consumer name `{}`", c.name),
+            );
+        }
+        for (j, k) in c.api_keys.iter().enumerate() {
+            match k {
+                crate::ApiKeyConfig::Sha256(h) => {
+                    if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+                        err(
+                            format!("{p}.api_keys[{j}].sha256"),
+                            "must be 64 hex digits (the SHA-256 of the key)".into(),
+                        );
+                    }
+                }
+                crate::ApiKeyConfig::Env(var) => {
+                    if std::env::var(var).map_or(true, |v| v.is_empty()) {
+                        err(
+                            format!("{p}.api_keys[{j}].env"),
+                            format!("environment variable `{var}` is not set"),
+                        );
+                    }
+                }
+            }
+        }
+        for (j, b) in c.basic_auth.iter().enumerate() {
+            if !b.password_hash.starts_with("$argon2") {
+                err(
+                    format!("{p}.basic_auth[{j}].password_hash"),
+                    "must be an Argon2 hash in PHC form (`$argon2id$...`)".into(),
+                );
+            }
+        }
+    }
+
+    let mut policy_names = HashSet::new();
+    for (i, pol) in config.policies.iter().enumerate() {
+        use crate::mgmt::PolicyScope;
+        let p = format!("policies[{i}]");
+        if !policy_names.insert((pol.name.as_str(), &pol.scope)) {
+            err(
+                format!("{p}.name"),
+                format!("duplicate policy `{}` at one scope", pol.name),
+            );
+        }
+        if let Err(e) = crate::policy::PolicyKind::parse_attachment(&pol.policy_type, &pol.config) {
+            for e in e.0 {
+                err(format!("{p}.{}", e.path), e.message);
+            }
+        }
+        let known = match &pol.scope {
+            PolicyScope::Global => true,
+            PolicyScope::Route(r) => routes.contains(r.as_str()),
+            PolicyScope::Application(a) => {
+                consumers.contains(a.as_str()) || config.managed.consumers.contains_key(a)
+            }
+            PolicyScope::Service(s) => config.managed.routes.values().any(|b| b.id == *s),
+            PolicyScope::Plan(_) => !config.managed.routes.is_empty(),
+        };
+        if !known {
+            err(
+                format!("{p}.target"),
+                match &pol.scope {
+                    PolicyScope::Route(r) => format!("unknown route `{r}`"),
+                    PolicyScope::Application(a) => format!("unknown consumer `{a}`"),
+                    _ => {
+                        "services and plans live in the management store; attach this policy there"
+                            .into()
+                    }
+                },
+            );
+        }
+    }
+
     if errs.is_empty() {
         Ok(())
     } else {

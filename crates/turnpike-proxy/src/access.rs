@@ -6,8 +6,6 @@
 //! gets from the Admin API. The general authentication policies build on the same
 //! [`Managed`] index.
 
-use std::sync::Arc;
-
 use http::{HeaderMap, HeaderName, HeaderValue, Response, header};
 use sha2::{Digest, Sha256};
 use turnpike_model::managed::{Consumer, Managed, ServiceBinding};
@@ -15,6 +13,7 @@ use turnpike_model::mgmt::{Approval, Lifecycle};
 
 use crate::body::ProxyBody;
 use crate::error::{ErrorKind, GatewayError, error_response};
+use crate::policy::Identity;
 
 /// Header that carries an application's API key.
 pub static API_KEY: HeaderName = HeaderName::from_static("x-api-key");
@@ -25,10 +24,20 @@ pub static CONSUMER_ID: HeaderName = HeaderName::from_static("x-consumer-id");
 pub static CONSUMER_NAME: HeaderName = HeaderName::from_static("x-consumer-name");
 /// See [`CONSUMER_ID`]: application names are unique only within a team.
 pub static CONSUMER_TEAM: HeaderName = HeaderName::from_static("x-consumer-team");
+/// See [`CONSUMER_ID`]: the scopes of the credential, space-separated.
+pub static AUTHENTICATED_SCOPES: HeaderName = HeaderName::from_static("x-authenticated-scopes");
+/// See [`CONSUMER_ID`]: `true` when the application is a route's anonymous one.
+pub static ANONYMOUS_CONSUMER: HeaderName = HeaderName::from_static("x-anonymous-consumer");
 
 /// Removes identity headers a client may have sent.
 pub fn strip_identity(headers: &mut HeaderMap) {
-    for name in [&CONSUMER_ID, &CONSUMER_NAME, &CONSUMER_TEAM] {
+    for name in [
+        &CONSUMER_ID,
+        &CONSUMER_NAME,
+        &CONSUMER_TEAM,
+        &AUTHENTICATED_SCOPES,
+        &ANONYMOUS_CONSUMER,
+    ] {
         headers.remove(name);
     }
 }
@@ -37,19 +46,37 @@ pub fn strip_identity(headers: &mut HeaderMap) {
 pub enum Access {
     /// Answer with this response (410 for a retired service).
     Respond(Response<ProxyBody>),
-    /// Forward, as this consumer when one was identified.
-    Forward(Option<Arc<Consumer>>),
+    /// Forward (as the consumer in the identity, if any).
+    Forward,
 }
 
-/// Runs the checks for `service` on a request with `headers`.
+/// Runs the checks for `service` on a request with `headers`. When the route's
+/// authentication policies already decided who is calling (`identity.authenticated`), that
+/// decision stands; otherwise the application's `X-API-Key` identifies it, and `identity`
+/// is filled in.
 pub fn check(
     managed: &Managed,
     service: &ServiceBinding,
     headers: &HeaderMap,
     request_id: &str,
+    identity: &mut Identity,
 ) -> Result<Access, GatewayError> {
     if service.lifecycle == Lifecycle::Retired {
         return Ok(Access::Respond(retired(service, request_id)));
+    }
+    if identity.authenticated {
+        let consumer = match &identity.consumer {
+            Some(c) => c,
+            None if service.approval == Approval::Manual => {
+                return Err(GatewayError::new(
+                    ErrorKind::CredentialMissing,
+                    "this API requires a credential of a subscribed application",
+                ));
+            }
+            None => return Ok(Access::Forward),
+        };
+        subscribed(managed, service, consumer)?;
+        return Ok(Access::Forward);
     }
     let Some(key) = headers.get(&API_KEY) else {
         if service.approval == Approval::Manual {
@@ -58,7 +85,7 @@ pub fn check(
                 format!("this API requires an API key in the `{API_KEY}` header"),
             ));
         }
-        return Ok(Access::Forward(None));
+        return Ok(Access::Forward);
     };
     let Some(consumer) = managed.api_keys.get(&api_key_hash(key.as_bytes())) else {
         return Err(GatewayError::new(
@@ -66,10 +93,23 @@ pub fn check(
             "the API key is not valid",
         ));
     };
+    subscribed(managed, service, consumer)?;
+    identity.consumer = Some(consumer.clone());
+    identity.credential = Some(format!("key:{}", &api_key_hash(key.as_bytes())[..16]));
+    Ok(Access::Forward)
+}
+
+/// Refuses an application without an approved subscription to a service with manual
+/// approval.
+fn subscribed(
+    managed: &Managed,
+    service: &ServiceBinding,
+    consumer: &Consumer,
+) -> Result<(), GatewayError> {
     if service.approval == Approval::Manual
         && !managed
             .subscriptions
-            .contains(&(consumer.id.clone(), service.id.clone()))
+            .contains_key(&(consumer.id.clone(), service.id.clone()))
     {
         return Err(GatewayError::new(
             ErrorKind::SubscriptionRequired,
@@ -79,7 +119,7 @@ pub fn check(
             ),
         ));
     }
-    Ok(Access::Forward(Some(consumer.clone())))
+    Ok(())
 }
 
 /// The form API keys are indexed by: lower-case hex SHA-256.
@@ -88,15 +128,27 @@ pub fn api_key_hash(key: &[u8]) -> String {
 }
 
 /// Sets the identity headers for the upstream.
-pub fn identify(headers: &mut HeaderMap, consumer: &Consumer) {
-    for (name, value) in [
-        (&CONSUMER_ID, &consumer.id),
-        (&CONSUMER_NAME, &consumer.name),
-        (&CONSUMER_TEAM, &consumer.team),
-    ] {
-        if let Ok(v) = HeaderValue::from_str(value) {
-            headers.insert(name.clone(), v);
+pub fn identify(headers: &mut HeaderMap, identity: &Identity) {
+    if let Some(consumer) = &identity.consumer {
+        for (name, value) in [
+            (&CONSUMER_ID, &consumer.id),
+            (&CONSUMER_NAME, &consumer.name),
+            (&CONSUMER_TEAM, &consumer.team),
+        ] {
+            if !value.is_empty()
+                && let Ok(v) = HeaderValue::from_str(value)
+            {
+                headers.insert(name.clone(), v);
+            }
         }
+    }
+    if identity.anonymous {
+        headers.insert(ANONYMOUS_CONSUMER.clone(), HeaderValue::from_static("true"));
+    }
+    if !identity.scopes.is_empty()
+        && let Ok(v) = HeaderValue::from_str(&identity.scopes.join(" "))
+    {
+        headers.insert(AUTHENTICATED_SCOPES.clone(), v);
     }
 }
 

@@ -57,6 +57,22 @@ pub enum ErrorKind {
     CredentialInvalid,
     /// The application has no approved subscription to the service.
     SubscriptionRequired,
+    /// The client IP is denied by an `ip_restriction` policy.
+    IpDenied,
+    /// The `User-Agent` is denied by a `user_agent` policy.
+    UserAgentDenied,
+    /// The application's groups do not allow this route (`acl`).
+    AccessDenied,
+    /// The credential lacks a required scope or claim (`acl`).
+    InsufficientScope,
+    /// A CORS preflight from an origin that is not allowed.
+    CorsDenied,
+    /// A rate limit is exhausted.
+    RateLimited,
+    /// The shared rate-limit store is unreachable and the policy fails closed.
+    RateLimiterUnavailable,
+    /// Credentials cannot be checked now (an issuer's JWKS cannot be fetched).
+    AuthUnavailable,
     /// A bug or an unexpected state.
     Internal,
 }
@@ -83,6 +99,14 @@ impl ErrorKind {
             Self::CredentialMissing => "credential_missing",
             Self::CredentialInvalid => "credential_invalid",
             Self::SubscriptionRequired => "subscription_required",
+            Self::IpDenied => "ip_denied",
+            Self::UserAgentDenied => "user_agent_denied",
+            Self::AccessDenied => "access_denied",
+            Self::InsufficientScope => "insufficient_scope",
+            Self::CorsDenied => "cors_denied",
+            Self::RateLimited => "rate_limited",
+            Self::RateLimiterUnavailable => "rate_limiter_unavailable",
+            Self::AuthUnavailable => "auth_unavailable",
             Self::Internal => "internal_error",
         }
     }
@@ -104,7 +128,14 @@ impl ErrorKind {
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::ApiRetired => StatusCode::GONE,
             Self::CredentialMissing | Self::CredentialInvalid => StatusCode::UNAUTHORIZED,
-            Self::SubscriptionRequired => StatusCode::FORBIDDEN,
+            Self::SubscriptionRequired
+            | Self::IpDenied
+            | Self::UserAgentDenied
+            | Self::AccessDenied
+            | Self::InsufficientScope
+            | Self::CorsDenied => StatusCode::FORBIDDEN,
+            Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            Self::RateLimiterUnavailable | Self::AuthUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -123,13 +154,22 @@ impl ErrorKind {
             | Self::ApiRetired
             | Self::CredentialMissing
             | Self::CredentialInvalid
-            | Self::SubscriptionRequired => Origin::Client,
+            | Self::SubscriptionRequired
+            | Self::IpDenied
+            | Self::UserAgentDenied
+            | Self::AccessDenied
+            | Self::InsufficientScope
+            | Self::CorsDenied
+            | Self::RateLimited => Origin::Client,
             Self::UpstreamUnreachable
             | Self::UpstreamError
             | Self::NoHealthyUpstream
             | Self::UpstreamOverloaded
             | Self::UpstreamTimeout => Origin::Upstream,
-            Self::ShuttingDown | Self::Internal => Origin::Internal,
+            Self::ShuttingDown
+            | Self::Internal
+            | Self::RateLimiterUnavailable
+            | Self::AuthUnavailable => Origin::Internal,
         }
     }
 
@@ -147,8 +187,15 @@ impl ErrorKind {
             | Self::ShuttingDown => 14, // UNAVAILABLE
             Self::ApiRetired => 5,                                              // NOT_FOUND
             Self::CredentialMissing | Self::CredentialInvalid => 16,            // UNAUTHENTICATED
-            Self::SubscriptionRequired => 7,                                    // PERMISSION_DENIED
-            Self::Internal => 13,                                               // INTERNAL
+            Self::SubscriptionRequired
+            | Self::IpDenied
+            | Self::UserAgentDenied
+            | Self::AccessDenied
+            | Self::InsufficientScope
+            | Self::CorsDenied => 7, // PERMISSION_DENIED
+            Self::RateLimited => 8, // RESOURCE_EXHAUSTED
+            Self::RateLimiterUnavailable | Self::AuthUnavailable => 14, // UNAVAILABLE
+            Self::Internal => 13,   // INTERNAL
         }
     }
 
@@ -160,6 +207,9 @@ impl ErrorKind {
                 | Self::NoHealthyUpstream
                 | Self::UpstreamOverloaded
                 | Self::ShuttingDown
+                | Self::RateLimited
+                | Self::RateLimiterUnavailable
+                | Self::AuthUnavailable
         )
     }
 }

@@ -8,6 +8,7 @@ pub mod error;
 pub mod gateway;
 pub mod h1guard;
 pub mod listener;
+pub mod policy;
 pub mod proxy;
 pub mod reqbody;
 pub mod router;

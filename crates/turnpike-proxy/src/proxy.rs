@@ -94,6 +94,23 @@ pub async fn handle(
             e.into_response_for(grpc, request_id)
         }
     };
+    if !outcome.response_headers.is_empty() {
+        let headers = resp.headers_mut();
+        let mut last = None;
+        for (name, value) in std::mem::take(&mut outcome.response_headers) {
+            if let Some(n) = name {
+                // The policy's value replaces the upstream's for the fields it sets; `Vary`
+                // lists add up.
+                if n != header::VARY {
+                    headers.remove(&n);
+                }
+                last = Some(n);
+            }
+            if let Some(n) = &last {
+                headers.append(n.clone(), value);
+            }
+        }
+    }
     resp.headers_mut()
         .insert(settings.request_id_header.clone(), rid.clone());
     if let Some(via) = &settings.via {
@@ -125,6 +142,9 @@ struct LogFacts {
     target: Option<SocketAddr>,
     attempts: u32,
     error: Option<&'static str>,
+    /// Headers policies add to whatever response the client gets (CORS, `RateLimit`,
+    /// `WWW-Authenticate`), error responses included.
+    response_headers: HeaderMap,
 }
 
 async fn proxy(
@@ -213,24 +233,42 @@ async fn proxy(
         }
     }
     access::strip_identity(&mut parts.headers);
-    let consumer = match &route.service {
-        None => None,
-        Some(service) => {
-            let access = access::check(
-                &snap.managed,
-                service,
-                &parts.headers,
-                request_id.to_str().unwrap_or("-"),
-            )?;
-            // The key identifies the application to the gateway only: an upstream (another
-            // team's) must never see it.
-            parts.headers.remove(&access::API_KEY);
-            match access {
-                Access::Respond(resp) => return Ok(resp),
-                Access::Forward(consumer) => consumer,
-            }
+    let mut identity = crate::policy::Identity::default();
+    if !route.chain.is_empty() {
+        let preq = crate::policy::Request {
+            client_ip,
+            route: &route.name,
+            service: route.service.as_deref().map(|s| s.id.as_str()),
+        };
+        let answer = crate::policy::run_access(
+            &route.chain,
+            &snap.policies,
+            &snap.managed,
+            &preq,
+            &mut parts,
+            &mut identity,
+            &mut log.response_headers,
+        )
+        .await?;
+        if let Some(resp) = answer {
+            return Ok(resp);
         }
-    };
+    }
+    if let Some(service) = &route.service {
+        let access = access::check(
+            &snap.managed,
+            service,
+            &parts.headers,
+            request_id.to_str().unwrap_or("-"),
+            &mut identity,
+        )?;
+        // The key identifies the application to the gateway only: an upstream (another
+        // team's) must never see it.
+        parts.headers.remove(&access::API_KEY);
+        if let Access::Respond(resp) = access {
+            return Ok(resp);
+        }
+    }
 
     // Phase `upstream_request`.
     let upgrade = if is_upgrade_request(&parts) {
@@ -257,9 +295,7 @@ async fn proxy(
         original_host.as_ref(),
         request_id,
     );
-    if let Some(consumer) = &consumer {
-        access::identify(&mut headers, consumer);
-    }
+    access::identify(&mut headers, &identity);
 
     let slot = BodySlot::new(crate::reqbody::limited(
         body,

@@ -27,8 +27,10 @@ pub struct Snapshot {
     pub routes: Vec<CompiledRoute>,
     /// Process-wide settings.
     pub settings: Settings,
-    /// Consumers and subscriptions from the management store.
+    /// Consumers and subscriptions: the management store's, with the file's consumers.
     pub managed: Arc<turnpike_model::managed::Managed>,
+    /// Policies of applications and plans (routes hold their own chains).
+    pub policies: crate::policy::Policies,
 }
 
 /// A route with its references resolved.
@@ -47,6 +49,8 @@ pub struct CompiledRoute {
     pub max_body_bytes: u64,
     /// The managed service the route belongs to; `None` for routes from the file.
     pub service: Option<Arc<turnpike_model::managed::ServiceBinding>>,
+    /// The route's policies.
+    pub chain: crate::policy::Chain,
 }
 
 /// Process-wide request settings.
@@ -74,6 +78,7 @@ impl Settings {
 pub struct UpstreamRegistry {
     pools: HashMap<String, (Arc<Upstream>, Arc<RetryBudget>)>,
     version: u64,
+    policies: crate::policy::PolicyCache,
 }
 
 impl UpstreamRegistry {
@@ -128,7 +133,24 @@ impl UpstreamRegistry {
                     .max_body_bytes
                     .unwrap_or(config.server.limits.max_body_bytes),
                 service: config.managed.routes.get(&r.name).cloned(),
+                chain: crate::policy::Chain::default(),
             });
+        }
+
+        let managed = crate::policy::merged_consumers(config);
+        let names: Vec<(&str, Option<&str>)> = routes
+            .iter()
+            .map(|r| (&*r.name, r.service.as_deref().map(|s| s.id.as_str())))
+            .collect();
+        let mut policies = self
+            .policies
+            .compile(config, &names, &managed, &mut errors)
+            .await;
+        for (route, chain) in routes.iter_mut().zip(std::mem::take(&mut policies.chains)) {
+            if let Some(max) = chain.max_body_bytes() {
+                route.max_body_bytes = route.max_body_bytes.min(max);
+            }
+            route.chain = chain;
         }
 
         let (Some(router), Some(settings)) = (router, settings) else {
@@ -147,7 +169,8 @@ impl UpstreamRegistry {
             router,
             routes,
             settings,
-            managed: config.managed.clone(),
+            managed,
+            policies,
         })
     }
 }

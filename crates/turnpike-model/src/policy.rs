@@ -1,0 +1,775 @@
+//! Policy types: the typed configuration of each policy, its JSON Schema and where it runs.
+//!
+//! A policy attachment (in the file's `policies:` or the store's policy objects) names a
+//! `type` and gives a `config`; [`PolicyKind::parse`] turns the pair into one of the typed
+//! configs below, naming the failing field when it cannot. The gateway compiles the typed
+//! config once per snapshot.
+//!
+//! Policies run in the `access` phase in a fixed order of stages ([`Stage`]), then by
+//! `priority` (higher first) within a stage. For each type, the attachments of the most
+//! specific scope win: route over service over global, and after authentication, application
+//! over plan over the route's. A disabled attachment at a more specific scope switches its
+//! type off there.
+
+use std::time::Duration;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::{ConfigError, ConfigErrors};
+
+/// When a policy runs within the `access` phase. The order of the variants is the order of
+/// the stages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Stage {
+    /// Cheap checks on the connection and request head: IP rules, User-Agent rules, size.
+    Admission,
+    /// Who is calling: the first authentication method whose credential is present wins.
+    Authentication,
+    /// What the caller may do: groups, scopes, claims (the subscription check follows it).
+    Authorization,
+    /// Rate limits and quotas.
+    Limit,
+    /// CORS: a preflight is answered here, after the limits and without authentication.
+    Cors,
+}
+
+/// Every policy type with its typed configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "type", content = "config", rename_all = "snake_case")]
+pub enum PolicyKind {
+    /// API keys in a header, query parameter or cookie.
+    KeyAuth(KeyAuthConfig),
+    /// HTTP basic authentication against basic-auth credentials.
+    BasicAuth(BasicAuthConfig),
+    /// Bearer JWTs verified against issuers' keys.
+    Jwt(JwtConfig),
+    /// Allow or deny client IP ranges.
+    IpRestriction(IpRestrictionConfig),
+    /// Consumer groups, scopes and claims required.
+    Acl(AclConfig),
+    /// Request rate limits.
+    RateLimit(RateLimitConfig),
+    /// Cross-origin resource sharing.
+    Cors(CorsConfig),
+    /// A route's request body limit.
+    RequestSize(RequestSizeConfig),
+    /// User-Agent deny and allow lists.
+    UserAgent(UserAgentConfig),
+}
+
+/// The policy type names, in a stable order.
+pub const POLICY_TYPES: [&str; 9] = [
+    "key_auth",
+    "basic_auth",
+    "jwt",
+    "ip_restriction",
+    "acl",
+    "rate_limit",
+    "cors",
+    "request_size",
+    "user_agent",
+];
+
+impl PolicyKind {
+    /// Parses `config` as the configuration of policy type `policy_type`. Errors carry the
+    /// field path inside `config`.
+    pub fn parse(policy_type: &str, config: &Value) -> Result<Self, ConfigErrors> {
+        fn typed<T: serde::de::DeserializeOwned>(config: &Value) -> Result<T, ConfigErrors> {
+            // `null` (an attachment with no config) means all defaults.
+            let config = if config.is_null() {
+                Value::Object(Default::default())
+            } else {
+                config.clone()
+            };
+            serde_path_to_error::deserialize(config).map_err(|e| {
+                let path = e.path().to_string();
+                let path = if path == "." { String::new() } else { path };
+                ConfigError::at(path, e.inner().to_string()).into()
+            })
+        }
+        let kind = match policy_type {
+            "key_auth" => Self::KeyAuth(typed(config)?),
+            "basic_auth" => Self::BasicAuth(typed(config)?),
+            "jwt" => Self::Jwt(typed(config)?),
+            "ip_restriction" => Self::IpRestriction(typed(config)?),
+            "acl" => Self::Acl(typed(config)?),
+            "rate_limit" => Self::RateLimit(typed(config)?),
+            "cors" => Self::Cors(typed(config)?),
+            "request_size" => Self::RequestSize(typed(config)?),
+            "user_agent" => Self::UserAgent(typed(config)?),
+            other => {
+                return Err(ConfigError::at(
+                    "",
+                    format!(
+                        "unknown policy type `{other}`; known types: {}",
+                        POLICY_TYPES.join(", ")
+                    ),
+                )
+                .into());
+            }
+        };
+        kind.check()
+            .map_err(|(path, why)| ConfigError::at(path, why))?;
+        Ok(kind)
+    }
+
+    /// Like [`PolicyKind::parse`], with error paths relative to the attachment: `type` for an
+    /// unknown type, `config.<field>` for a bad configuration.
+    pub fn parse_attachment(policy_type: &str, config: &Value) -> Result<Self, ConfigErrors> {
+        Self::parse(policy_type, config).map_err(|e| {
+            ConfigErrors(
+                e.0.into_iter()
+                    .map(|e| {
+                        let path = match (e.path.is_empty(), stage_of(policy_type).is_none()) {
+                            (true, true) => "type".to_owned(),
+                            (true, false) => "config".to_owned(),
+                            (false, _) => format!("config.{}", e.path),
+                        };
+                        ConfigError::at(path, e.message)
+                    })
+                    .collect(),
+            )
+        })
+    }
+
+    /// The type name.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Self::KeyAuth(_) => "key_auth",
+            Self::BasicAuth(_) => "basic_auth",
+            Self::Jwt(_) => "jwt",
+            Self::IpRestriction(_) => "ip_restriction",
+            Self::Acl(_) => "acl",
+            Self::RateLimit(_) => "rate_limit",
+            Self::Cors(_) => "cors",
+            Self::RequestSize(_) => "request_size",
+            Self::UserAgent(_) => "user_agent",
+        }
+    }
+
+    /// The stage the type runs in.
+    pub fn stage(&self) -> Stage {
+        stage_of(self.type_name()).unwrap_or(Stage::Admission)
+    }
+
+    /// Checks what serde cannot: value ranges and parseable patterns. Returns the field path
+    /// (inside `config`) and the reason.
+    fn check(&self) -> Result<(), (String, String)> {
+        match self {
+            Self::KeyAuth(c) => {
+                if c.sources.is_empty() {
+                    return Err(("sources".into(), "name at least one place to look".into()));
+                }
+                for (i, s) in c.sources.iter().enumerate() {
+                    if s.name.is_empty() {
+                        return Err((format!("sources[{i}].name"), "must not be empty".into()));
+                    }
+                    if s.location == KeyLocation::Header
+                        && http::HeaderName::from_bytes(s.name.as_bytes()).is_err()
+                    {
+                        return Err((
+                            format!("sources[{i}].name"),
+                            format!("`{}` is not a valid header name", s.name),
+                        ));
+                    }
+                }
+            }
+            Self::BasicAuth(_) => {}
+            Self::Jwt(c) => {
+                for (i, iss) in c.issuers.iter().enumerate() {
+                    let given = [
+                        iss.secret.is_some(),
+                        iss.public_key.is_some(),
+                        iss.jwks.is_some(),
+                        iss.jwks_url.is_some(),
+                    ]
+                    .iter()
+                    .filter(|b| **b)
+                    .count();
+                    if given != 1 {
+                        return Err((
+                            format!("issuers[{i}]"),
+                            "give exactly one of `secret`, `public_key`, `jwks`, `jwks_url`".into(),
+                        ));
+                    }
+                }
+                if http::HeaderName::from_bytes(c.header.as_bytes()).is_err() {
+                    return Err(("header".into(), "not a valid header name".into()));
+                }
+            }
+            Self::IpRestriction(c) => {
+                for (field, list) in [("allow", &c.allow), ("deny", &c.deny)] {
+                    for (i, cidr) in list.iter().enumerate() {
+                        parse_cidr(cidr).map_err(|e| (format!("{field}[{i}]"), e))?;
+                    }
+                }
+                if c.allow.is_empty() && c.deny.is_empty() {
+                    return Err(("allow".into(), "give `allow` or `deny` ranges".into()));
+                }
+            }
+            Self::Acl(_) => {}
+            Self::RateLimit(c) => {
+                if c.limits.is_empty() {
+                    return Err(("limits".into(), "give at least one limit".into()));
+                }
+                for (i, l) in c.limits.iter().enumerate() {
+                    if l.requests == 0 {
+                        return Err((format!("limits[{i}].requests"), "must be at least 1".into()));
+                    }
+                    if l.per.is_zero() {
+                        return Err((format!("limits[{i}].per"), "must be longer than 0".into()));
+                    }
+                }
+                if let RateLimitKey::Header { name } = &c.key {
+                    if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                        return Err(("key.name".into(), "not a valid header name".into()));
+                    }
+                }
+                if c.mode == RateLimitMode::Redis && c.redis.url.is_empty() {
+                    return Err(("redis.url".into(), "required in redis mode".into()));
+                }
+                if c.max_keys == 0 {
+                    return Err(("max_keys".into(), "must be at least 1".into()));
+                }
+            }
+            Self::Cors(c) => {
+                for (i, o) in c.allow_origins.iter().enumerate() {
+                    check_origin_pattern(o).map_err(|e| (format!("allow_origins[{i}]"), e))?;
+                    if o == "*" && c.allow_credentials {
+                        return Err((
+                            format!("allow_origins[{i}]"),
+                            "`*` cannot be combined with allow_credentials: list the origins"
+                                .into(),
+                        ));
+                    }
+                }
+            }
+            Self::RequestSize(_) => {}
+            Self::UserAgent(c) => {
+                for (field, list) in [("deny", &c.deny), ("allow", &c.allow)] {
+                    for (i, re) in list.iter().enumerate() {
+                        user_regex(re)
+                            .map(drop)
+                            .map_err(|e| (format!("{field}[{i}]"), e))?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The stage of a policy type, by name.
+pub fn stage_of(policy_type: &str) -> Option<Stage> {
+    Some(match policy_type {
+        "ip_restriction" | "user_agent" | "request_size" => Stage::Admission,
+        "key_auth" | "basic_auth" | "jwt" => Stage::Authentication,
+        "acl" => Stage::Authorization,
+        "rate_limit" => Stage::Limit,
+        "cors" => Stage::Cors,
+        _ => return None,
+    })
+}
+
+/// The JSON Schema of a policy type's `config`, or `None` for an unknown type.
+pub fn policy_schema(policy_type: &str) -> Option<Value> {
+    fn schema<T: JsonSchema>() -> Value {
+        schemars::schema_for!(T).to_value()
+    }
+    Some(match policy_type {
+        "key_auth" => schema::<KeyAuthConfig>(),
+        "basic_auth" => schema::<BasicAuthConfig>(),
+        "jwt" => schema::<JwtConfig>(),
+        "ip_restriction" => schema::<IpRestrictionConfig>(),
+        "acl" => schema::<AclConfig>(),
+        "rate_limit" => schema::<RateLimitConfig>(),
+        "cors" => schema::<CorsConfig>(),
+        "request_size" => schema::<RequestSizeConfig>(),
+        "user_agent" => schema::<UserAgentConfig>(),
+        _ => return None,
+    })
+}
+
+/// Parses an IP network (`10.0.0.0/8`) or a single address (`192.0.2.7`).
+pub fn parse_cidr(s: &str) -> Result<ipnet::IpNet, String> {
+    s.parse::<ipnet::IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("`{s}` is not an IP address or CIDR range"))
+}
+
+/// Compiles a user-given regular expression with a size limit, so a pattern cannot make the
+/// gateway build an enormous automaton.
+pub fn user_regex(re: &str) -> Result<regex::Regex, String> {
+    regex::RegexBuilder::new(re)
+        .size_limit(1 << 20)
+        .build()
+        .map_err(|e| format!("invalid regular expression: {e}"))
+}
+
+/// Checks a CORS origin pattern: `*`, an exact origin (`https://app.example.com`), or one with
+/// a leading wildcard label (`https://*.example.com`).
+pub fn check_origin_pattern(o: &str) -> Result<(), String> {
+    if o == "*" {
+        return Ok(());
+    }
+    let Some((scheme, rest)) = o.split_once("://") else {
+        return Err(format!(
+            "`{o}` is not an origin: write `https://host[:port]`"
+        ));
+    };
+    if !matches!(scheme, "http" | "https") {
+        return Err(format!("`{o}`: the scheme must be http or https"));
+    }
+    let host = rest.strip_prefix("*.").unwrap_or(rest);
+    if host.is_empty()
+        || host.contains(['/', '*', '?', '#', '@', ' '])
+        || host.ends_with('.')
+        || o.ends_with('/')
+    {
+        return Err(format!(
+            "`{o}` is not an origin: write `https://host[:port]` or `https://*.domain`, without a path"
+        ));
+    }
+    Ok(())
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Where an API key is looked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyLocation {
+    /// A request header.
+    Header,
+    /// A query parameter.
+    Query,
+    /// A cookie.
+    Cookie,
+}
+
+/// One place an API key may be.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct KeySource {
+    /// Header, query parameter or cookie.
+    #[serde(rename = "in")]
+    pub location: KeyLocation,
+    /// Its name.
+    pub name: String,
+}
+
+fn default_key_sources() -> Vec<KeySource> {
+    vec![KeySource {
+        location: KeyLocation::Header,
+        name: "x-api-key".into(),
+    }]
+}
+
+/// `key_auth`: the application's API key, compared by its SHA-256 hash.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct KeyAuthConfig {
+    /// Where to look, in order (default: the `X-API-Key` header).
+    #[serde(default = "default_key_sources")]
+    pub sources: Vec<KeySource>,
+    /// Remove the key before the request goes upstream (default true).
+    #[serde(default = "yes")]
+    pub hide_credentials: bool,
+    /// Application (`team/name`, or a file consumer's name) for requests with no credential.
+    #[serde(default)]
+    pub anonymous: Option<String>,
+}
+
+/// `basic_auth`: `Authorization: Basic` against basic-auth credentials (Argon2 hashes).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BasicAuthConfig {
+    /// Realm named in `WWW-Authenticate`.
+    #[serde(default = "default_realm")]
+    pub realm: String,
+    /// Remove `Authorization` before the request goes upstream (default true).
+    #[serde(default = "yes")]
+    pub hide_credentials: bool,
+    /// See [`KeyAuthConfig::anonymous`].
+    #[serde(default)]
+    pub anonymous: Option<String>,
+}
+
+fn default_realm() -> String {
+    "turnpike".into()
+}
+
+/// One trusted JWT issuer, with exactly one source of keys.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JwtIssuer {
+    /// Expected `iss`.
+    pub issuer: String,
+    /// Environment variable holding an HMAC secret (HS256/384/512).
+    #[serde(default)]
+    pub secret_env: Option<String>,
+    /// An HMAC secret given inline; prefer `secret_env`.
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// PEM public key (RSA, EC P-256/P-384 or Ed25519).
+    #[serde(default)]
+    pub public_key: Option<String>,
+    /// A JWKS document, inline.
+    #[serde(default)]
+    pub jwks: Option<Value>,
+    /// A JWKS URL, fetched and cached.
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    /// Accepted audiences for this issuer; empty: the policy's `audiences`.
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    /// Application (`team/name` or file consumer) this issuer's tokens map to, unless
+    /// `consumer_claim` names one.
+    #[serde(default)]
+    pub application: Option<String>,
+}
+
+/// `jwt`: bearer tokens verified against trusted issuers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    /// Trusted issuers. Issuers of `jwt` credentials in the store are trusted too.
+    #[serde(default)]
+    pub issuers: Vec<JwtIssuer>,
+    /// Accepted audiences (`aud` must contain one); empty: not checked.
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    /// Clock skew allowed on `exp` and `nbf`.
+    #[serde(default = "default_leeway", with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub leeway: Duration,
+    /// Header carrying `Bearer <token>`.
+    #[serde(default = "default_auth_header")]
+    pub header: String,
+    /// Cookie that may carry the token instead.
+    #[serde(default)]
+    pub cookie: Option<String>,
+    /// Claim whose value names the application (`team/name`, id, or file consumer).
+    #[serde(default)]
+    pub consumer_claim: Option<String>,
+    /// Claims every token must have.
+    #[serde(default)]
+    pub required_claims: Vec<String>,
+    /// Whether `exp` is required (default true).
+    #[serde(default = "yes")]
+    pub require_exp: bool,
+    /// Remove the token before the request goes upstream (default false: upstreams often
+    /// want it).
+    #[serde(default)]
+    pub hide_credentials: bool,
+    /// How long fetched JWKS documents are used.
+    #[serde(default = "default_jwks_ttl", with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub jwks_cache_ttl: Duration,
+    /// The least time between two fetches of one JWKS for an unknown `kid`.
+    #[serde(default = "default_jwks_refresh", with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub jwks_min_refresh: Duration,
+    /// See [`KeyAuthConfig::anonymous`].
+    #[serde(default)]
+    pub anonymous: Option<String>,
+}
+
+fn default_leeway() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_auth_header() -> String {
+    "authorization".into()
+}
+fn default_jwks_ttl() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_jwks_refresh() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// `ip_restriction`: the real client IP (after trusted proxies) against CIDR lists. Deny wins;
+/// with an allow list, only listed ranges pass.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IpRestrictionConfig {
+    /// Ranges allowed (empty: all not denied).
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Ranges denied.
+    #[serde(default)]
+    pub deny: Vec<String>,
+}
+
+/// `acl`: what an authenticated caller needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AclConfig {
+    /// The application must be in one of these consumer groups (empty: not checked).
+    #[serde(default)]
+    pub allow_groups: Vec<String>,
+    /// The application must be in none of these.
+    #[serde(default)]
+    pub deny_groups: Vec<String>,
+    /// Scopes the credential must carry (all of them).
+    #[serde(default)]
+    pub required_scopes: Vec<String>,
+    /// Claims the token must carry with one of the given values.
+    #[serde(default)]
+    pub required_claims: std::collections::BTreeMap<String, Vec<String>>,
+}
+
+/// Rate-limit algorithm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RateLimitAlgorithm {
+    /// Counter per aligned window.
+    FixedWindow,
+    /// Exact for bursts; no double allowance at window edges.
+    #[default]
+    SlidingWindow,
+    /// GCRA: a bucket of `requests` refilled evenly over `per`.
+    TokenBucket,
+    /// Throttling: requests spaced evenly, delayed up to `max_delay`, then refused.
+    LeakyBucket,
+}
+
+/// One limit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LimitConfig {
+    /// Requests allowed per window.
+    pub requests: u64,
+    /// Window length, like `1s`, `10s`, `1d`.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub per: Duration,
+    /// Algorithm.
+    #[serde(default)]
+    pub algorithm: RateLimitAlgorithm,
+    /// Leaky bucket only: the longest a request is delayed before it is refused.
+    #[serde(default, with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub max_delay: Duration,
+}
+
+/// What requests are counted together.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "by", rename_all = "snake_case", deny_unknown_fields)]
+pub enum RateLimitKey {
+    /// The real client IP.
+    #[default]
+    Ip,
+    /// The application (the client IP for anonymous requests).
+    Application,
+    /// The credential (the client IP without one).
+    Credential,
+    /// A request header's value (requests without it share one bucket).
+    Header {
+        /// Header name.
+        name: String,
+    },
+    /// The route.
+    Route,
+    /// The service (the route for routes outside services).
+    Service,
+    /// The application's team (the client IP for anonymous requests).
+    Team,
+    /// One bucket for everything the policy covers.
+    Global,
+}
+
+/// Where counters live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RateLimitMode {
+    /// In this process.
+    #[default]
+    Local,
+    /// In Redis, shared by every node.
+    Redis,
+}
+
+/// Redis settings of a cluster-wide limit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RedisLimitConfig {
+    /// `redis://host:port[/db]`.
+    #[serde(default)]
+    pub url: String,
+    /// Prefix of the counter keys.
+    #[serde(default = "default_redis_prefix")]
+    pub prefix: String,
+    /// How long a check may take before Redis counts as unreachable.
+    #[serde(default = "default_redis_timeout", with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub timeout: Duration,
+    /// When Redis is unreachable: let requests through (`true`, the default) or refuse them
+    /// with 503.
+    #[serde(default = "yes")]
+    pub fail_open: bool,
+}
+
+impl Default for RedisLimitConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            prefix: default_redis_prefix(),
+            timeout: default_redis_timeout(),
+            fail_open: true,
+        }
+    }
+}
+
+fn default_redis_prefix() -> String {
+    "turnpike:rl:".into()
+}
+fn default_redis_timeout() -> Duration {
+    Duration::from_millis(100)
+}
+
+/// `rate_limit`: one or more limits over requests counted by `key`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Limits applied together (say per second and per day).
+    pub limits: Vec<LimitConfig>,
+    /// What is counted together.
+    #[serde(default)]
+    pub key: RateLimitKey,
+    /// Local (this process) or Redis (cluster-wide).
+    #[serde(default)]
+    pub mode: RateLimitMode,
+    /// Redis settings for `mode: redis`.
+    #[serde(default)]
+    pub redis: RedisLimitConfig,
+    /// Send `RateLimit-Policy` and `RateLimit` headers (default true).
+    #[serde(default = "yes")]
+    pub headers: bool,
+    /// Most distinct keys tracked in local mode; beyond it, the stalest are forgotten.
+    #[serde(default = "default_max_keys")]
+    pub max_keys: usize,
+}
+
+fn default_max_keys() -> usize {
+    100_000
+}
+
+/// `cors`: which browser origins may call, and how.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CorsConfig {
+    /// Origins: exact (`https://app.example.com`), a wildcard label
+    /// (`https://*.example.com`), or `*` (not with credentials).
+    pub allow_origins: Vec<String>,
+    /// Methods allowed (default GET, HEAD, POST).
+    #[serde(default = "default_cors_methods")]
+    pub allow_methods: Vec<String>,
+    /// Request headers allowed (default: those the preflight asks for are not echoed; list
+    /// them).
+    #[serde(default)]
+    pub allow_headers: Vec<String>,
+    /// Response headers exposed to scripts.
+    #[serde(default)]
+    pub expose_headers: Vec<String>,
+    /// Allow cookies and `Authorization`.
+    #[serde(default)]
+    pub allow_credentials: bool,
+    /// How long browsers may cache a preflight.
+    #[serde(default = "default_cors_max_age", with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub max_age: Duration,
+}
+
+fn default_cors_methods() -> Vec<String> {
+    vec!["GET".into(), "HEAD".into(), "POST".into()]
+}
+fn default_cors_max_age() -> Duration {
+    Duration::from_secs(600)
+}
+
+/// `request_size`: the largest request body accepted (413 past it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RequestSizeConfig {
+    /// Bytes.
+    pub max_body_bytes: u64,
+}
+
+/// `user_agent`: refuse clients by `User-Agent` (regular expressions). Allow wins over deny.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UserAgentConfig {
+    /// Patterns refused.
+    #[serde(default)]
+    pub deny: Vec<String>,
+    /// Patterns always let through.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Refuse requests without a `User-Agent`.
+    #[serde(default)]
+    pub deny_missing: bool,
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn every_type_parses_defaults_and_has_a_schema() {
+        for t in POLICY_TYPES {
+            assert!(policy_schema(t).is_some(), "{t}");
+            assert!(stage_of(t).is_some(), "{t}");
+        }
+        let k = PolicyKind::parse("key_auth", &Value::Null).unwrap();
+        assert_eq!(k.type_name(), "key_auth");
+        assert_eq!(k.stage(), Stage::Authentication);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = PolicyKind::parse(
+            "rate_limit",
+            &json!({"limits": [{"requests": 0, "per": "1s"}]}),
+        )
+        .unwrap_err();
+        assert_eq!(e.0[0].path, "limits[0].requests");
+        let e = PolicyKind::parse("rate_limit", &json!({"limits": [{"requests": 5}]})).unwrap_err();
+        assert!(e.0[0].message.contains("per"), "{e:?}");
+        let e = PolicyKind::parse("ip_restriction", &json!({"deny": ["10.0.0.0/8", "nope"]}))
+            .unwrap_err();
+        assert_eq!(e.0[0].path, "deny[1]");
+        let e = PolicyKind::parse(
+            "cors",
+            &json!({"allow_origins": ["*"], "allow_credentials": true}),
+        )
+        .unwrap_err();
+        assert_eq!(e.0[0].path, "allow_origins[0]");
+        let e = PolicyKind::parse("nope", &Value::Null).unwrap_err();
+        assert!(e.0[0].message.contains("unknown policy type"));
+        let e = PolicyKind::parse("jwt", &json!({"issuers": [{"issuer": "x"}]})).unwrap_err();
+        assert_eq!(e.0[0].path, "issuers[0]");
+    }
+
+    #[test]
+    fn origin_patterns() {
+        assert!(check_origin_pattern("https://a.example.com").is_ok());
+        assert!(check_origin_pattern("https://*.example.com").is_ok());
+        assert!(check_origin_pattern("http://localhost:3000").is_ok());
+        for bad in [
+            "example.com",
+            "https://a.com/",
+            "ftp://a.com",
+            "https://*",
+            "https://a.*.com",
+        ] {
+            assert!(check_origin_pattern(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,563 @@
+//! Authentication policies: `key_auth`, `basic_auth` and `jwt`, and the rule that picks
+//! among several methods on one route (see the module docs of [`crate::policy`]).
+//!
+//! API keys are looked up by their SHA-256 digest, never compared in clear: the comparison
+//! an attacker can time is between digests of their own guesses and stored digests, which
+//! tells them nothing about any key. Basic-auth passwords are checked against Argon2
+//! hashes off the async runtime, a few at a time, and the outcome is remembered for the
+//! (user, password, stored hash) triple so a client sending the same credentials on every
+//! request does not pay Argon2 each time; a changed password changes the stored hash and so
+//! misses the memory.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use base64::Engine;
+use http::request::Parts;
+use http::{HeaderMap, HeaderName, HeaderValue, Uri, header};
+use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
+use turnpike_model::managed::{Consumer, Managed};
+use turnpike_model::policy::{BasicAuthConfig, JwtConfig, KeyAuthConfig, KeyLocation};
+
+use super::jwt::{IssuerConfig, KeySource, Verifier, VerifierConfig};
+use super::{Compiled, Identity, Policy};
+use crate::error::{ErrorKind, GatewayError};
+
+/// Tries `methods` in order; see the module docs for the rules.
+pub async fn authenticate(
+    methods: &[Arc<Compiled>],
+    managed: &Managed,
+    parts: &mut Parts,
+    identity: &mut Identity,
+    out_headers: &mut HeaderMap,
+) -> Result<(), GatewayError> {
+    for m in methods {
+        let found = match &m.policy {
+            Policy::KeyAuth(k) => k.identify(managed, parts),
+            Policy::BasicAuth(b) => b.identify(managed, parts).await,
+            Policy::Jwt(j) => j.identify(managed, parts).await,
+            _ => Err(GatewayError::new(
+                ErrorKind::Internal,
+                "not an authentication policy",
+            )),
+        };
+        match found {
+            Ok(Some(id)) => {
+                *identity = id;
+                return Ok(());
+            }
+            Ok(None) => {}
+            Err(e) => {
+                challenge(methods, out_headers);
+                return Err(e);
+            }
+        }
+    }
+    for m in methods {
+        let anonymous = match &m.policy {
+            Policy::KeyAuth(k) => k.config.anonymous.as_deref(),
+            Policy::BasicAuth(b) => b.config.anonymous.as_deref(),
+            Policy::Jwt(j) => j.config.anonymous.as_deref(),
+            _ => None,
+        };
+        if let Some(app) = anonymous.and_then(|a| managed.consumers.get(a)) {
+            identity.consumer = Some(app.clone());
+            identity.authenticated = true;
+            identity.anonymous = true;
+            return Ok(());
+        }
+    }
+    challenge(methods, out_headers);
+    let what: Vec<&str> = methods
+        .iter()
+        .filter_map(|m| match &m.policy {
+            Policy::KeyAuth(_) => Some("an API key"),
+            Policy::BasicAuth(_) => Some("basic credentials"),
+            Policy::Jwt(_) => Some("a bearer token"),
+            _ => None,
+        })
+        .collect();
+    Err(GatewayError::new(
+        ErrorKind::CredentialMissing,
+        format!("this API requires {}", what.join(" or ")),
+    ))
+}
+
+/// `WWW-Authenticate` for the methods that have a challenge (RFC 9110 §11.6.1).
+fn challenge(methods: &[Arc<Compiled>], out: &mut HeaderMap) {
+    for m in methods {
+        let value = match &m.policy {
+            Policy::BasicAuth(b) => b.challenge.clone(),
+            Policy::Jwt(_) => HeaderValue::from_static("Bearer"),
+            _ => continue,
+        };
+        out.append(header::WWW_AUTHENTICATE, value);
+    }
+}
+
+/// The identity of an application found by a credential.
+fn identified(consumer: Arc<Consumer>, credential: String) -> Identity {
+    Identity {
+        consumer: Some(consumer),
+        credential: Some(credential),
+        authenticated: true,
+        ..Identity::default()
+    }
+}
+
+/// `key_auth`.
+pub struct KeyAuth {
+    config: KeyAuthConfig,
+    headers: Vec<Option<HeaderName>>,
+}
+
+impl KeyAuth {
+    /// Compiles the policy.
+    pub fn new(config: KeyAuthConfig) -> Self {
+        let headers = config
+            .sources
+            .iter()
+            .map(|s| {
+                (s.location == KeyLocation::Header)
+                    .then(|| HeaderName::from_bytes(s.name.as_bytes()).ok())
+                    .flatten()
+            })
+            .collect();
+        Self { config, headers }
+    }
+
+    fn identify(
+        &self,
+        managed: &Managed,
+        parts: &mut Parts,
+    ) -> Result<Option<Identity>, GatewayError> {
+        for (source, header_name) in self.config.sources.iter().zip(&self.headers) {
+            let key: Option<String> = match source.location {
+                KeyLocation::Header => header_name
+                    .as_ref()
+                    .and_then(|h| parts.headers.get(h))
+                    .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
+                KeyLocation::Query => query_param(parts.uri.query(), &source.name),
+                KeyLocation::Cookie => cookie(&parts.headers, &source.name),
+            };
+            let Some(key) = key else { continue };
+            if self.config.hide_credentials {
+                match source.location {
+                    KeyLocation::Header => {
+                        if let Some(h) = header_name {
+                            parts.headers.remove(h);
+                        }
+                    }
+                    KeyLocation::Query => remove_query_param(&mut parts.uri, &source.name),
+                    KeyLocation::Cookie => remove_cookie(&mut parts.headers, &source.name),
+                }
+            }
+            let hash = crate::access::api_key_hash(key.as_bytes());
+            return match managed.api_keys.get(&hash) {
+                Some(app) => Ok(Some(identified(
+                    app.clone(),
+                    format!("key:{}", &hash[..16]),
+                ))),
+                None => Err(GatewayError::new(
+                    ErrorKind::CredentialInvalid,
+                    "the API key is not valid",
+                )),
+            };
+        }
+        Ok(None)
+    }
+}
+
+/// `basic_auth`.
+pub struct BasicAuth {
+    config: BasicAuthConfig,
+    challenge: HeaderValue,
+    verified: Mutex<HashMap<[u8; 32], bool>>,
+    hashing: Semaphore,
+}
+
+/// Most remembered password checks per policy; the memory is cleared when full.
+const VERIFIED_MEMORY: usize = 10_000;
+
+impl BasicAuth {
+    /// Compiles the policy.
+    pub fn new(config: BasicAuthConfig) -> Self {
+        let realm = config.realm.replace(['"', '\\'], "");
+        let challenge =
+            HeaderValue::from_str(&format!("Basic realm=\"{realm}\", charset=\"UTF-8\""))
+                .unwrap_or(HeaderValue::from_static("Basic"));
+        let cores = std::thread::available_parallelism().map_or(2, usize::from);
+        Self {
+            config,
+            challenge,
+            verified: Mutex::new(HashMap::new()),
+            hashing: Semaphore::new(cores),
+        }
+    }
+
+    async fn identify(
+        &self,
+        managed: &Managed,
+        parts: &mut Parts,
+    ) -> Result<Option<Identity>, GatewayError> {
+        let Some(value) = parts.headers.get(header::AUTHORIZATION) else {
+            return Ok(None);
+        };
+        let Some(encoded) = strip_scheme(value.as_bytes(), b"basic") else {
+            return Ok(None);
+        };
+        let invalid = || {
+            GatewayError::new(
+                ErrorKind::CredentialInvalid,
+                "the credentials are not valid",
+            )
+        };
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(encoded.trim_ascii())
+            .map_err(|_| invalid())?;
+        let decoded = String::from_utf8(decoded).map_err(|_| invalid())?;
+        let (user, password) = decoded.split_once(':').ok_or_else(invalid)?;
+        if self.config.hide_credentials {
+            parts.headers.remove(header::AUTHORIZATION);
+        }
+        let Some(entry) = managed.basic_users.get(user) else {
+            return Err(invalid());
+        };
+        let memo: [u8; 32] = Sha256::new()
+            .chain_update(user.as_bytes())
+            .chain_update([0])
+            .chain_update(password.as_bytes())
+            .chain_update([0])
+            .chain_update(entry.password_hash.as_bytes())
+            .finalize()
+            .into();
+        let known = self
+            .verified
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&memo).copied());
+        let ok = match known {
+            Some(ok) => ok,
+            None => {
+                let _permit = self
+                    .hashing
+                    .acquire()
+                    .await
+                    .map_err(|_| GatewayError::new(ErrorKind::Internal, "hashing closed"))?;
+                let hash = entry.password_hash.clone();
+                let password = password.to_owned();
+                let ok = tokio::task::spawn_blocking(move || verify_password(&password, &hash))
+                    .await
+                    .unwrap_or(false);
+                if let Ok(mut m) = self.verified.lock() {
+                    if m.len() >= VERIFIED_MEMORY {
+                        m.clear();
+                    }
+                    m.insert(memo, ok);
+                }
+                ok
+            }
+        };
+        if !ok {
+            return Err(invalid());
+        }
+        Ok(Some(identified(
+            entry.consumer.clone(),
+            format!("basic:{user}"),
+        )))
+    }
+}
+
+fn verify_password(password: &str, phc: &str) -> bool {
+    use argon2::password_hash::{PasswordHash, PasswordVerifier};
+    PasswordHash::new(phc).is_ok_and(|h| {
+        argon2::Argon2::default()
+            .verify_password(password.as_bytes(), &h)
+            .is_ok()
+    })
+}
+
+/// `jwt`.
+pub struct JwtAuth {
+    config: JwtConfig,
+    verifier: Verifier,
+    header: HeaderName,
+    /// Issuer → application, for issuers that name one.
+    applications: HashMap<String, String>,
+}
+
+impl JwtAuth {
+    /// Compiles the policy: the configured issuers plus the store's `jwt` credentials.
+    pub fn new(config: JwtConfig, managed: &Managed) -> Result<Self, (String, String)> {
+        let mut issuers = Vec::new();
+        let mut applications = HashMap::new();
+        for (i, iss) in config.issuers.iter().enumerate() {
+            let keys = if let Some(var) = &iss.secret_env {
+                let secret = std::env::var(var).map_err(|_| {
+                    (
+                        format!("issuers[{i}].secret_env"),
+                        format!("environment variable `{var}` is not set"),
+                    )
+                })?;
+                KeySource::Secret(secret.into_bytes())
+            } else if let Some(s) = &iss.secret {
+                KeySource::Secret(s.clone().into_bytes())
+            } else if let Some(pem) = &iss.public_key {
+                KeySource::Pem(pem.clone())
+            } else if let Some(jwks) = &iss.jwks {
+                KeySource::Jwks(jwks.to_string())
+            } else if let Some(url) = &iss.jwks_url {
+                KeySource::JwksUrl {
+                    url: url.clone(),
+                    cache_ttl: config.jwks_cache_ttl,
+                    min_refresh_interval: config.jwks_min_refresh,
+                }
+            } else {
+                return Err((format!("issuers[{i}]"), "no keys given".into()));
+            };
+            issuers.push(IssuerConfig {
+                issuer: iss.issuer.clone(),
+                keys,
+                audiences: if iss.audiences.is_empty() {
+                    config.audiences.clone()
+                } else {
+                    iss.audiences.clone()
+                },
+            });
+            if let Some(app) = &iss.application {
+                if !managed.consumers.contains_key(app) {
+                    return Err((
+                        format!("issuers[{i}].application"),
+                        format!("unknown application `{app}`"),
+                    ));
+                }
+                applications.insert(iss.issuer.clone(), app.clone());
+            }
+        }
+        for binding in &managed.jwt_issuers {
+            if issuers.iter().any(|i| i.issuer == binding.issuer) {
+                applications
+                    .entry(binding.issuer.clone())
+                    .or_insert_with(|| binding.consumer.id.clone());
+                continue;
+            }
+            let keys = match (&binding.public_key, &binding.jwks_url, &binding.secret) {
+                (Some(pem), _, _) => KeySource::Pem(pem.clone()),
+                (None, Some(url), _) => KeySource::JwksUrl {
+                    url: url.clone(),
+                    cache_ttl: config.jwks_cache_ttl,
+                    min_refresh_interval: config.jwks_min_refresh,
+                },
+                (None, None, Some(secret)) => KeySource::Secret(secret.clone().into_bytes()),
+                (None, None, None) => continue,
+            };
+            issuers.push(IssuerConfig {
+                issuer: binding.issuer.clone(),
+                keys,
+                audiences: config.audiences.clone(),
+            });
+            applications.insert(binding.issuer.clone(), binding.consumer.id.clone());
+        }
+        let verifier = Verifier::new(VerifierConfig {
+            issuers,
+            leeway: config.leeway,
+            require_exp: config.require_exp,
+            required_claims: config.required_claims.clone(),
+            ..VerifierConfig::default()
+        })
+        .map_err(|e| ("issuers".to_owned(), e))?;
+        let header = HeaderName::from_bytes(config.header.as_bytes())
+            .map_err(|_| ("header".to_owned(), "not a valid header name".to_owned()))?;
+        Ok(Self {
+            config,
+            verifier,
+            header,
+            applications,
+        })
+    }
+
+    async fn identify(
+        &self,
+        managed: &Managed,
+        parts: &mut Parts,
+    ) -> Result<Option<Identity>, GatewayError> {
+        let from_header = parts
+            .headers
+            .get(&self.header)
+            .and_then(|v| strip_scheme(v.as_bytes(), b"bearer"))
+            .map(|t| String::from_utf8_lossy(t.trim_ascii()).into_owned());
+        let token = match from_header {
+            Some(t) => Some(t),
+            None => self
+                .config
+                .cookie
+                .as_deref()
+                .and_then(|c| cookie(&parts.headers, c)),
+        };
+        let Some(token) = token else {
+            return Ok(None);
+        };
+        let verified = self.verifier.verify(&token).await.map_err(|e| match e {
+            // The token may well be good: the issuer's keys cannot be had right now.
+            super::jwt::JwtError::KeysUnavailable => GatewayError::new(
+                ErrorKind::AuthUnavailable,
+                "the token issuer's keys cannot be fetched now; retry later",
+            ),
+            e => GatewayError::new(
+                ErrorKind::CredentialInvalid,
+                format!("the bearer token is not valid: {e}"),
+            ),
+        })?;
+        if self.config.hide_credentials {
+            parts.headers.remove(&self.header);
+            if let Some(c) = &self.config.cookie {
+                remove_cookie(&mut parts.headers, c);
+            }
+        }
+        let app_ref = match &self.config.consumer_claim {
+            Some(claim) => match verified.claims.get(claim) {
+                Some(serde_json::Value::String(s)) => Some(s.clone()),
+                _ => None,
+            },
+            None => self.applications.get(&verified.issuer).cloned(),
+        };
+        let consumer = match app_ref {
+            Some(r) => Some(managed.consumers.get(&r).cloned().ok_or_else(|| {
+                GatewayError::new(
+                    ErrorKind::CredentialInvalid,
+                    "the bearer token names no known application",
+                )
+            })?),
+            None => None,
+        };
+        let credential = format!(
+            "jwt:{}:{}",
+            verified.issuer,
+            verified.subject.as_deref().unwrap_or("-")
+        );
+        Ok(Some(Identity {
+            consumer,
+            credential: Some(credential),
+            scopes: verified.scopes,
+            claims: Some(verified.claims),
+            authenticated: true,
+            anonymous: false,
+        }))
+    }
+}
+
+/// The rest of an `Authorization` value after `scheme` (case-insensitive) and a space.
+fn strip_scheme<'a>(value: &'a [u8], scheme: &[u8]) -> Option<&'a [u8]> {
+    let n = scheme.len();
+    (value.len() > n && value[..n].eq_ignore_ascii_case(scheme) && value[n] == b' ')
+        .then(|| &value[n + 1..])
+}
+
+/// The first value of query parameter `name`, percent-decoded.
+fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    form_urlencoded::parse(query?.as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+}
+
+/// Removes every `name` parameter from the URI's query, keeping the others as they were.
+fn remove_query_param(uri: &mut Uri, name: &str) {
+    let Some(query) = uri.query() else { return };
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| {
+            let key = pair.split_once('=').map_or(*pair, |(k, _)| k);
+            form_urlencoded::parse(key.as_bytes())
+                .next()
+                .is_none_or(|(k, _)| k != name)
+        })
+        .collect();
+    let path = uri.path();
+    let pq = if kept.is_empty() {
+        path.to_owned()
+    } else {
+        format!("{path}?{}", kept.join("&"))
+    };
+    let mut p = std::mem::take(uri).into_parts();
+    if let Ok(pq) = pq.parse() {
+        p.path_and_query = Some(pq);
+    }
+    if let Ok(u) = Uri::from_parts(p) {
+        *uri = u;
+    }
+}
+
+/// The value of cookie `name` from the `Cookie` headers.
+fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.trim_matches('"').to_owned())
+}
+
+/// Removes cookie `name`, keeping the others.
+fn remove_cookie(headers: &mut HeaderMap, name: &str) {
+    let kept: Vec<String> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .map(str::trim)
+        .filter(|c| !c.is_empty() && c.split_once('=').map_or(*c, |(k, _)| k) != name)
+        .map(str::to_owned)
+        .collect();
+    headers.remove(header::COOKIE);
+    if !kept.is_empty()
+        && let Ok(v) = HeaderValue::from_str(&kept.join("; "))
+    {
+        headers.insert(header::COOKIE, v);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_params_are_removed_and_others_kept() {
+        let mut uri: Uri = "/p?a=1&api_key=s%20ecret&b=2&api_key=x".parse().unwrap();
+        assert_eq!(
+            query_param(uri.query(), "api_key").as_deref(),
+            Some("s ecret")
+        );
+        remove_query_param(&mut uri, "api_key");
+        assert_eq!(uri.to_string(), "/p?a=1&b=2");
+        let mut uri: Uri = "/p?api_key=1".parse().unwrap();
+        remove_query_param(&mut uri, "api_key");
+        assert_eq!(uri.to_string(), "/p");
+    }
+
+    #[test]
+    fn cookies_are_found_and_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; key=abc; b=2"),
+        );
+        assert_eq!(cookie(&h, "key").as_deref(), Some("abc"));
+        remove_cookie(&mut h, "key");
+        assert_eq!(h[header::COOKIE], "a=1; b=2");
+        remove_cookie(&mut h, "a");
+        remove_cookie(&mut h, "b");
+        assert!(h.get(header::COOKIE).is_none());
+    }
+
+    #[test]
+    fn schemes_are_case_insensitive() {
+        assert_eq!(strip_scheme(b"Bearer abc", b"bearer"), Some(&b"abc"[..]));
+        assert_eq!(strip_scheme(b"BASIC abc", b"basic"), Some(&b"abc"[..]));
+        assert_eq!(strip_scheme(b"Bearerabc", b"bearer"), None);
+        assert_eq!(strip_scheme(b"Basic", b"basic"), None);
+    }
+}

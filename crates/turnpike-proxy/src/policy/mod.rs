@@ -1,0 +1,521 @@
+//! Policies: the gateway's cross-cutting behaviour, compiled from configuration and run in
+//! the request pipeline's `access` phase.
+//!
+//! # Order
+//!
+//! Each route gets a [`Chain`]: its policies grouped by [`Stage`] and, within a stage, by
+//! `priority` (higher first, then name). A request runs the stages in this order:
+//!
+//! 1. **Admission** (`ip_restriction`, `user_agent`, `request_size`): refuse cheaply on the
+//!    client IP and request head. CORS response headers are decided here too, so that every
+//!    answer the browser gets from here on (401, 429 included) carries them.
+//! 2. **Authentication** (`key_auth`, `basic_auth`, `jwt`): the methods are tried in order and
+//!    the first whose credential is *present* decides: valid → identified, invalid → 401
+//!    `credential_invalid`. With no credential at all, the first `anonymous` application
+//!    configured is used, else 401 `credential_missing`. A CORS preflight skips this stage.
+//! 3. **Authorization** (`acl`), then the managed service's subscription check.
+//! 4. **Limit** (`rate_limit`). Limits keyed by something known before authentication
+//!    (client IP, a header, route, service, everything) run just before authentication, so
+//!    failed credential guesses count. Limits keyed by application, credential or team run
+//!    after it; for those, an application's own `rate_limit` policies replace the route's,
+//!    and failing that, its plan's do.
+//! 5. **CORS**: a preflight is answered here — after the limits, so preflights are limited
+//!    too.
+//!
+//! # Scopes
+//!
+//! For each policy type, the attachments of the most specific scope that has that type win:
+//! route over service over global. A disabled attachment at that scope switches the type
+//! off for the route. Several attachments of one type at one scope all run (two rate limits,
+//! or two authentication methods).
+//!
+//! # State across reloads
+//!
+//! A compiled policy carries state (rate-limit counters, JWKS caches, verified passwords).
+//! [`PolicyCache`] keeps each compiled policy while its name, scope and configuration are
+//! unchanged, so a reload that does not touch a policy does not reset it. Policies look
+//! consumers up in the snapshot's index at request time, so credential changes need no
+//! recompiled policy; only `jwt` depends on the store's credentials (their issuers' keys)
+//! and is rebuilt when those change.
+
+pub mod auth;
+pub mod cors;
+pub mod jwt;
+pub mod limit;
+pub mod ratelimit;
+pub mod rules;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use http::request::Parts;
+use http::{HeaderMap, Response};
+use turnpike_model::managed::{Consumer, Managed};
+use turnpike_model::mgmt::{PolicyScope, PolicySpec};
+use turnpike_model::policy::{PolicyKind, Stage};
+use turnpike_model::{Config, ConfigError};
+
+use crate::body::ProxyBody;
+use crate::error::{ErrorKind, GatewayError};
+
+/// One compiled policy attachment.
+pub struct Compiled {
+    /// The attachment's name (store policies: `team/...`).
+    pub name: Arc<str>,
+    /// Order within its stage (higher first).
+    pub priority: i32,
+    /// What it does.
+    pub policy: Policy,
+}
+
+/// The compiled form of each policy type.
+pub enum Policy {
+    /// `key_auth`.
+    KeyAuth(auth::KeyAuth),
+    /// `basic_auth`.
+    BasicAuth(auth::BasicAuth),
+    /// `jwt`.
+    Jwt(auth::JwtAuth),
+    /// `ip_restriction`.
+    IpRestriction(rules::IpRules),
+    /// `user_agent`.
+    UserAgent(rules::UserAgentRules),
+    /// `request_size`.
+    RequestSize(u64),
+    /// `acl`.
+    Acl(rules::Acl),
+    /// `rate_limit`.
+    RateLimit(limit::RateLimit),
+    /// `cors`.
+    Cors(cors::Cors),
+}
+
+impl Policy {
+    fn stage(&self) -> Stage {
+        match self {
+            Self::IpRestriction(_) | Self::UserAgent(_) | Self::RequestSize(_) => Stage::Admission,
+            Self::KeyAuth(_) | Self::BasicAuth(_) | Self::Jwt(_) => Stage::Authentication,
+            Self::Acl(_) => Stage::Authorization,
+            Self::RateLimit(_) => Stage::Limit,
+            Self::Cors(_) => Stage::Cors,
+        }
+    }
+}
+
+/// The policies of one route, by stage, in running order.
+#[derive(Default, Clone)]
+pub struct Chain {
+    /// Admission checks.
+    pub admission: Vec<Arc<Compiled>>,
+    /// Authentication methods, tried in order.
+    pub authentication: Vec<Arc<Compiled>>,
+    /// Authorization checks.
+    pub authorization: Vec<Arc<Compiled>>,
+    /// Rate limits keyed by what the request shows (IP, header, route, ...): they run before
+    /// authentication.
+    pub early_limits: Vec<Arc<Compiled>>,
+    /// Rate limits keyed by the caller's identity: they run after authentication.
+    pub limits: Vec<Arc<Compiled>>,
+    /// CORS, at most one (the highest priority).
+    pub cors: Option<Arc<Compiled>>,
+}
+
+impl Chain {
+    /// Whether the route has no policy at all (the common, fast case).
+    pub fn is_empty(&self) -> bool {
+        self.admission.is_empty()
+            && self.authentication.is_empty()
+            && self.authorization.is_empty()
+            && self.early_limits.is_empty()
+            && self.limits.is_empty()
+            && self.cors.is_none()
+    }
+
+    /// The smallest `request_size` limit of the chain, if any.
+    pub fn max_body_bytes(&self) -> Option<u64> {
+        self.admission
+            .iter()
+            .filter_map(|c| match c.policy {
+                Policy::RequestSize(max) => Some(max),
+                _ => None,
+            })
+            .min()
+    }
+
+    fn push(&mut self, c: Arc<Compiled>) {
+        match c.policy.stage() {
+            Stage::Admission => self.admission.push(c),
+            Stage::Authentication => self.authentication.push(c),
+            Stage::Authorization => self.authorization.push(c),
+            Stage::Limit if limit::identity_keyed(&c) => self.limits.push(c),
+            Stage::Limit => self.early_limits.push(c),
+            Stage::Cors => {
+                if self.cors.as_ref().is_none_or(|old| rank(&c) < rank(old)) {
+                    self.cors = Some(c);
+                }
+            }
+        }
+    }
+
+    fn sort(&mut self) {
+        for v in [
+            &mut self.admission,
+            &mut self.authentication,
+            &mut self.authorization,
+            &mut self.early_limits,
+            &mut self.limits,
+        ] {
+            v.sort_by(|a, b| rank(a).cmp(&rank(b)));
+        }
+    }
+}
+
+fn rank(c: &Compiled) -> (std::cmp::Reverse<i32>, &str) {
+    (std::cmp::Reverse(c.priority), &c.name)
+}
+
+/// Everything policy-related a snapshot holds.
+#[derive(Default)]
+pub struct Policies {
+    /// Per route, indexed like the snapshot's routes.
+    pub chains: Vec<Chain>,
+    /// `rate_limit` policies of applications, by application id.
+    pub by_application: HashMap<String, Vec<Arc<Compiled>>>,
+    /// `rate_limit` policies of plans, by plan id.
+    pub by_plan: HashMap<String, Vec<Arc<Compiled>>>,
+}
+
+/// Keeps compiled policies across reloads (see the module docs).
+#[derive(Default)]
+pub struct PolicyCache {
+    entries: HashMap<String, Arc<Compiled>>,
+}
+
+impl PolicyCache {
+    /// Compiles the policies of `config` for its routes (given as names, in snapshot order,
+    /// with the service id each belongs to). `managed` is the merged consumer index. On
+    /// success the cache keeps exactly the policies in use; on failure it is unchanged.
+    pub async fn compile(
+        &mut self,
+        config: &Config,
+        routes: &[(&str, Option<&str>)],
+        managed: &Arc<Managed>,
+        errors: &mut Vec<ConfigError>,
+    ) -> Policies {
+        let mut entries = HashMap::new();
+        let mut compiled: Vec<(&PolicySpec, Option<Arc<Compiled>>)> = Vec::new();
+        for (i, spec) in config.policies.iter().enumerate() {
+            if !spec.enabled {
+                compiled.push((spec, None));
+                continue;
+            }
+            let mut cache_key = format!(
+                "{}\u{0}{:?}\u{0}{}\u{0}{}\u{0}{}",
+                spec.name, spec.scope, spec.policy_type, spec.priority, spec.config
+            );
+            if spec.policy_type == "jwt" {
+                // The store's jwt credentials are part of what a `jwt` policy trusts.
+                cache_key.push_str(&format!("\u{0}{:?}", managed.jwt_issuers));
+            }
+            if let Some(app) = spec.config.get("anonymous").and_then(|a| a.as_str())
+                && !managed.consumers.contains_key(app)
+            {
+                errors.push(ConfigError::at(
+                    format!("policies[{i}].config.anonymous"),
+                    format!("unknown application `{app}`"),
+                ));
+                continue;
+            }
+            if let Some(c) = self.entries.get(&cache_key) {
+                entries.insert(cache_key, c.clone());
+                compiled.push((spec, Some(c.clone())));
+                continue;
+            }
+            let path = format!("policies[{i}]");
+            let kind = match PolicyKind::parse_attachment(&spec.policy_type, &spec.config) {
+                Ok(k) => k,
+                Err(e) => {
+                    for e in e.0 {
+                        errors.push(ConfigError::at(format!("{path}.{}", e.path), e.message));
+                    }
+                    continue;
+                }
+            };
+            let policy = match build(kind, managed, &spec.name).await {
+                Ok(p) => p,
+                Err((field, why)) => {
+                    let at = if field.is_empty() {
+                        format!("{path}.config")
+                    } else {
+                        format!("{path}.config.{field}")
+                    };
+                    errors.push(ConfigError::at(at, why));
+                    continue;
+                }
+            };
+            let c = Arc::new(Compiled {
+                name: Arc::from(spec.name.as_str()),
+                priority: spec.priority,
+                policy,
+            });
+            entries.insert(cache_key, c.clone());
+            compiled.push((spec, Some(c)));
+        }
+
+        let mut policies = Policies::default();
+        for (route, service) in routes {
+            policies.chains.push(chain_for(&compiled, route, *service));
+        }
+        for (spec, c) in &compiled {
+            let (Some(c), true) = (c, spec.policy_type == "rate_limit") else {
+                continue;
+            };
+            match &spec.scope {
+                PolicyScope::Application(id) => {
+                    let id = managed
+                        .consumers
+                        .get(id)
+                        .map_or_else(|| id.clone(), |c| c.id.clone());
+                    policies
+                        .by_application
+                        .entry(id)
+                        .or_default()
+                        .push(c.clone());
+                }
+                PolicyScope::Plan(id) => {
+                    policies
+                        .by_plan
+                        .entry(id.clone())
+                        .or_default()
+                        .push(c.clone());
+                }
+                _ => {}
+            }
+        }
+        for v in policies
+            .by_application
+            .values_mut()
+            .chain(policies.by_plan.values_mut())
+        {
+            v.sort_by(|a, b| rank(a).cmp(&rank(b)));
+        }
+        if errors.is_empty() {
+            self.entries = entries;
+        }
+        policies
+    }
+}
+
+/// The chain of one route: per type, the most specific scope's attachments.
+fn chain_for(
+    compiled: &[(&PolicySpec, Option<Arc<Compiled>>)],
+    route: &str,
+    service: Option<&str>,
+) -> Chain {
+    // Specificity: 2 route, 1 service, 0 global.
+    let level = |scope: &PolicyScope| match scope {
+        PolicyScope::Route(r) if r == route => Some(2),
+        PolicyScope::Service(s) if Some(s.as_str()) == service => Some(1),
+        PolicyScope::Global => Some(0),
+        _ => None,
+    };
+    let mut best: HashMap<&str, u8> = HashMap::new();
+    for (spec, _) in compiled {
+        if let Some(l) = level(&spec.scope) {
+            let e = best.entry(spec.policy_type.as_str()).or_insert(l);
+            *e = (*e).max(l);
+        }
+    }
+    let mut chain = Chain::default();
+    for (spec, c) in compiled {
+        let (Some(c), Some(l)) = (c, level(&spec.scope)) else {
+            continue;
+        };
+        if best.get(spec.policy_type.as_str()) == Some(&l) {
+            chain.push(c.clone());
+        }
+    }
+    chain.sort();
+    chain
+}
+
+async fn build(
+    kind: PolicyKind,
+    managed: &Managed,
+    name: &str,
+) -> Result<Policy, (String, String)> {
+    Ok(match kind {
+        PolicyKind::KeyAuth(c) => Policy::KeyAuth(auth::KeyAuth::new(c)),
+        PolicyKind::BasicAuth(c) => Policy::BasicAuth(auth::BasicAuth::new(c)),
+        PolicyKind::Jwt(c) => Policy::Jwt(auth::JwtAuth::new(c, managed)?),
+        PolicyKind::IpRestriction(c) => Policy::IpRestriction(rules::IpRules::new(&c)?),
+        PolicyKind::UserAgent(c) => Policy::UserAgent(rules::UserAgentRules::new(&c)?),
+        PolicyKind::RequestSize(c) => Policy::RequestSize(c.max_body_bytes),
+        PolicyKind::Acl(c) => Policy::Acl(rules::Acl::new(c)),
+        PolicyKind::RateLimit(c) => Policy::RateLimit(limit::RateLimit::new(name, c).await?),
+        PolicyKind::Cors(c) => Policy::Cors(cors::Cors::new(c)?),
+    })
+}
+
+/// What the access phase learns about the caller, for later stages and the upstream.
+#[derive(Default)]
+pub struct Identity {
+    /// The application, when one was identified.
+    pub consumer: Option<Arc<Consumer>>,
+    /// A stable id of the credential used (for limits keyed by credential).
+    pub credential: Option<String>,
+    /// Scopes the credential carries.
+    pub scopes: Vec<String>,
+    /// Token claims (JWT).
+    pub claims: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Whether an authentication policy accepted the request (or chose the anonymous
+    /// application).
+    pub authenticated: bool,
+    /// Whether the application is the anonymous one (no credential was presented).
+    pub anonymous: bool,
+}
+
+/// What a request brings to the policies.
+pub struct Request<'a> {
+    /// The real client IP (after trusted proxies).
+    pub client_ip: IpAddr,
+    /// The route's name.
+    pub route: &'a str,
+    /// The route's service id, if it belongs to one.
+    pub service: Option<&'a str>,
+}
+
+/// Runs the access stages of `chain`. `Ok(Some(resp))` answers the request (a preflight);
+/// `Ok(None)` lets it go on. Headers to add to whatever response the client gets (CORS,
+/// `RateLimit`, `WWW-Authenticate`) are put into `out_headers`, also on error.
+pub async fn run_access(
+    chain: &Chain,
+    policies: &Policies,
+    managed: &Managed,
+    req: &Request<'_>,
+    parts: &mut Parts,
+    identity: &mut Identity,
+    out_headers: &mut HeaderMap,
+) -> Result<Option<Response<ProxyBody>>, GatewayError> {
+    let preflight = match &chain.cors {
+        Some(c) => {
+            let Policy::Cors(cors) = &c.policy else {
+                return Err(internal());
+            };
+            cors.decide(&parts.method, &parts.headers, out_headers)
+        }
+        None => None,
+    };
+
+    for p in &chain.admission {
+        match &p.policy {
+            Policy::IpRestriction(r) => r.check(req.client_ip)?,
+            Policy::UserAgent(r) => r.check(&parts.headers)?,
+            Policy::RequestSize(max) => rules::check_size(&parts.headers, *max)?,
+            _ => return Err(internal()),
+        }
+    }
+
+    // Limits that do not depend on who calls count every request, failed credential
+    // guesses included.
+    if !chain.early_limits.is_empty() {
+        limit::enforce(
+            &chain.early_limits,
+            req,
+            identity,
+            &parts.headers,
+            out_headers,
+        )
+        .await?;
+    }
+
+    if preflight.is_none() && !chain.authentication.is_empty() {
+        auth::authenticate(&chain.authentication, managed, parts, identity, out_headers).await?;
+        for p in &chain.authorization {
+            let Policy::Acl(acl) = &p.policy else {
+                return Err(internal());
+            };
+            acl.check(identity)?;
+        }
+    } else if preflight.is_none() && !chain.authorization.is_empty() {
+        // An `acl` with no authentication method on the route cannot know the caller.
+        return Err(GatewayError::new(
+            ErrorKind::CredentialMissing,
+            "this route requires an authenticated application",
+        ));
+    }
+
+    let limits = effective_limits(&chain.limits, policies, managed, req, identity);
+    if !limits.is_empty() {
+        limit::enforce(limits, req, identity, &parts.headers, out_headers).await?;
+    }
+
+    Ok(preflight)
+}
+
+/// The identity-keyed rate limits that apply: the application's own, else its plan's, else
+/// the route's.
+fn effective_limits<'a>(
+    route_limits: &'a [Arc<Compiled>],
+    policies: &'a Policies,
+    managed: &Managed,
+    req: &Request<'_>,
+    identity: &Identity,
+) -> &'a [Arc<Compiled>] {
+    if let Some(consumer) = &identity.consumer {
+        if let Some(own) = policies.by_application.get(&consumer.id) {
+            return own;
+        }
+        if let Some(service) = req.service
+            && let Some(Some(plan)) = managed
+                .subscriptions
+                .get(&(consumer.id.clone(), service.to_owned()))
+            && let Some(by_plan) = policies.by_plan.get(plan)
+        {
+            return by_plan;
+        }
+    }
+    route_limits
+}
+
+fn internal() -> GatewayError {
+    GatewayError::new(ErrorKind::Internal, "policy chain out of order")
+}
+
+/// The consumer index of a snapshot: the store's, with the file's consumers added.
+pub fn merged_consumers(config: &Config) -> Arc<Managed> {
+    if config.consumers.is_empty() {
+        return config.managed.clone();
+    }
+    let mut m = (*config.managed).clone();
+    for c in &config.consumers {
+        let consumer = Arc::new(Consumer {
+            id: c.name.clone(),
+            name: c.name.clone(),
+            team: String::new(),
+            groups: c.groups.clone(),
+        });
+        m.consumers.insert(c.name.clone(), consumer.clone());
+        for k in &c.api_keys {
+            let hash = match k {
+                turnpike_model::ApiKeyConfig::Sha256(h) => h.to_ascii_lowercase(),
+                turnpike_model::ApiKeyConfig::Env(var) => match std::env::var(var) {
+                    Ok(v) if !v.is_empty() => crate::access::api_key_hash(v.as_bytes()),
+                    _ => continue,
+                },
+            };
+            m.api_keys.insert(hash, consumer.clone());
+        }
+        for b in &c.basic_auth {
+            m.basic_users.insert(
+                b.username.clone(),
+                turnpike_model::managed::BasicUser {
+                    password_hash: b.password_hash.clone(),
+                    consumer: consumer.clone(),
+                },
+            );
+        }
+    }
+    Arc::new(m)
+}
