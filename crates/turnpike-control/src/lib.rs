@@ -129,6 +129,8 @@ pub fn compile(state: &StoreState) -> StorePart {
     let team_of = |o: &Object| -> Option<&String> { team_names.get(o.team_id.as_deref()?) };
 
     let mut upstream_names = HashSet::new();
+    // Policies of releases, checked once the consumers they may name are known.
+    let mut released_policies: Vec<(PolicySpec, String, String)> = Vec::new();
     for o in of(Kind::Upstream) {
         let (Some(team), Some(mut u)) = (team_of(o), spec::<UpstreamSpec>(o, &mut part.warnings))
         else {
@@ -159,7 +161,15 @@ pub fn compile(state: &StoreState) -> StorePart {
         let Some(space) = o.team_id.as_deref().and_then(|id| teams.get(id)) else {
             continue;
         };
-        compile_release(&mut part, space, o, lifecycle, release, &upstream_names);
+        compile_release(
+            &mut part,
+            space,
+            o,
+            lifecycle,
+            release,
+            &upstream_names,
+            &mut released_policies,
+        );
     }
 
     // Applications, their groups and their credentials.
@@ -169,11 +179,12 @@ pub fn compile(state: &StoreState) -> StorePart {
         else {
             continue;
         };
+        // Qualified by team: another team's group of the same name is another group.
         for app in g.applications {
             groups
                 .entry((team.clone(), app))
                 .or_default()
-                .push(g.name.clone());
+                .push(format!("{team}/{}", g.name));
         }
     }
     let mut apps: HashMap<(String, String), Arc<Consumer>> = HashMap::new();
@@ -218,6 +229,14 @@ pub fn compile(state: &StoreState) -> StorePart {
                 password_hash,
                 ..
             } if !password_hash.is_empty() => {
+                // One team must not shadow another's user: the first credential keeps the name.
+                if part.managed.basic_users.contains_key(&username) {
+                    part.warnings.push(format!(
+                        "credential `{}` ({}): basic-auth user `{username}` already exists; left out",
+                        o.name, o.id
+                    ));
+                    continue;
+                }
                 part.managed.basic_users.insert(
                     username,
                     BasicUser {
@@ -236,6 +255,13 @@ pub fn compile(state: &StoreState) -> StorePart {
                     part.warnings.push(format!(
                         "credential `{}` ({}): HMAC secrets of jwt credentials are not used yet; \
                          give the issuer a public key or JWKS URL",
+                        o.name, o.id
+                    ));
+                    continue;
+                }
+                if part.managed.jwt_issuers.iter().any(|b| b.issuer == issuer) {
+                    part.warnings.push(format!(
+                        "credential `{}` ({}): issuer `{issuer}` is already bound to an application; left out",
                         o.name, o.id
                     ));
                     continue;
@@ -277,6 +303,9 @@ pub fn compile(state: &StoreState) -> StorePart {
         }
     }
 
+    for (policy, team, label) in released_policies {
+        push_policy(&mut part, policy, &team, &label);
+    }
     // Live policies: global ones and those of applications and plans (operations, not API
     // design; a service's and its routes' policies come with its releases).
     for o in of(Kind::Policy) {
@@ -289,8 +318,15 @@ pub fn compile(state: &StoreState) -> StorePart {
             PolicyScope::Application(a) => apps
                 .get(&(team.clone(), a.clone()))
                 .map(|c| PolicyScope::Application(c.id.clone())),
+            // A plan no approved subscription uses has no request to apply to.
             PolicyScope::Plan(plan) => plan_ids
                 .get(&(team.clone(), plan.clone()))
+                .filter(|id| {
+                    part.managed
+                        .subscriptions
+                        .values()
+                        .any(|p| p.as_ref() == Some(*id))
+                })
                 .map(|id| PolicyScope::Plan(id.clone())),
             PolicyScope::Service(_) | PolicyScope::Route(_) => continue,
         };
@@ -299,7 +335,7 @@ pub fn compile(state: &StoreState) -> StorePart {
             Some(scope) => {
                 p.scope = scope;
                 p.name = format!("{team}/{}", p.name);
-                push_policy(&mut part, p, &label);
+                push_policy(&mut part, p, team, &label);
             }
             None => part
                 .warnings
@@ -309,12 +345,52 @@ pub fn compile(state: &StoreState) -> StorePart {
     part
 }
 
-/// Adds a policy whose target is resolved, if its configuration is valid.
-fn push_policy(part: &mut StorePart, policy: PolicySpec, label: &str) {
-    match PolicyKind::parse_attachment(&policy.policy_type, &policy.config) {
-        Ok(_) => part.policies.push(policy),
+/// Adds a policy of `team` whose target is resolved, if it can be compiled against the
+/// store's consumers: one team's broken policy is left out with a warning, never allowed to
+/// stop every other change from reaching the gateway.
+fn push_policy(part: &mut StorePart, mut policy: PolicySpec, team: &str, label: &str) {
+    // A team's `acl` names its own consumer groups; groups are qualified by team.
+    if policy.policy_type == "acl"
+        && let Some(config) = policy.config.as_object_mut()
+    {
+        for field in ["allow_groups", "deny_groups"] {
+            if let Some(Value::Array(groups)) = config.get_mut(field) {
+                for g in groups.iter_mut() {
+                    if let Value::String(name) = g
+                        && !name.contains('/')
+                    {
+                        *name = format!("{team}/{name}");
+                    }
+                }
+            }
+        }
+    }
+    match PolicyKind::parse_attachment(&policy.policy_type, &policy.config)
+        .map_err(|e| e.to_string())
+        .and_then(|kind| {
+            turnpike_proxy::policy::precheck(&kind, &part.managed)
+                .map_err(|(field, why)| format!("config.{field}: {why}"))
+        }) {
+        Ok(()) => part.policies.push(policy),
+        Err(e) if guards_access(&policy.policy_type) => {
+            // Leaving out an access guard would open the route: refuse its requests instead.
+            part.warnings.push(format!(
+                "{label}: {e}; refusing every request it covers until it is fixed"
+            ));
+            policy.policy_type = "ip_restriction".into();
+            policy.config = serde_json::json!({ "deny": ["0.0.0.0/0", "::/0"] });
+            part.policies.push(policy);
+        }
         Err(e) => part.warnings.push(format!("{label}: {e}; left out")),
     }
+}
+
+/// Policy types whose absence would let requests through that they would refuse.
+fn guards_access(policy_type: &str) -> bool {
+    matches!(
+        policy_type,
+        "key_auth" | "basic_auth" | "jwt" | "acl" | "ip_restriction" | "user_agent"
+    )
 }
 
 /// Adds one service release's routes.
@@ -325,6 +401,7 @@ fn compile_release(
     lifecycle: Lifecycle,
     release: &Release,
     upstream_names: &HashSet<String>,
+    released_policies: &mut Vec<(PolicySpec, String, String)>,
 ) {
     let team = space.name.as_str();
     let label = format!("service {team}/{} release {}", service.name, release.number);
@@ -411,6 +488,11 @@ fn compile_release(
             _ => None,
         };
         let policy_label = format!("{label}: policy `{}`", policy.name);
+        // A service whose routes were all left out has nothing to attach to.
+        let scope = scope.filter(|s| match s {
+            PolicyScope::Service(id) => part.managed.routes.values().any(|b| b.id == *id),
+            _ => true,
+        });
         let Some(scope) = scope else {
             part.warnings.push(format!(
                 "{policy_label}: its target is not served; left out"
@@ -419,7 +501,7 @@ fn compile_release(
         };
         policy.scope = scope;
         policy.name = format!("{team}/{}/{}", service.name, policy.name);
-        push_policy(part, policy, &policy_label);
+        released_policies.push((policy, team.to_owned(), policy_label));
     }
 }
 

@@ -790,6 +790,14 @@ pub fn parse_spec(kind: Kind, value: Value) -> Result<Value, ConfigErrors> {
         let policy_type = value.get("type").and_then(Value::as_str).unwrap_or("");
         let config = value.get("config").unwrap_or(&Value::Null);
         crate::policy::PolicyKind::parse_attachment(policy_type, config)?;
+        let scope = value.get("scope").and_then(Value::as_str).unwrap_or("");
+        if matches!(scope, "application" | "plan") && policy_type != "rate_limit" {
+            return Err(ConfigError::at(
+                "type",
+                format!("only rate_limit policies can be attached to an {scope}"),
+            )
+            .into());
+        }
     }
     Ok(value)
 }

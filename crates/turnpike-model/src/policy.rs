@@ -180,6 +180,7 @@ impl PolicyKind {
             Self::Jwt(c) => {
                 for (i, iss) in c.issuers.iter().enumerate() {
                     let given = [
+                        iss.secret_env.is_some(),
                         iss.secret.is_some(),
                         iss.public_key.is_some(),
                         iss.jwks.is_some(),
@@ -191,7 +192,8 @@ impl PolicyKind {
                     if given != 1 {
                         return Err((
                             format!("issuers[{i}]"),
-                            "give exactly one of `secret`, `public_key`, `jwks`, `jwks_url`".into(),
+                            "give exactly one of `secret_env`, `secret`, `public_key`, `jwks`, `jwks_url`"
+                                .into(),
                         ));
                     }
                 }
@@ -437,9 +439,14 @@ pub struct JwtIssuer {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JwtConfig {
-    /// Trusted issuers. Issuers of `jwt` credentials in the store are trusted too.
+    /// Trusted issuers.
     #[serde(default)]
     pub issuers: Vec<JwtIssuer>,
+    /// Also trust the issuers of `jwt` credentials in the store. Their tokens identify the
+    /// credential's application only (never through `consumer_claim`). Off by default: any
+    /// team can register a credential, and so an issuer.
+    #[serde(default)]
+    pub trust_credentials: bool,
     /// Accepted audiences (`aud` must contain one); empty: not checked.
     #[serde(default)]
     pub audiences: Vec<String>,

@@ -330,6 +330,16 @@ pub fn validate(config: &Config) -> Result<(), ConfigErrors> {
                 err(format!("{p}.{}", e.path), e.message);
             }
         }
+        if matches!(
+            pol.scope,
+            PolicyScope::Application(_) | PolicyScope::Plan(_)
+        ) && pol.policy_type != "rate_limit"
+        {
+            err(
+                format!("{p}.type"),
+                "only rate_limit policies can be attached to an application or plan".into(),
+            );
+        }
         let known = match &pol.scope {
             PolicyScope::Global => true,
             PolicyScope::Route(r) => routes.contains(r.as_str()),
@@ -337,7 +347,11 @@ pub fn validate(config: &Config) -> Result<(), ConfigErrors> {
                 consumers.contains(a.as_str()) || config.managed.consumers.contains_key(a)
             }
             PolicyScope::Service(s) => config.managed.routes.values().any(|b| b.id == *s),
-            PolicyScope::Plan(_) => !config.managed.routes.is_empty(),
+            PolicyScope::Plan(id) => config
+                .managed
+                .subscriptions
+                .values()
+                .any(|p| p.as_ref() == Some(id)),
         };
         if !known {
             err(

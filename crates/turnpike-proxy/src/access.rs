@@ -29,16 +29,33 @@ pub static AUTHENTICATED_SCOPES: HeaderName = HeaderName::from_static("x-authent
 /// See [`CONSUMER_ID`]: `true` when the application is a route's anonymous one.
 pub static ANONYMOUS_CONSUMER: HeaderName = HeaderName::from_static("x-anonymous-consumer");
 
-/// Removes identity headers a client may have sent.
+/// The identity headers the gateway sets.
+const IDENTITY: [&HeaderName; 5] = [
+    &CONSUMER_ID,
+    &CONSUMER_NAME,
+    &CONSUMER_TEAM,
+    &AUTHENTICATED_SCOPES,
+    &ANONYMOUS_CONSUMER,
+];
+
+/// Removes identity headers a client may have sent, also spelled with `_` for `-`: CGI-style
+/// servers (PHP, WSGI, nginx with `underscores_in_headers`) read `X_Consumer_Id` as
+/// `X-Consumer-Id`.
 pub fn strip_identity(headers: &mut HeaderMap) {
-    for name in [
-        &CONSUMER_ID,
-        &CONSUMER_NAME,
-        &CONSUMER_TEAM,
-        &AUTHENTICATED_SCOPES,
-        &ANONYMOUS_CONSUMER,
-    ] {
+    for name in IDENTITY {
         headers.remove(name);
+    }
+    let spoofed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().contains('_'))
+        .filter(|k| {
+            let dashed = k.as_str().replace('_', "-");
+            IDENTITY.iter().any(|n| n.as_str() == dashed)
+        })
+        .cloned()
+        .collect();
+    for name in spoofed {
+        headers.remove(&name);
     }
 }
 

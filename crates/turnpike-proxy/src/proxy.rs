@@ -242,7 +242,6 @@ async fn proxy(
         };
         let answer = crate::policy::run_access(
             &route.chain,
-            &snap.policies,
             &snap.managed,
             &preq,
             &mut parts,
@@ -268,6 +267,23 @@ async fn proxy(
         if let Access::Respond(resp) = access {
             return Ok(resp);
         }
+    }
+    if !route.chain.limits.is_empty() || snap.policies.has_consumer_limits() {
+        let preq = crate::policy::Request {
+            client_ip,
+            route: &route.name,
+            service: route.service.as_deref().map(|s| s.id.as_str()),
+        };
+        crate::policy::run_identity_limits(
+            &route.chain,
+            &snap.policies,
+            &snap.managed,
+            &preq,
+            &identity,
+            &parts.headers,
+            &mut log.response_headers,
+        )
+        .await?;
     }
 
     // Phase `upstream_request`.
@@ -630,14 +646,23 @@ fn client_ip(settings: &Settings, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
     if !settings.is_trusted(peer) {
         return peer;
     }
+    // A trusted proxy vouched for an entry we cannot read: the client is unknown. Answering
+    // with the proxy's own (often allow-listed, internal) address would be wrong; `::` is in
+    // no one's allow list and puts every such client in one rate-limit bucket.
+    let unknown = IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED);
     let mut candidate = peer;
     for value in headers.get_all("x-forwarded-for").iter().rev() {
         let Ok(s) = value.to_str() else {
-            return candidate;
+            return unknown;
         };
         for part in s.rsplit(',') {
-            let Ok(ip) = part.trim().parse::<IpAddr>() else {
-                return candidate;
+            let part = part.trim();
+            let parsed = part
+                .parse::<IpAddr>()
+                .ok()
+                .or_else(|| part.parse::<SocketAddr>().ok().map(|a| a.ip()));
+            let Some(ip) = parsed.map(|ip| ip.to_canonical()) else {
+                return unknown;
             };
             candidate = ip;
             if !settings.is_trusted(ip) {
@@ -872,6 +897,18 @@ mod tests {
         assert_eq!(
             client_ip(&s, "10.0.0.1".parse().unwrap(), &h),
             "1.2.3.4".parse::<IpAddr>().unwrap()
+        );
+        // An entry with a port is read; one that cannot be read makes the client unknown,
+        // never the trusted proxy itself.
+        h.insert("x-forwarded-for", HeaderValue::from_static("1.2.3.4:5678"));
+        assert_eq!(
+            client_ip(&s, "10.0.0.1".parse().unwrap(), &h),
+            "1.2.3.4".parse::<IpAddr>().unwrap()
+        );
+        h.insert("x-forwarded-for", HeaderValue::from_static("unknown"));
+        assert_eq!(
+            client_ip(&s, "10.0.0.1".parse().unwrap(), &h),
+            "::".parse::<IpAddr>().unwrap()
         );
     }
 

@@ -92,6 +92,8 @@ policies:
     .await;
 
     let spoof = [
+        ("x_consumer_id", "admin"),
+        ("X_Consumer_Name", "admin"),
         ("x-consumer-id", "admin"),
         ("x-consumer-name", "admin"),
         ("x-authenticated-scopes", "root"),
@@ -554,7 +556,7 @@ policies:
 }
 
 #[tokio::test]
-async fn application_limits_replace_the_routes() {
+async fn application_limits_add_to_the_routes() {
     let up = echo().await;
     let gw = Gw::start(&yaml(
         up.addr,
@@ -574,7 +576,12 @@ policies:
     type: rate_limit
     scope: application
     target: big
-    config: {{key: {{by: application}}, limits: [{{requests: 6, per: 1000s}}]}}
+    config: {{key: {{by: application}}, limits: [{{requests: 2, per: 1000s}}]}}
+  - name: big-lenient
+    type: rate_limit
+    scope: application
+    target: big
+    config: {{key: {{by: application}}, limits: [{{requests: 1000, per: 1000s}}]}}
 "#,
             sha256_hex("small-key"),
             sha256_hex("big-key")
@@ -583,8 +590,13 @@ policies:
     .await;
     let (ok, _, _) = burst(&gw, "/api", 10, &[("x-api-key", "small-key")]).await;
     assert_eq!(ok, 3);
+    // The application's own limits add to the route's: the stricter one decides, and a
+    // lenient one never lifts the route's.
     let (ok, _, _) = burst(&gw, "/api", 10, &[("x-api-key", "big-key")]).await;
-    assert_eq!(ok, 6);
+    assert_eq!(ok, 2);
+    // On a route without limits of its own, the application's still apply.
+    let (ok, _, _) = burst(&gw, "/open", 5, &[("x-api-key", "big-key")]).await;
+    assert_eq!(ok, 0, "big already used its 2");
 }
 
 #[tokio::test]

@@ -174,8 +174,18 @@ pub struct BasicAuth {
     config: BasicAuthConfig,
     challenge: HeaderValue,
     verified: Mutex<HashMap<[u8; 32], bool>>,
-    hashing: Semaphore,
 }
+
+/// Argon2 checks running at once, process-wide. A permit travels with the blocking task, so a
+/// client that hangs up does not free a slot while its hash still runs.
+static HASHING: std::sync::LazyLock<Arc<Semaphore>> = std::sync::LazyLock::new(|| {
+    Arc::new(Semaphore::new(
+        std::thread::available_parallelism().map_or(2, usize::from),
+    ))
+});
+
+/// Checked for unknown users, so a reply's timing does not tell which user names exist.
+const DUMMY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$dHVybnBpa2UtZHVtbXk$jT6ZfS1fKc6uT2Yx6sQ2YQ0rjXh7wO3Z3o8m0n3ZbJg";
 
 /// Most remembered password checks per policy; the memory is cleared when full.
 const VERIFIED_MEMORY: usize = 10_000;
@@ -187,12 +197,10 @@ impl BasicAuth {
         let challenge =
             HeaderValue::from_str(&format!("Basic realm=\"{realm}\", charset=\"UTF-8\""))
                 .unwrap_or(HeaderValue::from_static("Basic"));
-        let cores = std::thread::available_parallelism().map_or(2, usize::from);
         Self {
             config,
             challenge,
             verified: Mutex::new(HashMap::new()),
-            hashing: Semaphore::new(cores),
         }
     }
 
@@ -221,15 +229,14 @@ impl BasicAuth {
         if self.config.hide_credentials {
             parts.headers.remove(header::AUTHORIZATION);
         }
-        let Some(entry) = managed.basic_users.get(user) else {
-            return Err(invalid());
-        };
+        let entry = managed.basic_users.get(user);
+        let stored = entry.map_or(DUMMY_HASH, |e| e.password_hash.as_str());
         let memo: [u8; 32] = Sha256::new()
             .chain_update(user.as_bytes())
             .chain_update([0])
             .chain_update(password.as_bytes())
             .chain_update([0])
-            .chain_update(entry.password_hash.as_bytes())
+            .chain_update(stored.as_bytes())
             .finalize()
             .into();
         let known = self
@@ -240,16 +247,19 @@ impl BasicAuth {
         let ok = match known {
             Some(ok) => ok,
             None => {
-                let _permit = self
-                    .hashing
-                    .acquire()
+                let permit = HASHING
+                    .clone()
+                    .acquire_owned()
                     .await
                     .map_err(|_| GatewayError::new(ErrorKind::Internal, "hashing closed"))?;
-                let hash = entry.password_hash.clone();
+                let hash = stored.to_owned();
                 let password = password.to_owned();
-                let ok = tokio::task::spawn_blocking(move || verify_password(&password, &hash))
-                    .await
-                    .unwrap_or(false);
+                let ok = tokio::task::spawn_blocking(move || {
+                    let _permit = permit;
+                    verify_password(&password, &hash)
+                })
+                .await
+                .unwrap_or(false);
                 if let Ok(mut m) = self.verified.lock() {
                     if m.len() >= VERIFIED_MEMORY {
                         m.clear();
@@ -259,9 +269,9 @@ impl BasicAuth {
                 ok
             }
         };
-        if !ok {
+        let Some(entry) = entry.filter(|_| ok) else {
             return Err(invalid());
-        }
+        };
         Ok(Some(identified(
             entry.consumer.clone(),
             format!("basic:{user}"),
@@ -281,10 +291,15 @@ fn verify_password(password: &str, phc: &str) -> bool {
 /// `jwt`.
 pub struct JwtAuth {
     config: JwtConfig,
-    verifier: Verifier,
+    /// `None` when no issuer is trusted yet (only store credentials, none registered): every
+    /// token is then refused.
+    verifier: Option<Verifier>,
     header: HeaderName,
     /// Issuer → application, for issuers that name one.
     applications: HashMap<String, String>,
+    /// Issuers that come from store credentials: their tokens identify the credential's
+    /// application and nothing else.
+    credential_issuers: std::collections::HashSet<String>,
 }
 
 impl JwtAuth {
@@ -335,11 +350,15 @@ impl JwtAuth {
                 applications.insert(iss.issuer.clone(), app.clone());
             }
         }
-        for binding in &managed.jwt_issuers {
+        let mut credential_issuers = std::collections::HashSet::new();
+        let trusted = if config.trust_credentials {
+            managed.jwt_issuers.as_slice()
+        } else {
+            &[]
+        };
+        for binding in trusted {
+            // An issuer the policy names is the policy's: a credential cannot claim it.
             if issuers.iter().any(|i| i.issuer == binding.issuer) {
-                applications
-                    .entry(binding.issuer.clone())
-                    .or_insert_with(|| binding.consumer.id.clone());
                 continue;
             }
             let keys = match (&binding.public_key, &binding.jwks_url, &binding.secret) {
@@ -352,21 +371,35 @@ impl JwtAuth {
                 (None, None, Some(secret)) => KeySource::Secret(secret.clone().into_bytes()),
                 (None, None, None) => continue,
             };
-            issuers.push(IssuerConfig {
+            let issuer = IssuerConfig {
                 issuer: binding.issuer.clone(),
                 keys,
                 audiences: config.audiences.clone(),
-            });
+            };
+            // One team's unusable credential must not disable the policy for everyone.
+            if let Err(e) = Verifier::new(VerifierConfig {
+                issuers: vec![issuer.clone()],
+                ..VerifierConfig::default()
+            }) {
+                tracing::warn!(issuer = %binding.issuer, error = %e, "jwt credential left out");
+                continue;
+            }
+            issuers.push(issuer);
             applications.insert(binding.issuer.clone(), binding.consumer.id.clone());
+            credential_issuers.insert(binding.issuer.clone());
         }
-        let verifier = Verifier::new(VerifierConfig {
-            issuers,
-            leeway: config.leeway,
-            require_exp: config.require_exp,
-            required_claims: config.required_claims.clone(),
-            ..VerifierConfig::default()
-        })
-        .map_err(|e| ("issuers".to_owned(), e))?;
+        let verifier = (!issuers.is_empty())
+            .then(|| {
+                Verifier::new(VerifierConfig {
+                    issuers,
+                    leeway: config.leeway,
+                    require_exp: config.require_exp,
+                    required_claims: config.required_claims.clone(),
+                    ..VerifierConfig::default()
+                })
+            })
+            .transpose()
+            .map_err(|e| ("issuers".to_owned(), e))?;
         let header = HeaderName::from_bytes(config.header.as_bytes())
             .map_err(|_| ("header".to_owned(), "not a valid header name".to_owned()))?;
         Ok(Self {
@@ -374,6 +407,7 @@ impl JwtAuth {
             verifier,
             header,
             applications,
+            credential_issuers,
         })
     }
 
@@ -398,7 +432,13 @@ impl JwtAuth {
         let Some(token) = token else {
             return Ok(None);
         };
-        let verified = self.verifier.verify(&token).await.map_err(|e| match e {
+        let Some(verifier) = &self.verifier else {
+            return Err(GatewayError::new(
+                ErrorKind::CredentialInvalid,
+                "the bearer token is not valid: no issuer is trusted",
+            ));
+        };
+        let verified = verifier.verify(&token).await.map_err(|e| match e {
             // The token may well be good: the issuer's keys cannot be had right now.
             super::jwt::JwtError::KeysUnavailable => GatewayError::new(
                 ErrorKind::AuthUnavailable,
@@ -415,12 +455,13 @@ impl JwtAuth {
                 remove_cookie(&mut parts.headers, c);
             }
         }
+        let from_credential = self.credential_issuers.contains(&verified.issuer);
         let app_ref = match &self.config.consumer_claim {
-            Some(claim) => match verified.claims.get(claim) {
+            Some(claim) if !from_credential => match verified.claims.get(claim) {
                 Some(serde_json::Value::String(s)) => Some(s.clone()),
                 _ => None,
             },
-            None => self.applications.get(&verified.issuer).cloned(),
+            _ => self.applications.get(&verified.issuer).cloned(),
         };
         let consumer = match app_ref {
             Some(r) => Some(managed.consumers.get(&r).cloned().ok_or_else(|| {

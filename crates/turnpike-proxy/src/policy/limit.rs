@@ -4,8 +4,11 @@
 //! policy lists each limit as `"name";q=<requests>;w=<seconds>`, and `RateLimit` reports
 //! the limit closest to exhaustion as `"name";r=<remaining>;t=<seconds to reset>`.
 //!
-//! All the local limits of a request are decided together, all or nothing (a refused
-//! request consumes nothing); so are all the limits of one Redis policy, in one round trip.
+//! All the local limits of one stage of a request are decided together, all or nothing (a
+//! refused request consumes nothing of them); so are all the limits of one Redis policy, in
+//! one round trip. Redis policies are asked first, and a refusal there stops the request
+//! before any local limit is charged. Limits of the early stage (before authentication) are
+//! charged even when a later stage refuses.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -40,8 +43,13 @@ enum Store {
 }
 
 impl RateLimit {
-    /// Compiles the policy `name`; in Redis mode this creates the (lazily connecting) client.
-    pub async fn new(name: &str, config: RateLimitConfig) -> Result<Self, (String, String)> {
+    /// Compiles the policy `name` attached at `scope` (names are unique per scope only); in
+    /// Redis mode this creates the (lazily connecting) client.
+    pub async fn new(
+        name: &str,
+        scope: &str,
+        config: RateLimitConfig,
+    ) -> Result<Self, (String, String)> {
         let limits: Vec<Limit> = config
             .limits
             .iter()
@@ -95,7 +103,7 @@ impl RateLimit {
             ),
         };
         Ok(Self {
-            key_prefix: format!("{name}\u{1f}"),
+            key_prefix: format!("{name}\u{1f}{scope}\u{1f}"),
             config,
             names,
             limits,
@@ -106,7 +114,14 @@ impl RateLimit {
 
     /// The counting key of a request.
     fn key(&self, req: &Request<'_>, identity: &Identity, headers: &HeaderMap) -> String {
-        let ip = || format!("ip:{}", req.client_ip);
+        // An IPv6 client usually holds a whole /64: count it as one.
+        let ip = || match req.client_ip.to_canonical() {
+            std::net::IpAddr::V6(v6) => {
+                let s = v6.segments();
+                format!("ip6:{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+            }
+            v4 => format!("ip:{v4}"),
+        };
         let k = match &self.config.key {
             RateLimitKey::Ip => ip(),
             RateLimitKey::Application => identity
@@ -150,6 +165,13 @@ impl RateLimit {
     }
 }
 
+/// Checks a Redis URL without connecting.
+pub fn check_redis_url(url: &str) -> Result<(), (String, String)> {
+    redis::Client::open(url)
+        .map(drop)
+        .map_err(|e| ("redis.url".to_owned(), e.to_string()))
+}
+
 /// Whether a limit counts by the caller's identity, and so must run after authentication.
 pub fn identity_keyed(c: &Compiled) -> bool {
     match &c.policy {
@@ -189,6 +211,11 @@ pub async fn enforce(
                 match redis.check_all(&checks).await {
                     Ok(decisions) => {
                         outcomes.extend(decisions.into_iter().enumerate().map(|(i, d)| (rl, i, d)));
+                        if outcomes.iter().any(|(_, _, d)| !d.is_allowed()) {
+                            // Refused already: consume nothing more.
+                            local.clear();
+                            break;
+                        }
                     }
                     Err(e) if rl.config.redis.fail_open => {
                         tracing::warn!(error = %e, "rate limit: Redis unavailable; failing open");
@@ -252,16 +279,26 @@ pub async fn enforce(
     Ok(())
 }
 
+/// Writes `RateLimit-Policy` and `RateLimit`, adding to what an earlier stage of the same
+/// request wrote: the policy lists every limit, `RateLimit` the one closest to exhaustion.
 fn write_headers(outcomes: &[(&RateLimit, usize, Decision)], out: &mut HeaderMap) {
     let shown: Vec<&(&RateLimit, usize, Decision)> = outcomes
         .iter()
         .filter(|(rl, _, _)| rl.config.headers)
         .collect();
-    let policy = shown
-        .iter()
-        .map(|(rl, i, _)| rl.policy_items[*i].as_str())
-        .collect::<Vec<_>>()
-        .join(", ");
+    let mut items: Vec<&str> = out
+        .get(&RATELIMIT_POLICY)
+        .and_then(|v| v.to_str().ok())
+        .into_iter()
+        .collect();
+    items.extend(shown.iter().map(|(rl, i, _)| rl.policy_items[*i].as_str()));
+    let policy = items.join(", ");
+    // What an earlier stage reported as remaining, to keep the smaller.
+    let earlier: Option<u64> = out
+        .get(&RATELIMIT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').find_map(|p| p.strip_prefix("r=")))
+        .and_then(|r| r.parse().ok());
     if let Ok(v) = HeaderValue::from_str(&policy) {
         out.insert(RATELIMIT_POLICY.clone(), v);
     }
@@ -269,7 +306,9 @@ fn write_headers(outcomes: &[(&RateLimit, usize, Decision)], out: &mut HeaderMap
     let closest = shown
         .iter()
         .min_by_key(|(_, _, d)| (d.is_allowed(), d.remaining()));
-    if let Some((rl, i, d)) = closest {
+    if let Some((rl, i, d)) = closest
+        && earlier.is_none_or(|e| d.remaining() <= e || !d.is_allowed())
+    {
         let value = format!(
             "\"{}\";r={};t={}",
             rl.names[*i],

@@ -17,9 +17,10 @@
 //! 4. **Limit** (`rate_limit`). Limits keyed by something known before authentication
 //!    (client IP, a header, route, service, everything) run just before authentication, so
 //!    failed credential guesses count. Limits keyed by application, credential or team run
-//!    after it; for those, an application's own `rate_limit` policies replace the route's,
-//!    and failing that, its plan's do.
-//! 5. **CORS**: a preflight is answered here — after the limits, so preflights are limited
+//!    after the managed service's check ([`run_identity_limits`]), when the caller is known
+//!    however it was identified: the route's (or its plan's instead), plus the
+//!    application's own.
+//! 5. **CORS**: a preflight is answered after the early limits, so preflights are limited
 //!    too.
 //!
 //! # Scopes
@@ -75,8 +76,8 @@ pub enum Policy {
     KeyAuth(auth::KeyAuth),
     /// `basic_auth`.
     BasicAuth(auth::BasicAuth),
-    /// `jwt`.
-    Jwt(auth::JwtAuth),
+    /// `jwt` (boxed: its verifier is large and the enum is held per policy, not per request).
+    Jwt(Box<auth::JwtAuth>),
     /// `ip_restriction`.
     IpRestriction(rules::IpRules),
     /// `user_agent`.
@@ -242,7 +243,8 @@ impl PolicyCache {
                     continue;
                 }
             };
-            let policy = match build(kind, managed, &spec.name).await {
+            let scope = format!("{:?}", spec.scope);
+            let policy = match build(kind, managed, &spec.name, &scope).await {
                 Ok(p) => p,
                 Err((field, why)) => {
                     let at = if field.is_empty() {
@@ -344,18 +346,46 @@ async fn build(
     kind: PolicyKind,
     managed: &Managed,
     name: &str,
+    scope: &str,
 ) -> Result<Policy, (String, String)> {
     Ok(match kind {
         PolicyKind::KeyAuth(c) => Policy::KeyAuth(auth::KeyAuth::new(c)),
         PolicyKind::BasicAuth(c) => Policy::BasicAuth(auth::BasicAuth::new(c)),
-        PolicyKind::Jwt(c) => Policy::Jwt(auth::JwtAuth::new(c, managed)?),
+        PolicyKind::Jwt(c) => Policy::Jwt(Box::new(auth::JwtAuth::new(c, managed)?)),
         PolicyKind::IpRestriction(c) => Policy::IpRestriction(rules::IpRules::new(&c)?),
         PolicyKind::UserAgent(c) => Policy::UserAgent(rules::UserAgentRules::new(&c)?),
         PolicyKind::RequestSize(c) => Policy::RequestSize(c.max_body_bytes),
         PolicyKind::Acl(c) => Policy::Acl(rules::Acl::new(c)),
-        PolicyKind::RateLimit(c) => Policy::RateLimit(limit::RateLimit::new(name, c).await?),
+        PolicyKind::RateLimit(c) => Policy::RateLimit(limit::RateLimit::new(name, scope, c).await?),
         PolicyKind::Cors(c) => Policy::Cors(cors::Cors::new(c)?),
     })
+}
+
+/// Checks that a policy compiles against `managed` (the applications it names exist, its
+/// keys parse), without building any state. The control plane leaves out a store policy
+/// that fails this, so it cannot make the whole configuration fail to load.
+pub fn precheck(kind: &PolicyKind, managed: &Managed) -> Result<(), (String, String)> {
+    let anonymous = match kind {
+        PolicyKind::KeyAuth(c) => c.anonymous.as_deref(),
+        PolicyKind::BasicAuth(c) => c.anonymous.as_deref(),
+        PolicyKind::Jwt(c) => c.anonymous.as_deref(),
+        _ => None,
+    };
+    if let Some(app) = anonymous
+        && !managed.consumers.contains_key(app)
+    {
+        return Err(("anonymous".into(), format!("unknown application `{app}`")));
+    }
+    match kind {
+        PolicyKind::Jwt(c) => auth::JwtAuth::new(c.clone(), managed).map(drop),
+        PolicyKind::IpRestriction(c) => rules::IpRules::new(c).map(drop),
+        PolicyKind::UserAgent(c) => rules::UserAgentRules::new(c).map(drop),
+        PolicyKind::Cors(c) => cors::Cors::new(c.clone()).map(drop),
+        PolicyKind::RateLimit(c) if c.mode == turnpike_model::policy::RateLimitMode::Redis => {
+            limit::check_redis_url(&c.redis.url)
+        }
+        _ => Ok(()),
+    }
 }
 
 /// What the access phase learns about the caller, for later stages and the upstream.
@@ -391,7 +421,6 @@ pub struct Request<'a> {
 /// `RateLimit`, `WWW-Authenticate`) are put into `out_headers`, also on error.
 pub async fn run_access(
     chain: &Chain,
-    policies: &Policies,
     managed: &Managed,
     req: &Request<'_>,
     parts: &mut Parts,
@@ -446,37 +475,54 @@ pub async fn run_access(
         ));
     }
 
-    let limits = effective_limits(&chain.limits, policies, managed, req, identity);
-    if !limits.is_empty() {
-        limit::enforce(limits, req, identity, &parts.headers, out_headers).await?;
-    }
-
     Ok(preflight)
 }
 
-/// The identity-keyed rate limits that apply: the application's own, else its plan's, else
-/// the route's.
-fn effective_limits<'a>(
-    route_limits: &'a [Arc<Compiled>],
-    policies: &'a Policies,
+impl Policies {
+    /// Whether any application or plan has limits of its own.
+    pub fn has_consumer_limits(&self) -> bool {
+        !self.by_application.is_empty() || !self.by_plan.is_empty()
+    }
+}
+
+/// Runs the identity-keyed rate limits, once the caller is known (by an authentication
+/// policy or a managed service's key): the route's, or instead its plan's when the caller's
+/// subscription has a plan with limits (the plan belongs to the service's team), plus the
+/// application's own (its team's: they add to the provider's limits, never replace them).
+pub async fn run_identity_limits(
+    chain: &Chain,
+    policies: &Policies,
     managed: &Managed,
     req: &Request<'_>,
     identity: &Identity,
-) -> &'a [Arc<Compiled>] {
+    headers: &HeaderMap,
+    out_headers: &mut HeaderMap,
+) -> Result<(), GatewayError> {
+    let mut base: &[Arc<Compiled>] = &chain.limits;
+    let mut own: &[Arc<Compiled>] = &[];
     if let Some(consumer) = &identity.consumer {
-        if let Some(own) = policies.by_application.get(&consumer.id) {
-            return own;
+        if let Some(o) = policies.by_application.get(&consumer.id) {
+            own = o;
         }
         if let Some(service) = req.service
+            && !policies.by_plan.is_empty()
             && let Some(Some(plan)) = managed
                 .subscriptions
                 .get(&(consumer.id.clone(), service.to_owned()))
             && let Some(by_plan) = policies.by_plan.get(plan)
         {
-            return by_plan;
+            base = by_plan;
         }
     }
-    route_limits
+    match (base.is_empty(), own.is_empty()) {
+        (true, true) => Ok(()),
+        (false, true) => limit::enforce(base, req, identity, headers, out_headers).await,
+        (true, false) => limit::enforce(own, req, identity, headers, out_headers).await,
+        (false, false) => {
+            let all: Vec<Arc<Compiled>> = base.iter().chain(own).cloned().collect();
+            limit::enforce(&all, req, identity, headers, out_headers).await
+        }
+    }
 }
 
 fn internal() -> GatewayError {
