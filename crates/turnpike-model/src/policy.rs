@@ -324,7 +324,13 @@ pub fn check_origin_pattern(o: &str) -> Result<(), String> {
     if !matches!(scheme, "http" | "https") {
         return Err(format!("`{o}`: the scheme must be http or https"));
     }
+    let wildcard = rest.starts_with("*.");
     let host = rest.strip_prefix("*.").unwrap_or(rest);
+    if wildcard && !host.split(':').next().unwrap_or("").contains('.') {
+        return Err(format!(
+            "`{o}`: a wildcard needs a domain under it (`https://*.example.com`, not `*.com`)"
+        ));
+    }
     if host.is_empty()
         || host.contains(['/', '*', '?', '#', '@', ' '])
         || host.ends_with('.')
@@ -775,6 +781,7 @@ mod tests {
             "ftp://a.com",
             "https://*",
             "https://a.*.com",
+            "https://*.com",
         ] {
             assert!(check_origin_pattern(bad).is_err(), "{bad}");
         }

@@ -332,7 +332,21 @@ async fn proxy(
     .await?;
 
     // Phase `upstream_response`.
-    finish_response(resp, guard, upgrade, route)
+    let mut resp = finish_response(resp, guard, upgrade, route)?;
+    if route.chain.cors.is_some() {
+        // The route's `cors` policy alone decides: the upstream's own `Access-Control-*`
+        // headers could allow an origin the policy does not.
+        let upstream_cors: Vec<HeaderName> = resp
+            .headers()
+            .keys()
+            .filter(|k| k.as_str().starts_with("access-control-"))
+            .cloned()
+            .collect();
+        for name in upstream_cors {
+            resp.headers_mut().remove(&name);
+        }
+    }
+    Ok(resp)
 }
 
 /// Held until the response body ends: the target's in-flight count and the upstream's

@@ -30,9 +30,17 @@ async fn echo() -> Mock {
             "path": req.uri().path_and_query().map(|p| p.as_str()).unwrap_or(""),
             "headers": headers,
         });
+        // An upstream with its own, careless CORS answer, on request.
+        let careless = req.headers().contains_key("x-upstream-cors");
         let mut r = Response::new(full(body.to_string()));
         r.headers_mut()
             .insert("content-type", "application/json".parse().unwrap());
+        if careless {
+            r.headers_mut()
+                .insert("access-control-allow-origin", "*".parse().unwrap());
+            r.headers_mut()
+                .insert("access-control-allow-credentials", "true".parse().unwrap());
+        }
         r
     })
     .await
@@ -675,7 +683,14 @@ policies:
         "https://evil.com",
         "https://app.example.com.evil.com",
     ] {
-        let r = call(&gw, "GET", "/open", &[("origin", hostile)]).await;
+        // The upstream's own CORS headers would allow anything; the policy decides alone.
+        let r = call(
+            &gw,
+            "GET",
+            "/open",
+            &[("origin", hostile), ("x-upstream-cors", "1")],
+        )
+        .await;
         assert_eq!(r.status, StatusCode::OK);
         assert!(
             r.header("access-control-allow-origin").is_none(),

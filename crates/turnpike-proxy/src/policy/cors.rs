@@ -106,7 +106,7 @@ impl Cors {
         let preflight = method == Method::OPTIONS
             && headers.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
         let allowed = origin.to_str().is_ok_and(|o| self.allows(o));
-        if !self.any {
+        if !self.any || allowed {
             // The answer depends on the origin: caches must keep one per origin.
             out.append(header::VARY, HeaderValue::from_static("Origin"));
         }
