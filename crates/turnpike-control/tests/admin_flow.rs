@@ -143,22 +143,26 @@ async fn provider(e: &Env, approval: &str) {
     e.post("/teams/acme/services/pay/publish", json!({})).await;
 }
 
+/// Team `shop` with application `web` and an API key for it; returns the key.
+async fn consumer(e: &Env) -> String {
+    e.post("/teams", json!({"name": "shop"})).await;
+    e.post("/teams/shop/applications", json!({"name": "web"}))
+        .await;
+    e.post(
+        "/teams/shop/credentials",
+        json!({"name": "web-key", "application": "web", "type": "api_key"}),
+    )
+    .await["secret"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscription_approval_and_revocation_reach_the_gateway() {
     let e = env().await;
     provider(&e, "manual").await;
-    e.post("/teams", json!({"name": "shop"})).await;
-    e.post("/teams/shop/applications", json!({"name": "web"}))
-        .await;
-    let key = e
-        .post(
-            "/teams/shop/credentials",
-            json!({"name": "web-key", "application": "web", "type": "api_key"}),
-        )
-        .await["secret"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let key = consumer(&e).await;
     e.post(
         "/teams/shop/subscriptions",
         json!({"name": "web-pay", "application": "web", "service_team": "acme", "service": "pay"}),
@@ -450,18 +454,7 @@ async fn policies_from_the_admin_api_reach_the_gateway() {
 async fn another_teams_groups_and_broken_policies_cannot_open_a_route() {
     let e = env().await;
     provider(&e, "auto").await;
-    e.post("/teams", json!({"name": "shop"})).await;
-    e.post("/teams/shop/applications", json!({"name": "web"}))
-        .await;
-    let key = e
-        .post(
-            "/teams/shop/credentials",
-            json!({"name": "web-key", "application": "web", "type": "api_key"}),
-        )
-        .await["secret"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let key = consumer(&e).await;
     // shop's own group called `partners` is not acme's `partners`.
     e.post(
         "/teams/shop/consumer-groups",
