@@ -71,6 +71,15 @@ async fn call(gw: &Gw, method: &str, path: &str, headers: &[(&str, &str)]) -> Re
     send(r.body(Full::new(Bytes::new())).unwrap()).await
 }
 
+async fn post_bytes(gw: &Gw, path: &str, len: usize) -> Reply {
+    send(
+        req("POST", &gw.url(path))
+            .body(Full::new(Bytes::from(vec![b'x'; len])))
+            .unwrap(),
+    )
+    .await
+}
+
 fn error_code(r: &Reply) -> String {
     r.json()["error"]["code"].as_str().unwrap_or("").to_owned()
 }
@@ -724,27 +733,12 @@ policies:
 "#,
     ))
     .await;
-    let big = send(
-        req("POST", &gw.url("/api"))
-            .body(Full::new(Bytes::from(vec![b'x'; 17])))
-            .unwrap(),
-    )
-    .await;
+    let big = post_bytes(&gw, "/api", 17).await;
     assert_eq!(big.status, StatusCode::PAYLOAD_TOO_LARGE);
-    let small = send(
-        req("POST", &gw.url("/api"))
-            .body(Full::new(Bytes::from(vec![b'x'; 16])))
-            .unwrap(),
-    )
-    .await;
+    let small = post_bytes(&gw, "/api", 16).await;
     assert_eq!(small.status, StatusCode::OK);
     // The other route keeps the server's default limit.
-    let other = send(
-        req("POST", &gw.url("/open"))
-            .body(Full::new(Bytes::from(vec![b'x'; 1000])))
-            .unwrap(),
-    )
-    .await;
+    let other = post_bytes(&gw, "/open", 1000).await;
     assert_eq!(other.status, StatusCode::OK);
 
     let bot = call(&gw, "GET", "/open", &[("user-agent", "sqlmap/1.7")]).await;
