@@ -418,6 +418,71 @@ pub(crate) async fn rollback(ctx: &Ctx) -> AdminResult<Response> {
     Ok(lifecycle_response(&service, &team, Some(&release)))
 }
 
+/// `POST .../services/{name}/switch` `{"upstream": U}`: blue/green in one call. The latest
+/// release's content is released again with the service's upstream set to `U` (routes that
+/// name an upstream of their own keep it), and the working spec follows, so a later publish
+/// does not switch back. Switching back is the same call (or a rollback).
+pub(crate) async fn switch_upstream(ctx: &Ctx) -> AdminResult<Response> {
+    let caller = ctx.caller()?;
+    let store = ctx.store();
+    let team = team_access(store, caller, ctx.param("team"), Role::ApiOwner).await?;
+    let fields = optional_fields(ctx, &["upstream", "note"])?;
+    let upstream = fields
+        .get("upstream")
+        .and_then(Value::as_str)
+        .filter(|u| !u.is_empty())
+        .ok_or_else(|| AdminError::validation("upstream", "an upstream name is required"))?
+        .to_owned();
+    let note = optional_text(&fields, "note")?;
+    let name = ctx.param("name");
+    let mut tx = store.begin(caller.actor()).await?;
+    let service = get_service(&mut tx, &team, name).await?;
+    check_revision(&service, ctx.if_match())?;
+    let state = lifecycle_of(&service);
+    if !matches!(state, Lifecycle::Published | Lifecycle::Deprecated) {
+        return Err(AdminError::conflict(format!(
+            "service {name:?} is {}; only a published or deprecated service can be switched",
+            state.as_str()
+        )));
+    }
+    crate::refs::check(
+        &mut tx,
+        Kind::Service,
+        Some(&team),
+        &json!({ "upstream": upstream }),
+    )
+    .await?;
+    let latest = store
+        .latest_release(Kind::Service.as_str(), &service.id)
+        .await?
+        .ok_or_else(|| AdminError::conflict(format!("service {name:?} has no release")))?;
+    let mut content = latest.content.clone();
+    if let Some(svc) = content.get_mut("service").and_then(Value::as_object_mut) {
+        svc.insert("upstream".into(), Value::String(upstream.clone()));
+    }
+    let note = note.unwrap_or_else(|| format!("switch to upstream {upstream}"));
+    let release = tx
+        .create_release(Kind::Service.as_str(), &service.id, &content, Some(&note))
+        .await?;
+    let mut spec = service.spec.clone();
+    if let Some(obj) = spec.as_object_mut() {
+        obj.insert("upstream".into(), Value::String(upstream));
+    }
+    let updated = tx
+        .update(
+            Kind::Service.as_str(),
+            &service.id,
+            Some(service.revision),
+            ObjectPatch {
+                spec: Some(spec),
+                ..ObjectPatch::default()
+            },
+        )
+        .await?;
+    tx.commit().await?;
+    Ok(lifecycle_response(&updated, &team, Some(&release)))
+}
+
 const HTTP_METHODS: [&str; 8] = [
     "get", "put", "post", "delete", "options", "head", "patch", "trace",
 ];

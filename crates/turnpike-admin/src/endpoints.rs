@@ -36,6 +36,8 @@ pub(crate) enum Op {
     GetRelease,
     /// Re-release an earlier release's content.
     Rollback,
+    /// Blue/green: release the service again with another upstream.
+    SwitchUpstream,
     /// Create routes from an OpenAPI document.
     ImportOpenapi,
     /// Create an admin token.
@@ -58,6 +60,8 @@ pub(crate) enum Op {
     PolicyTypes,
     /// A policy type's config schema.
     PolicySchema,
+    /// An application's plan quota usage.
+    ApplicationUsage,
 }
 
 /// The request body an endpoint takes.
@@ -201,11 +205,22 @@ fn build() -> Vec<Endpoint> {
                  release is what the gateway serves; the service's working spec and routes \
                  are left as they are.",
             ),
+            Op::SwitchUpstream => Some(
+                "Blue/green in one call: releases the latest release's content again with the \
+                 service's `upstream` replaced (routes naming their own upstream keep it), and \
+                 sets the working spec's upstream too. Switching back is the same call.",
+            ),
             Op::ImportOpenapi => Some(
                 "Stores the OpenAPI 3.x document in the service's `openapi` field and creates \
                  or updates one route per path, named `<service>-<slug of path>`, matching the \
                  path as a template (prefixed by the first server URL's path) and the \
                  operations' methods. Importing the same document again changes nothing.",
+            ),
+            Op::ApplicationUsage => Some(
+                "Per approved subscription of the application, each quota of its plan: the \
+                 current period, the limit, the requests counted, what remains and when the \
+                 period resets. Counts are those the gateway nodes have flushed to the \
+                 store, so they lag by up to one quota flush interval.",
             ),
             _ => None,
         };
@@ -399,6 +414,17 @@ fn build() -> Vec<Endpoint> {
     );
     add(
         Method::POST,
+        format!("{svc}/switch"),
+        "switchServiceUpstream".into(),
+        "Blue/green: release the service again with another upstream".into(),
+        "services",
+        Op::SwitchUpstream,
+        json("SwitchRequest", true),
+        200,
+        Some("LifecycleResult".into()),
+    );
+    add(
+        Method::POST,
         format!("{svc}/import-openapi"),
         "importServiceOpenapi".into(),
         "Create a service's routes from an OpenAPI 3 document".into(),
@@ -407,6 +433,18 @@ fn build() -> Vec<Endpoint> {
         json("OpenApiDocument", true),
         200,
         Some("ImportResult".into()),
+    );
+
+    add(
+        Method::GET,
+        format!("{}/{{name}}/usage", collection_path(Kind::Application)),
+        "getApplicationUsage".into(),
+        "An application's plan quota usage in the current periods".into(),
+        "applications",
+        Op::ApplicationUsage,
+        BodySpec::None,
+        200,
+        Some("ApplicationUsage".into()),
     );
 
     let tokens = format!("{PREFIX}/users/{{user}}/tokens");
@@ -545,6 +583,7 @@ fn errors_for(op: Op, path: &str, body: &BodySpec) -> Vec<u16> {
             | Op::Schema
             | Op::PolicyTypes
             | Op::PolicySchema
+            | Op::ApplicationUsage
     );
     if !reads_team_scoped {
         e.push(403);
@@ -561,6 +600,7 @@ fn errors_for(op: Op, path: &str, body: &BodySpec) -> Vec<u16> {
             | Op::Decide(_)
             | Op::Transition(_)
             | Op::Rollback
+            | Op::SwitchUpstream
             | Op::ImportOpenapi
     ) {
         e.push(409);

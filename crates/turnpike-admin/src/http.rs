@@ -292,6 +292,7 @@ async fn dispatch(ctx: Ctx) -> AdminResult<Response> {
         Op::ListReleases => actions::list_releases(&ctx).await,
         Op::GetRelease => actions::get_release(&ctx).await,
         Op::Rollback => actions::rollback(&ctx).await,
+        Op::SwitchUpstream => actions::switch_upstream(&ctx).await,
         Op::ImportOpenapi => actions::import_openapi(&ctx).await,
         Op::CreateToken => account::create_token(&ctx).await,
         Op::ListTokens => account::list_tokens(&ctx).await,
@@ -302,6 +303,7 @@ async fn dispatch(ctx: Ctx) -> AdminResult<Response> {
         Op::Schema => account::schema(&ctx),
         Op::PolicyTypes => Ok(account::policy_types()),
         Op::PolicySchema => account::policy_schema(&ctx),
+        Op::ApplicationUsage => crate::usage::application_usage(&ctx).await,
         Op::OpenApi => Ok(axum::Json(openapi::document().clone()).into_response()),
     }
 }

@@ -35,6 +35,7 @@ mod http;
 mod objects;
 mod openapi;
 mod refs;
+mod usage;
 mod util;
 
 use std::sync::Arc;

@@ -396,6 +396,8 @@ pub(crate) async fn create(ctx: &Ctx, kind: Kind) -> AdminResult<Response> {
     let store = ctx.store();
     let mut tx = store.begin(caller.actor()).await?;
     refs::check(&mut tx, kind, scope.team.as_ref(), &spec).await?;
+    refs::unique_key_id(store, kind, &spec, None).await?;
+    refs::unique_mtls(store, &spec, None).await?;
     let prepared = prepare(&mut tx, kind, spec, None, pre).await?;
     let object = tx
         .create(NewObject {
@@ -481,6 +483,8 @@ pub(crate) async fn replace(ctx: &Ctx, kind: Kind, patch: bool) -> AdminResult<R
         }
     }
     refs::check(&mut tx, kind, scope.team.as_ref(), &spec).await?;
+    refs::unique_key_id(store, kind, &spec, Some(&current.id)).await?;
+    refs::unique_mtls(store, &spec, Some(&current.id)).await?;
     let prepared = prepare(&mut tx, kind, spec, Some(&current), pre).await?;
     let object = tx
         .update(

@@ -304,6 +304,18 @@ fn components() -> Map<String, Value> {
             }),
         ),
         (
+            "SwitchRequest",
+            json!({
+                "type": "object",
+                "additionalProperties": false,
+                "required": ["upstream"],
+                "properties": {
+                    "upstream": { "type": "string", "minLength": 1, "maxLength": 63 },
+                    "note": { "type": "string", "maxLength": 4096 }
+                }
+            }),
+        ),
+        (
             "RollbackRequest",
             json!({
                 "type": "object",
@@ -407,8 +419,49 @@ fn components() -> Map<String, Value> {
                             "required": ["type", "stage", "schema"],
                             "properties": {
                                 "type": { "type": "string" },
-                                "stage": { "type": "string", "enum": ["admission", "authentication", "authorization", "limit", "cors"] },
+                                "stage": { "type": "string", "enum": ["admission", "authentication", "authorization", "limit", "cors", "inspection", "upstream"] },
                                 "schema": { "type": "string" }
+                            }
+                        }
+                    }
+                }
+            }),
+        ),
+        (
+            "ApplicationUsage",
+            json!({
+                "type": "object",
+                "required": ["application", "items"],
+                "properties": {
+                    "application": { "type": "string" },
+                    "items": {
+                        "type": "array",
+                        "description": "One per approved subscription of the application.",
+                        "items": {
+                            "type": "object",
+                            "required": ["subscription", "service_team", "service", "plan", "quotas"],
+                            "properties": {
+                                "subscription": { "type": "string" },
+                                "service_team": { "type": "string" },
+                                "service": { "type": "string" },
+                                "plan": nullable("string"),
+                                "quotas": {
+                                    "type": "array",
+                                    "description": "One per quota of the plan (none without a plan).",
+                                    "items": {
+                                        "type": "object",
+                                        "required": ["period", "limit", "used", "remaining",
+                                                     "period_start", "reset_at"],
+                                        "properties": {
+                                            "period": { "type": "string", "enum": ["day", "month"] },
+                                            "limit": { "type": "integer", "minimum": 0 },
+                                            "used": { "type": "integer", "minimum": 0 },
+                                            "remaining": { "type": "integer", "minimum": 0 },
+                                            "period_start": { "type": "string", "format": "date-time" },
+                                            "reset_at": { "type": "string", "format": "date-time" }
+                                        }
+                                    }
+                                }
                             }
                         }
                     }

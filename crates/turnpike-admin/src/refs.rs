@@ -43,6 +43,30 @@ async fn must(
     })
 }
 
+/// An `hmac` credential's `key_id` must be free in every team: the gateway finds the secret
+/// by key id alone. Read through the store, as [`referrers`] does, for the same reason.
+pub(crate) async fn unique_key_id(
+    store: &Store,
+    kind: Kind,
+    spec: &Value,
+    own_id: Option<&str>,
+) -> AdminResult<()> {
+    let hmac = |s: &Value| text(s, "type") == Some("hmac");
+    let (true, Some(key_id)) = (kind == Kind::Credential && hmac(spec), text(spec, "key_id"))
+    else {
+        return Ok(());
+    };
+    for o in all_of(store, Kind::Credential, None).await? {
+        if Some(o.id.as_str()) != own_id && hmac(&o.spec) && text(&o.spec, "key_id") == Some(key_id)
+        {
+            return Err(AdminError::conflict(format!(
+                "key id {key_id:?} is already used by another hmac credential"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Checks every reference a spec of `kind` in `team` makes.
 pub(crate) async fn check(
     tx: &mut StoreTx,
@@ -82,7 +106,7 @@ pub(crate) async fn check(
             if let Some(app) = text(spec, "application") {
                 must(tx, Kind::Application, team, app, "application").await?;
             }
-            if text(spec, "type") == Some("jwt") {
+            if matches!(text(spec, "type"), Some("jwt" | "hmac")) {
                 if let Some(secret) = text(spec, "secret") {
                     must(tx, Kind::Secret, team, secret, "secret").await?;
                 }
@@ -136,6 +160,45 @@ pub(crate) async fn check(
         | Kind::Application
         | Kind::Plan
         | Kind::Secret => {}
+    }
+    Ok(())
+}
+
+/// Refuses an `mtls` credential whose certificate subject or SAN already belongs to another
+/// credential (of any team): one certificate must identify one application. `own_id` is the
+/// credential being replaced. Reads through the store while the write transaction holds the
+/// writer lock (see the module docs), so two writers cannot both take one name.
+pub(crate) async fn unique_mtls(
+    store: &Store,
+    spec: &Value,
+    own_id: Option<&str>,
+) -> AdminResult<()> {
+    use turnpike_model::managed::mtls_san_claim;
+    if text(spec, "type") != Some("mtls") {
+        return Ok(());
+    }
+    let wanted = |s: &Value| {
+        (
+            text(s, "subject").map(str::to_owned),
+            text(s, "san").map(mtls_san_claim),
+        )
+    };
+    let (subject, san) = wanted(spec);
+    for other in store.list_all(Kind::Credential.as_str()).await? {
+        if Some(other.id.as_str()) == own_id || text(&other.spec, "type") != Some("mtls") {
+            continue;
+        }
+        let (o_subject, o_san) = wanted(&other.spec);
+        let field = if subject.is_some() && subject == o_subject {
+            "subject"
+        } else if san.is_some() && san == o_san {
+            "san"
+        } else {
+            continue;
+        };
+        return Err(AdminError::conflict(format!(
+            "this certificate {field} already identifies the application of another mtls credential"
+        )));
     }
     Ok(())
 }
@@ -279,7 +342,8 @@ pub(crate) async fn referrers(
         Kind::Secret => {
             scan(Kind::Certificate, team_id, &is("key_secret")).await?;
             scan(Kind::Credential, team_id, &|spec: &Value| {
-                text(spec, "type") == Some("jwt") && text(spec, "secret") == Some(name)
+                matches!(text(spec, "type"), Some("jwt" | "hmac"))
+                    && text(spec, "secret") == Some(name)
             })
             .await?;
         }

@@ -14,6 +14,8 @@
 //! again, and a rollback is a new release with old content. Upstreams, credentials and
 //! subscriptions are read live: they are operations, not API design.
 
+pub mod quota;
+
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -23,10 +25,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
-use turnpike_model::managed::{BasicUser, Consumer, JwtIssuerBinding, Managed, ServiceBinding};
+use turnpike_model::managed::{
+    BasicUser, Consumer, HmacKey, JwtIssuerBinding, Managed, ServiceBinding,
+};
 use turnpike_model::mgmt::{
     ApplicationSpec, ConsumerGroupSpec, CredentialMethod, CredentialSpec, Kind, Lifecycle,
-    PolicyScope, PolicySpec, RouteSpec, ServiceSpec, SubscriptionSpec, TeamSpec, UpstreamSpec,
+    PlanSpec, PolicyScope, PolicySpec, RouteSpec, SecretSource, SecretSpec, ServiceSpec,
+    SubscriptionSpec, TeamSpec, UpstreamSpec,
 };
 use turnpike_model::policy::PolicyKind;
 use turnpike_model::{Config, ConfigErrors, RouteConfig, UpstreamConfig};
@@ -34,7 +39,7 @@ use turnpike_proxy::gateway::Gateway;
 use turnpike_store::{Object, Release, Store, StoreError};
 
 /// Kinds the gateway needs from the store.
-const SERVED_KINDS: [Kind; 9] = [
+const SERVED_KINDS: [Kind; 10] = [
     Kind::Team,
     Kind::Upstream,
     Kind::Service,
@@ -44,6 +49,8 @@ const SERVED_KINDS: [Kind; 9] = [
     Kind::Plan,
     Kind::Subscription,
     Kind::Policy,
+    // Only where a secret is (an environment variable or a file), for `hmac` credentials.
+    Kind::Secret,
 ];
 
 /// File name of the saved store state in the data directory.
@@ -109,7 +116,10 @@ pub struct StorePart {
     pub warnings: Vec<String>,
 }
 
-/// Compiles a [`StoreState`]. Pure: the same state always gives the same part. An object
+/// Compiles a [`StoreState`]. Pure but for one thing: the secrets `hmac` credentials name
+/// are read from their environment variable or file here, since the gateway needs their
+/// values and the store never holds them; the same state and secrets always give the same
+/// part. An object
 /// that cannot be used (a release naming an upstream deleted since) is left out with a
 /// warning rather than failing everything: one team's mistake must not freeze every other
 /// team's changes.
@@ -210,6 +220,15 @@ pub fn compile(state: &StoreState) -> StorePart {
             .insert(format!("{team}/{}", o.name), consumer.clone());
         apps.insert(key, consumer);
     }
+    // (team name, secret name) → where its value is.
+    let secrets: HashMap<(String, String), SecretSource> = of(Kind::Secret)
+        .filter_map(|o| {
+            let team = team_of(o)?.clone();
+            let s = spec::<SecretSpec>(o, &mut part.warnings)?;
+            Some(((team, o.name.clone()), s.source))
+        })
+        .collect();
+    let mut mtls_claims = std::collections::HashSet::new();
     for o in of(Kind::Credential) {
         let (Some(team), Some(c)) = (team_of(o), spec::<CredentialSpec>(o, &mut part.warnings))
         else {
@@ -248,10 +267,18 @@ pub fn compile(state: &StoreState) -> StorePart {
             CredentialMethod::Jwt {
                 issuer,
                 jwks_url,
+                discovery,
                 public_key,
                 secret,
             } => {
-                if secret.is_some() && jwks_url.is_none() && public_key.is_none() {
+                if discovery && (jwks_url.is_some() || public_key.is_some()) {
+                    part.warnings.push(format!(
+                        "credential `{}` ({}): give one of `jwks_url`, `public_key` or `discovery`; left out",
+                        o.name, o.id
+                    ));
+                    continue;
+                }
+                if secret.is_some() && jwks_url.is_none() && public_key.is_none() && !discovery {
                     part.warnings.push(format!(
                         "credential `{}` ({}): HMAC secrets of jwt credentials are not used yet; \
                          give the issuer a public key or JWKS URL",
@@ -269,10 +296,83 @@ pub fn compile(state: &StoreState) -> StorePart {
                 part.managed.jwt_issuers.push(JwtIssuerBinding {
                     issuer,
                     jwks_url,
+                    discovery,
                     public_key,
                     secret: None,
                     consumer: app.clone(),
                 });
+            }
+            CredentialMethod::OauthClient { client_id } if !client_id.is_empty() => {
+                // As for basic-auth users: the first credential keeps the client id.
+                if part.managed.oauth_clients.contains_key(&client_id) {
+                    part.warnings.push(format!(
+                        "credential `{}` ({}): OAuth2 client `{client_id}` is already bound to an application; left out",
+                        o.name, o.id
+                    ));
+                    continue;
+                }
+                part.managed.oauth_clients.insert(client_id, app.clone());
+            }
+            CredentialMethod::Hmac { key_id, secret } if !key_id.is_empty() => {
+                let left_out =
+                    |why: String| format!("credential `{}` ({}): {why}; left out", o.name, o.id);
+                // As for basic-auth users: the first credential keeps the key id.
+                if part.managed.hmac_keys.contains_key(&key_id) {
+                    part.warnings.push(left_out(format!(
+                        "key id `{key_id}` is already bound to an application"
+                    )));
+                    continue;
+                }
+                let value = match secrets.get(&(team.clone(), secret.clone())) {
+                    Some(source) => read_secret(source),
+                    None => Err(format!("secret `{secret}` does not exist")),
+                };
+                match value {
+                    Ok(value) => {
+                        part.managed.hmac_keys.insert(
+                            key_id,
+                            HmacKey {
+                                secret: Arc::from(value),
+                                consumer: app.clone(),
+                            },
+                        );
+                    }
+                    Err(why) => part.warnings.push(left_out(why)),
+                }
+            }
+            CredentialMethod::Mtls { subject, san } => {
+                let (what, index, key) = match (subject, san) {
+                    (Some(s), None) if !s.is_empty() => {
+                        ("subject", &mut part.managed.mtls_subjects, s)
+                    }
+                    (None, Some(s)) if !s.is_empty() => (
+                        "SAN",
+                        &mut part.managed.mtls_sans,
+                        turnpike_model::managed::mtls_san_key(&s),
+                    ),
+                    _ => {
+                        part.warnings.push(format!(
+                            "credential `{}` ({}): an mtls credential names exactly one of subject or san; left out",
+                            o.name, o.id
+                        ));
+                        continue;
+                    }
+                };
+                // The Admin API refuses duplicates; a store written otherwise (an import)
+                // may still hold one, and then the first credential keeps the name.
+                let claim = if what == "SAN" {
+                    turnpike_model::managed::mtls_san_claim(&key)
+                } else {
+                    format!("subject\u{0}{key}")
+                };
+                if !mtls_claims.insert(claim) {
+                    part.warnings.push(format!(
+                        "credential `{}` ({}): certificate {what} `{key}` is already bound to an application; left out",
+                        o.name, o.id
+                    ));
+                    continue;
+                }
+                index.insert(key, app.clone());
             }
             _ => {}
         }
@@ -302,6 +402,8 @@ pub fn compile(state: &StoreState) -> StorePart {
                 .insert((app.id.clone(), service.clone()), plan);
         }
     }
+
+    compile_plans(&mut part, of(Kind::Plan), &team_of);
 
     for (policy, team, label) in released_policies {
         push_policy(&mut part, policy, &team, &label);
@@ -345,6 +447,59 @@ pub fn compile(state: &StoreState) -> StorePart {
     part
 }
 
+/// What the plans approved subscriptions use add: their quotas (enforced by the gateway's
+/// quota counters) and their rate limits, each plan's as one `rate_limit` policy at plan
+/// scope keyed by application (so they run like a plan's own `rate_limit` policies, through
+/// the same limiter).
+fn compile_plans<'o, 't>(
+    part: &mut StorePart,
+    plans: impl Iterator<Item = &'o Object>,
+    team_of: &dyn Fn(&Object) -> Option<&'t String>,
+) {
+    for o in plans {
+        let used = part
+            .managed
+            .subscriptions
+            .values()
+            .any(|p| p.as_deref() == Some(o.id.as_str()));
+        if !used {
+            continue;
+        }
+        let (Some(team), Some(plan)) = (team_of(o), spec::<PlanSpec>(o, &mut part.warnings)) else {
+            continue;
+        };
+        if !plan.quotas.is_empty() {
+            part.managed
+                .plan_quotas
+                .insert(o.id.clone(), plan.quotas.clone().into());
+        }
+        if plan.rate_limits.is_empty() {
+            continue;
+        }
+        let limits: Vec<Value> = plan
+            .rate_limits
+            .iter()
+            .map(|l| {
+                serde_json::json!({
+                    "requests": l.requests,
+                    "per": humantime::format_duration(l.per).to_string(),
+                })
+            })
+            .collect();
+        let policy = PolicySpec {
+            // `:` cannot appear in a policy object's name, so this never collides with one.
+            name: format!("{team}/plan:{}", o.name),
+            policy_type: "rate_limit".into(),
+            scope: PolicyScope::Plan(o.id.clone()),
+            config: serde_json::json!({ "key": { "by": "application" }, "limits": limits }),
+            enabled: true,
+            priority: 0,
+        };
+        let label = format!("plan `{}` ({}): rate_limits", o.name, o.id);
+        push_policy(part, policy, team, &label);
+    }
+}
+
 /// Adds a policy of `team` whose target is resolved, if it can be compiled against the
 /// store's consumers: one team's broken policy is left out with a warning, never allowed to
 /// stop every other change from reaching the gateway.
@@ -365,10 +520,21 @@ fn push_policy(part: &mut StorePart, mut policy: PolicySpec, team: &str, label: 
             }
         }
     }
-    match PolicyKind::parse_attachment(&policy.policy_type, &policy.config)
-        .map_err(|e| e.to_string())
+    // Upstreams a policy sends to are the team's own, named as in the team.
+    let qualified = qualify_upstreams(&mut policy.config, &policy.policy_type, team);
+    match qualified
+        .and_then(|()| {
+            PolicyKind::parse_attachment(&policy.policy_type, &policy.config)
+                .map_err(|e| e.to_string())
+        })
         .and_then(|kind| {
-            turnpike_proxy::policy::precheck(&kind, &part.managed)
+            for (field, name) in kind.upstream_refs() {
+                if !part.upstreams.iter().any(|u| u.name == name) {
+                    let short = name.split_once('/').map_or(name, |(_, n)| n);
+                    return Err(format!("config.{field}: unknown upstream `{short}`"));
+                }
+            }
+            turnpike_proxy::policy::precheck(&kind, &policy.scope, &part.managed)
                 .map_err(|(field, why)| format!("config.{field}: {why}"))
         }) {
         Ok(()) => part.policies.push(policy),
@@ -385,11 +551,60 @@ fn push_policy(part: &mut StorePart, mut policy: PolicySpec, team: &str, label: 
     }
 }
 
+/// Rewrites the upstream names of `traffic_split`, `mirror` and `fallback` to the gateway's
+/// `team/upstream` form. A name with a `/` (another team's upstream) is refused.
+fn qualify_upstreams(config: &mut Value, policy_type: &str, team: &str) -> Result<(), String> {
+    let qualify = |field: String, v: &mut Value| -> Result<(), String> {
+        if let Value::String(name) = v {
+            if name.contains('/') {
+                return Err(format!(
+                    "config.{field}: `{name}`: a policy can only send to its own team's upstreams"
+                ));
+            }
+            *name = format!("{team}/{name}");
+        }
+        Ok(())
+    };
+    let Some(obj) = config.as_object_mut() else {
+        return Ok(());
+    };
+    match policy_type {
+        "mirror" | "fallback" => {
+            if let Some(v) = obj.get_mut("upstream") {
+                qualify("upstream".into(), v)?;
+            }
+        }
+        "traffic_split" => {
+            for list in ["rules", "weighted"] {
+                if let Some(Value::Array(items)) = obj.get_mut(list) {
+                    for (i, item) in items.iter_mut().enumerate() {
+                        if let Some(v) = item.get_mut("upstream") {
+                            qualify(format!("{list}[{i}].upstream"), v)?;
+                        }
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
 /// Policy types whose absence would let requests through that they would refuse.
 fn guards_access(policy_type: &str) -> bool {
     matches!(
         policy_type,
-        "key_auth" | "basic_auth" | "jwt" | "acl" | "ip_restriction" | "user_agent"
+        "key_auth"
+            | "basic_auth"
+            | "jwt"
+            | "oauth2_introspection"
+            | "hmac_auth"
+            | "mtls"
+            | "acl"
+            | "ip_restriction"
+            | "user_agent"
+            | "waf"
+            | "request_validation"
     )
 }
 
@@ -426,6 +641,7 @@ fn compile_release(
                 .ok()
                 .map(httpdate::fmt_http_date)
         }),
+        openapi: svc.openapi.clone().map(Arc::new),
         deprecation: (lifecycle == Lifecycle::Deprecated).then(|| {
             // RFC 9745: the moment of deprecation as `@<unix seconds>`; the object's last
             // change is when it moved to `deprecated`.
@@ -503,6 +719,94 @@ fn compile_release(
         policy.name = format!("{team}/{}/{}", service.name, policy.name);
         released_policies.push((policy, team.to_owned(), policy_label));
     }
+}
+
+/// Largest secret file read: a shared secret is a few dozen bytes.
+const MAX_SECRET_FILE_BYTES: u64 = 64 * 1024;
+
+/// The only environment variables a secret object can name. A team writes secret objects,
+/// but the operator decides what the gateway process holds: without the prefix, any team
+/// could make the gateway use (and, through its answers, probe) any variable it has.
+pub const SECRET_ENV_PREFIX: &str = "TURNPIKE_SECRET_";
+
+/// The environment variable naming the directory secret files must be in; unset, secret
+/// objects cannot name files.
+pub const SECRETS_DIR_ENV: &str = "TURNPIKE_SECRETS_DIR";
+
+/// The value of a secret object: an environment variable named `TURNPIKE_SECRET_*`, or a
+/// regular file under `TURNPIKE_SECRETS_DIR` (a path relative to it, which may not leave
+/// it). A file's trailing line break is not part of the secret (editors and `echo` add
+/// one). Anything else is refused without being read, so a FIFO cannot stall the
+/// control plane.
+fn read_secret(source: &SecretSource) -> Result<Vec<u8>, String> {
+    let value = match source {
+        SecretSource::Env(var) => {
+            if !var.starts_with(SECRET_ENV_PREFIX) {
+                return Err(format!(
+                    "environment variable `{var}` is not a secret variable (only `{SECRET_ENV_PREFIX}*` ones are read)"
+                ));
+            }
+            std::env::var(var)
+                .map(String::into_bytes)
+                .map_err(|_| format!("environment variable `{var}` of its secret is not set"))?
+        }
+        SecretSource::File(path) => {
+            use std::io::Read;
+            let file = secret_file(path)?;
+            let mut buf = Vec::new();
+            std::fs::File::open(&file)
+                .and_then(|f| f.take(MAX_SECRET_FILE_BYTES + 1).read_to_end(&mut buf))
+                .map_err(|e| format!("secret file `{path}` cannot be read: {e}"))?;
+            if buf.len() as u64 > MAX_SECRET_FILE_BYTES {
+                return Err(format!(
+                    "secret file `{path}` is larger than {MAX_SECRET_FILE_BYTES} bytes"
+                ));
+            }
+            while buf.last().is_some_and(|b| matches!(b, b'\n' | b'\r')) {
+                buf.pop();
+            }
+            buf
+        }
+    };
+    if value.is_empty() {
+        return Err("its secret is empty".into());
+    }
+    Ok(value)
+}
+
+/// Where the secret file `path` is: a regular file inside the secrets directory, after
+/// links are resolved.
+fn secret_file(path: &str) -> Result<std::path::PathBuf, String> {
+    let dir = std::env::var_os(SECRETS_DIR_ENV).ok_or_else(|| {
+        format!("secret file `{path}` cannot be read: {SECRETS_DIR_ENV} is not set")
+    })?;
+    let relative = std::path::Path::new(path);
+    if !relative
+        .components()
+        .all(|c| matches!(c, std::path::Component::Normal(_)))
+    {
+        return Err(format!(
+            "secret file `{path}` must be a relative path inside {SECRETS_DIR_ENV}"
+        ));
+    }
+    let dir = std::path::Path::new(&dir)
+        .canonicalize()
+        .map_err(|e| format!("{SECRETS_DIR_ENV} cannot be read: {e}"))?;
+    let file = dir
+        .join(relative)
+        .canonicalize()
+        .map_err(|e| format!("secret file `{path}` cannot be read: {e}"))?;
+    if !file.starts_with(&dir) {
+        return Err(format!(
+            "secret file `{path}` links out of {SECRETS_DIR_ENV}"
+        ));
+    }
+    let meta = std::fs::metadata(&file)
+        .map_err(|e| format!("secret file `{path}` cannot be read: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("secret file `{path}` is not a regular file"));
+    }
+    Ok(file)
 }
 
 fn spec<T: serde::de::DeserializeOwned>(o: &Object, warnings: &mut Vec<String>) -> Option<T> {
@@ -716,4 +1020,67 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let mut file = options.open(path)?;
     file.write_all(bytes)?;
     file.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    #[test]
+    fn secrets_are_read_only_where_the_operator_put_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let secrets = dir.path().join("secrets");
+        std::fs::create_dir(&secrets).unwrap();
+        std::fs::write(secrets.join("partner"), "s3cret\n").unwrap();
+        std::fs::write(dir.path().join("outside"), "nope").unwrap();
+        std::os::unix::fs::symlink(dir.path().join("outside"), secrets.join("link")).unwrap();
+        let fifo = secrets.join("fifo");
+        assert!(
+            std::process::Command::new("mkfifo")
+                .arg(&fifo)
+                .status()
+                .unwrap()
+                .success()
+        );
+        // SAFETY: nextest runs each test in its own process; nothing else reads these.
+        unsafe {
+            std::env::set_var(SECRETS_DIR_ENV, &secrets);
+            std::env::set_var("TURNPIKE_SECRET_UNIT", "from-env");
+            std::env::set_var("HOME_SWEET_HOME", "not a secret");
+        }
+        let read = |s: SecretSource| read_secret(&s);
+        assert_eq!(
+            read(SecretSource::File("partner".into())).unwrap(),
+            b"s3cret"
+        );
+        assert_eq!(
+            read(SecretSource::Env("TURNPIKE_SECRET_UNIT".into())).unwrap(),
+            b"from-env"
+        );
+        for (source, why) in [
+            (
+                SecretSource::Env("HOME_SWEET_HOME".into()),
+                "not a secret variable",
+            ),
+            (
+                SecretSource::File("../outside".into()),
+                "relative path inside",
+            ),
+            (
+                SecretSource::File(dir.path().join("outside").display().to_string()),
+                "relative path inside",
+            ),
+            (SecretSource::File("link".into()), "links out of"),
+            // A FIFO would block the reader until someone writes to it.
+            (SecretSource::File("fifo".into()), "not a regular file"),
+            (SecretSource::File("missing".into()), "cannot be read"),
+        ] {
+            let e = read(source.clone()).unwrap_err();
+            assert!(e.contains(why), "{source:?}: {e}");
+        }
+        unsafe { std::env::remove_var(SECRETS_DIR_ENV) };
+        let e = read(SecretSource::File("partner".into())).unwrap_err();
+        assert!(e.contains("TURNPIKE_SECRETS_DIR is not set"), "{e}");
+    }
 }

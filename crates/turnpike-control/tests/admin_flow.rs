@@ -3,144 +3,21 @@
 //! deprecated and retired.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+mod common;
 
+use common::{Env, env};
 use serde_json::{Value, json};
-use turnpike_control::{ControlPlane, spawn_sync};
-use turnpike_model::{Config, ListenerConfig, ServerConfig};
+use std::time::Duration;
 use turnpike_proxy::demo::DemoServer;
-use turnpike_proxy::gateway::Gateway;
-use turnpike_store::Store;
-
-struct Env {
-    _dir: tempfile::TempDir,
-    store: Store,
-    control: Arc<ControlPlane>,
-    _upstream: DemoServer,
-    upstream: String,
-    gateway: String,
-    admin: String,
-    token: String,
-    http: reqwest::Client,
-}
-
-async fn env() -> Env {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&format!("sqlite://{}", dir.path().join("s.db").display()))
-        .await
-        .unwrap();
-    let token = turnpike_admin::bootstrap(&store).await.unwrap().unwrap();
-    let upstream = DemoServer::start("127.0.0.1:0".parse().unwrap(), "up")
-        .await
-        .unwrap();
-    let file = Config {
-        server: ServerConfig {
-            listeners: vec![ListenerConfig {
-                address: "127.0.0.1:0".into(),
-                ..Default::default()
-            }],
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    let gw = Gateway::start(&file).await.unwrap();
-    let control = ControlPlane::new(gw.clone(), file, None, None);
-    spawn_sync(control.clone(), store.clone(), Duration::from_secs(1));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let admin = format!("http://{}/admin/v1", listener.local_addr().unwrap());
-    let app = turnpike_admin::router(turnpike_admin::AdminState::new(store.clone()));
-    tokio::spawn(async move { axum_serve(listener, app).await });
-    Env {
-        _dir: dir,
-        store,
-        control,
-        upstream: upstream.local_addr().to_string(),
-        _upstream: upstream,
-        gateway: format!("http://{}", gw.local_addrs()[0].1),
-        admin,
-        token,
-        http: reqwest::Client::new(),
-    }
-}
-
-async fn axum_serve(listener: tokio::net::TcpListener, app: axum::Router) {
-    axum::serve(listener, app).await.unwrap();
-}
-
-impl Env {
-    async fn admin(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
-        let resp = self
-            .http
-            .request(method, format!("{}{path}", self.admin))
-            .bearer_auth(&self.token)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        let status = resp.status();
-        let body: Value = resp.json().await.unwrap_or(Value::Null);
-        assert!(status.is_success(), "{path}: {status} {body}");
-        body
-    }
-
-    async fn post(&self, path: &str, body: Value) -> Value {
-        self.admin(reqwest::Method::POST, path, body).await
-    }
-
-    /// Waits until the gateway serves everything committed so far; returns how long.
-    async fn settled(&self) -> Duration {
-        let v = self.store.current_version().await.unwrap();
-        let start = Instant::now();
-        let mut rx = self.control.applied();
-        tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|seen| *seen >= v))
-            .await
-            .expect("change not applied within 5 s")
-            .unwrap();
-        start.elapsed()
-    }
-
-    async fn call(&self, path: &str, key: Option<&str>) -> reqwest::Response {
-        let mut req = self.http.get(format!("{}{path}", self.gateway));
-        if let Some(k) = key {
-            req = req.header("x-api-key", k);
-        }
-        req.send().await.unwrap()
-    }
-
-    async fn code(&self, path: &str, key: Option<&str>) -> (u16, String) {
-        let resp = self.call(path, key).await;
-        let status = resp.status().as_u16();
-        let body: Value = resp.json().await.unwrap_or(Value::Null);
-        (
-            status,
-            body["error"]["code"].as_str().unwrap_or("").to_owned(),
-        )
-    }
-}
 
 /// Team `acme` with upstream `backend` and a service `pay` with one route under `/pay`.
 async fn provider(e: &Env, approval: &str) {
-    e.post("/teams", json!({"name": "acme"})).await;
-    e.post(
-        "/teams/acme/upstreams",
-        json!({"name": "backend", "targets": [{"address": e.upstream}]}),
-    )
-    .await;
-    e.post(
-        "/teams/acme/services",
-        json!({"name": "pay", "upstream": "backend", "visibility": "public",
-               "approval": approval, "successor": "https://example.com/pay/v2",
+    e.pay_service(
+        json!({"approval": approval, "successor": "https://example.com/pay/v2",
                "sunset": "2031-06-30T00:00:00Z"}),
+        &[],
     )
     .await;
-    e.post(
-        "/teams/acme/routes",
-        json!({"name": "charge", "service": "pay", "paths": [{"prefix": "/pay"}],
-               "rewrite": {"template": "/echo"}}),
-    )
-    .await;
-    e.post("/teams/acme/services/pay/publish", json!({})).await;
 }
 
 /// Team `shop` with application `web` and an API key for it; returns the key.
@@ -492,4 +369,159 @@ async fn another_teams_groups_and_broken_policies_cannot_open_a_route() {
     e.settled().await;
     assert_eq!(e.code("/pay", None).await, (403, "ip_denied".into()));
     assert_eq!(e.code("/pay", Some(&key)).await, (403, "ip_denied".into()));
+}
+
+#[tokio::test]
+async fn blue_green_is_one_call_and_store_policies_split_traffic() {
+    let e = env().await;
+    provider(&e, "auto").await;
+    let green = DemoServer::start("127.0.0.1:0".parse().unwrap(), "green")
+        .await
+        .unwrap();
+    e.post(
+        "/teams/acme/upstreams",
+        json!({"name": "green", "targets": [{"address": green.local_addr().to_string()}]}),
+    )
+    .await;
+    e.settled().await;
+    let served_by = |r: reqwest::Response| {
+        r.headers()
+            .get("x-served-by")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned()
+    };
+    assert_eq!(served_by(e.call("/pay/x", None).await), "up");
+
+    // Blue/green: one call releases the service on the other upstream.
+    let switched = e
+        .post(
+            "/teams/acme/services/pay/switch",
+            json!({"upstream": "green"}),
+        )
+        .await;
+    assert_eq!(switched["release"]["number"], 2, "{switched}");
+    e.settled().await;
+    assert_eq!(served_by(e.call("/pay/x", None).await), "green");
+    // The working spec followed: publishing again does not switch back.
+    e.post("/teams/acme/services/pay/publish", json!({})).await;
+    e.settled().await;
+    assert_eq!(served_by(e.call("/pay/x", None).await), "green");
+    // An unknown upstream is refused and changes nothing.
+    let bad = e
+        .http
+        .post(format!("{}/teams/acme/services/pay/switch", e.admin))
+        .bearer_auth(&e.token)
+        .json(&json!({"upstream": "nope"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 422);
+    e.post(
+        "/teams/acme/services/pay/switch",
+        json!({"upstream": "backend"}),
+    )
+    .await;
+    e.settled().await;
+    assert_eq!(served_by(e.call("/pay/x", None).await), "up");
+
+    // A/B from the store: the team's upstream names are its own.
+    e.post(
+        "/teams/acme/policies",
+        json!({"name": "beta", "type": "traffic_split", "scope": "service", "target": "pay",
+               "config": {"rules": [{"headers": [{"name": "x-beta", "equals": "1"}],
+                                     "upstream": "green"}]}}),
+    )
+    .await;
+    e.post("/teams/acme/services/pay/publish", json!({})).await;
+    e.settled().await;
+    assert_eq!(served_by(e.call("/pay/x", None).await), "up");
+    let beta = e
+        .http
+        .get(format!("{}/pay/x", e.gateway))
+        .header("x-beta", "1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(served_by(beta), "green");
+}
+
+/// `waf` and `request_validation` (against the service's own OpenAPI document) created
+/// through the Admin API, shipped with a release, enforced at the gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protection_policies_from_the_admin_api() {
+    let e = env().await;
+    e.post("/teams", json!({"name": "acme"})).await;
+    e.post(
+        "/teams/acme/upstreams",
+        json!({"name": "backend", "targets": [{"address": e.upstream}]}),
+    )
+    .await;
+    let openapi = json!({
+        "openapi": "3.1.0",
+        "info": {"title": "Orders", "version": "1"},
+        "servers": [{"url": "/orders"}],
+        "paths": {"/items/{id}": {"get": {"parameters": [
+            {"name": "id", "in": "path", "required": true, "schema": {"type": "integer"}}
+        ]}}}
+    });
+    e.post(
+        "/teams/acme/services",
+        json!({"name": "orders", "upstream": "backend", "visibility": "public", "openapi": openapi}),
+    )
+    .await;
+    e.post(
+        "/teams/acme/routes",
+        json!({"name": "items", "service": "orders", "paths": [{"prefix": "/orders"}],
+               "rewrite": {"template": "/echo"}}),
+    )
+    .await;
+    // The schema is published, and a bad config is refused naming the field.
+    let schema = e
+        .admin(reqwest::Method::GET, "/schemas/policies/waf", Value::Null)
+        .await;
+    assert!(schema["properties"]["exclusions"].is_object(), "{schema}");
+    let resp = e
+        .http
+        .post(format!("{}/teams/acme/policies", e.admin))
+        .bearer_auth(&e.token)
+        .json(
+            &json!({"name": "bad", "type": "waf", "scope": "service", "target": "orders",
+                      "config": {"max_args": 0}}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 422);
+    assert!(resp.text().await.unwrap().contains("config.max_args"));
+
+    e.post(
+        "/teams/acme/policies",
+        json!({"name": "contract", "type": "request_validation", "scope": "service",
+               "target": "orders", "config": {"use_service_openapi": true}}),
+    )
+    .await;
+    e.post(
+        "/teams/acme/policies",
+        json!({"name": "firewall", "type": "waf", "scope": "route", "target": "items"}),
+    )
+    .await;
+    e.post("/teams/acme/services/orders/publish", json!({}))
+        .await;
+    e.settled().await;
+
+    assert_eq!(e.call("/orders/items/7", None).await.status(), 200);
+    assert_eq!(
+        e.code("/orders/items/seven", None).await,
+        (400, "request_invalid".into())
+    );
+    assert_eq!(
+        e.code("/orders/nothing", None).await,
+        (400, "request_invalid".into())
+    );
+    assert_eq!(
+        e.code("/orders/items/7?q=%3Cscript%3Ealert(1)%3C/script%3E", None)
+            .await,
+        (403, "waf_blocked".into())
+    );
 }

@@ -72,6 +72,52 @@ pub struct ConsumerConfig {
     /// Its basic-auth users.
     #[serde(default)]
     pub basic_auth: Vec<BasicUserConfig>,
+    /// OAuth2 client ids whose introspected tokens identify it (`oauth2_introspection`).
+    #[serde(default)]
+    pub oauth_clients: Vec<String>,
+    /// Shared secrets for HTTP message signatures (`hmac_auth`).
+    #[serde(default)]
+    pub hmac: Vec<HmacKeyConfig>,
+    /// Client certificates that identify it (`mtls`), by subject or by SAN.
+    #[serde(default)]
+    pub mtls: Vec<MtlsIdentity>,
+}
+
+/// A message-signature key of a file consumer: exactly one of `secret` and `secret_env`.
+#[derive(Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HmacKeyConfig {
+    /// The `keyid` clients send (unique across consumers).
+    pub key_id: String,
+    /// The shared secret, inline; prefer `secret_env`.
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// Name of an environment variable holding the shared secret.
+    #[serde(default)]
+    pub secret_env: Option<String>,
+}
+
+// By hand: an inline secret must not reach a log through a `{:?}` of the configuration.
+impl std::fmt::Debug for HmacKeyConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HmacKeyConfig")
+            .field("key_id", &self.key_id)
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("secret_env", &self.secret_env)
+            .finish()
+    }
+}
+
+/// What a client certificate must carry to identify a file consumer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum MtlsIdentity {
+    /// The subject distinguished name as an RFC 4514 string (`CN=app,O=Example`).
+    Subject(String),
+    /// A subject alternative name: the bare value (`app.example.com`,
+    /// `spiffe://example.org/app`, `ops@example.com`, `192.0.2.7`) matches a SAN of any type;
+    /// `DNS:`, `URI:`, `email:` or `IP:` in front matches only that type.
+    San(String),
 }
 
 /// An API key of a file consumer, never written in clear in the file.
@@ -94,6 +140,18 @@ pub struct BasicUserConfig {
     pub password_hash: String,
 }
 
+/// The header a trusted proxy names the client in.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, JsonSchema)]
+pub enum ClientIpHeader {
+    /// `X-Forwarded-For`: the right-most entry that is not a trusted proxy.
+    #[default]
+    #[serde(rename = "x-forwarded-for")]
+    XForwardedFor,
+    /// RFC 7239 `Forwarded`: the right-most `for=` that is not a trusted proxy.
+    #[serde(rename = "forwarded")]
+    Forwarded,
+}
+
 /// Process-wide settings.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
@@ -105,6 +163,10 @@ pub struct ServerConfig {
     /// Peers whose `X-Forwarded-*` / `Forwarded` headers are trusted (CIDR list).
     /// Headers from any other peer are discarded and replaced.
     pub trusted_proxies: Vec<String>,
+    /// Which header of a trusted proxy names the client: `x-forwarded-for` (default) or
+    /// RFC 7239 `forwarded`. Only that one is read, so a client cannot pick the other one
+    /// when its proxy passes it through untouched.
+    pub client_ip_header: ClientIpHeader,
     /// How long SIGTERM waits for in-flight requests before exiting.
     #[schemars(with = "String")]
     #[serde(with = "humantime_serde")]
@@ -123,6 +185,7 @@ impl Default for ServerConfig {
             listeners: vec![ListenerConfig::default()],
             limits: Limits::default(),
             trusted_proxies: Vec::new(),
+            client_ip_header: ClientIpHeader::default(),
             drain_timeout: Duration::from_secs(30),
             request_id_header: "x-request-id".to_owned(),
             via: "turnpike".to_owned(),
@@ -174,6 +237,37 @@ pub struct ListenerTls {
     #[schemars(with = "String")]
     #[serde(default = "default_cert_reload", with = "humantime_serde")]
     pub reload_interval: Duration,
+    /// Client certificate verification (mTLS). Absent: no certificate is asked for.
+    #[serde(default)]
+    pub client_auth: Option<ClientAuthConfig>,
+}
+
+/// Verification of client certificates on a TLS listener. The files are reloaded with the
+/// listener's certificates.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClientAuthConfig {
+    /// Path to a PEM bundle of the CA certificates client certificates must chain to.
+    pub ca: String,
+    /// `required` (default): the handshake fails without a valid certificate. `optional`:
+    /// a certificate, if sent, must be valid; connections without one go on.
+    #[serde(default)]
+    pub mode: ClientAuthMode,
+    /// Paths to PEM certificate revocation lists; a revoked certificate fails the
+    /// handshake. Certificates whose issuer has no CRL here are not checked for revocation.
+    #[serde(default)]
+    pub crls: Vec<String>,
+}
+
+/// Whether a client certificate is needed to connect.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuthMode {
+    /// No connection without a valid client certificate.
+    #[default]
+    Required,
+    /// A certificate, if sent, must be valid; connections without one are served.
+    Optional,
 }
 
 fn default_cert_reload() -> Duration {

@@ -11,6 +11,8 @@ mod locate;
 pub mod managed;
 pub mod mgmt;
 pub mod policy;
+mod protect;
+pub mod traffic;
 mod validate;
 
 use std::fmt;
@@ -274,5 +276,69 @@ mod tests {
         assert_eq!(e.path, "routes[0].upstream");
         assert_eq!(e.line, Some(6), "{e}");
         assert!(e.to_string().starts_with("test.yaml:6:"), "{e}");
+    }
+
+    #[test]
+    fn hmac_keys_need_one_secret_and_a_unique_key_id() {
+        let text = "consumers:\n  - name: a\n    hmac: [{key_id: k1, secret: s}, {key_id: k2}]\n  - name: b\n    hmac: [{key_id: k1, secret_env: B_SECRET}, {key_id: k3, secret: x, secret_env: X}]\n";
+        let config = parse(&src(text), Format::Yaml).unwrap();
+        let shown = format!("{:?}", config.consumers[1].hmac[1]);
+        assert!(
+            shown.contains("<redacted>") && !shown.contains("\"x\""),
+            "{shown}"
+        );
+        let err = validate(&config).unwrap_err();
+        let paths: Vec<&str> = err.0.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "consumers[0].hmac[1]",
+                "consumers[1].hmac[0].key_id",
+                "consumers[1].hmac[1]"
+            ],
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn a_certificate_name_identifies_one_consumer() {
+        let text = "consumers:\n  - {name: a, mtls: [{san: Svc.Example}]}\n  - {name: b, mtls: [{subject: 'CN=b'}, {san: 'DNS:svc.example'}]}\nserver:\n  listeners:\n    - address: '127.0.0.1:0'\n      tls: {certificates: [{cert: c, key: k}], client_auth: {ca: ''}}\n";
+        let config = parse(&src(text), Format::Yaml).unwrap();
+        let tls = config.server.listeners[0].tls.as_ref().unwrap();
+        let client_auth = tls.client_auth.as_ref().unwrap();
+        assert_eq!(
+            client_auth.mode,
+            ClientAuthMode::Required,
+            "the safe default"
+        );
+        let err = validate(&config).unwrap_err().to_string();
+        assert!(err.contains("consumers[1].mtls[1].san"), "{err}");
+        assert!(!err.contains("consumers[1].mtls[0]"), "{err}");
+        assert!(
+            err.contains("server.listeners[0].tls.client_auth.ca"),
+            "{err}"
+        );
+        let text = "consumers:\n  - {name: a, mtls: [{san: x, subject: y}]}\n";
+        assert!(
+            parse(&src(text), Format::Yaml).is_err(),
+            "one of subject or san"
+        );
+    }
+
+    #[test]
+    fn certificate_sans_are_keyed_as_the_gateway_compares_them() {
+        use crate::managed::mtls_san_key;
+        assert_eq!(mtls_san_key("Svc.Example"), "svc.example");
+        assert_eq!(mtls_san_key("DNS:Svc.Example"), "DNS:svc.example");
+        assert_eq!(mtls_san_key("IP:2001:DB8:0::1"), "IP:2001:db8::1");
+        assert_eq!(mtls_san_key("2001:DB8::1"), "2001:db8::1");
+        assert_eq!(mtls_san_key("URI:spiffe://x/Y"), "URI:spiffe://x/Y");
+        assert_eq!(mtls_san_key("Ops@Example.com"), "Ops@Example.com");
+        use crate::managed::mtls_san_claim;
+        assert_eq!(
+            mtls_san_claim("DNS:Svc.Example"),
+            mtls_san_claim("svc.example")
+        );
+        assert_eq!(mtls_san_claim("IP:192.0.2.7"), "192.0.2.7");
     }
 }

@@ -514,6 +514,10 @@ pub enum CredentialMethod {
         /// JWKS URL, or ...
         #[serde(default)]
         jwks_url: Option<String>,
+        /// ... the JWKS named by the issuer's OpenID Connect discovery document
+        /// (`{issuer}/.well-known/openid-configuration`), or ...
+        #[serde(default)]
+        discovery: bool,
         /// ... a PEM public key.
         #[serde(default)]
         public_key: Option<String>,
@@ -525,6 +529,15 @@ pub enum CredentialMethod {
     OauthClient {
         /// The client id.
         client_id: String,
+    },
+    /// A shared secret for HTTP message signatures (`hmac_auth`): signatures whose `keyid`
+    /// is `key_id` are verified with the secret and identify the application.
+    Hmac {
+        /// The `keyid` clients send (unique across `hmac` credentials).
+        key_id: String,
+        /// The team's secret object (by name) holding the shared secret; the Admin API never
+        /// sees the value.
+        secret: String,
     },
     /// A client certificate subject or SAN.
     Mtls {
@@ -561,13 +574,60 @@ pub struct PlanLimit {
 }
 
 /// The period a quota counts over.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum QuotaPeriod {
     /// Calendar day (UTC).
     Day,
     /// Calendar month (UTC).
     Month,
+}
+
+impl QuotaPeriod {
+    /// The name used in the store, the API and headers.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QuotaPeriod::Day => "day",
+            QuotaPeriod::Month => "month",
+        }
+    }
+
+    /// The start (inclusive) and end (exclusive) of the period containing `now_ms`, in epoch
+    /// milliseconds: UTC midnights for days, the 1st of the month at UTC midnight for months.
+    pub fn bounds(self, now_ms: i64) -> (i64, i64) {
+        const DAY_MS: i64 = 86_400_000;
+        let day_start = now_ms.div_euclid(DAY_MS) * DAY_MS;
+        let day = (day_start, day_start + DAY_MS);
+        if self == QuotaPeriod::Day {
+            return day;
+        }
+        let Ok(t) = time::OffsetDateTime::from_unix_timestamp(day_start.div_euclid(1000)) else {
+            return day;
+        };
+        let (year, month) = (t.year(), t.month());
+        let first = |y: i32, m: time::Month| {
+            time::Date::from_calendar_date(y, m, 1)
+                .map(|d| d.midnight().assume_utc().unix_timestamp() * 1000)
+        };
+        let next_year = if month == time::Month::December {
+            year + 1
+        } else {
+            year
+        };
+        match (first(year, month), first(next_year, month.next())) {
+            (Ok(start), Ok(end)) => (start, end),
+            _ => day,
+        }
+    }
+
+    /// Parses [`QuotaPeriod::as_str`]'s output.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "day" => Some(QuotaPeriod::Day),
+            "month" => Some(QuotaPeriod::Month),
+            _ => None,
+        }
+    }
 }
 
 /// A quota of a plan.
@@ -783,6 +843,21 @@ pub fn parse_spec(kind: Kind, value: Value) -> Result<Value, ConfigErrors> {
     check_schema(kind, &original)?;
     let name = value.get("name").and_then(Value::as_str).unwrap_or("");
     check_name(name).map_err(|m| ConfigError::at("name", m))?;
+    if kind == Kind::Credential && value.get("type").and_then(Value::as_str) == Some("mtls") {
+        let given = |f: &str| {
+            value
+                .get(f)
+                .and_then(Value::as_str)
+                .is_some_and(|v| !v.is_empty())
+        };
+        if given("subject") == given("san") {
+            return Err(ConfigError::at(
+                "subject",
+                "an mtls credential names exactly one of subject or san",
+            )
+            .into());
+        }
+    }
     if kind == Kind::Member && value.get("role").and_then(Value::as_str) == Some("super_admin") {
         return Err(ConfigError::at("role", "super_admin is a user flag, not a team role").into());
     }
@@ -961,6 +1036,20 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.0[0].message.contains("telepathy"), "{e}");
+        let v = parse_spec(
+            Kind::Credential,
+            json!({"name": "c", "application": "app", "type": "mtls", "san": "a.example"}),
+        )
+        .unwrap();
+        assert_eq!(v["san"], "a.example");
+        for both_or_neither in [
+            json!({"name": "c", "application": "app", "type": "mtls"}),
+            json!({"name": "c", "application": "app", "type": "mtls", "san": "a", "subject": "CN=a"}),
+            json!({"name": "c", "application": "app", "type": "mtls", "subject": ""}),
+        ] {
+            let e = parse_spec(Kind::Credential, both_or_neither).unwrap_err();
+            assert_eq!(e.0[0].path, "subject", "{e}");
+        }
     }
 
     #[test]

@@ -17,10 +17,11 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub use crate::traffic::*;
 use crate::{ConfigError, ConfigErrors};
 
-/// When a policy runs within the `access` phase. The order of the variants is the order of
-/// the stages.
+/// When a policy runs: the stages of the `access` phase, then the upstream call. The order
+/// of the variants is the order of the stages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Stage {
     /// Cheap checks on the connection and request head: IP rules, User-Agent rules, size.
@@ -33,6 +34,13 @@ pub enum Stage {
     Limit,
     /// CORS: a preflight is answered here, after the limits and without authentication.
     Cors,
+    /// Body inspection (`waf`, `request_validation`): after the whole access phase, the
+    /// managed service's checks and identity limits included, on the buffered body. Callers
+    /// that are refused anyway never make the gateway buffer and scan their bodies.
+    Inspection,
+    /// The call to the upstream: traffic split, mirroring, fault injection, bulkhead,
+    /// circuit breaker and fallback (see [`crate::traffic`]).
+    Upstream,
 }
 
 /// Every policy type with its typed configuration.
@@ -57,10 +65,32 @@ pub enum PolicyKind {
     RequestSize(RequestSizeConfig),
     /// User-Agent deny and allow lists.
     UserAgent(UserAgentConfig),
+    /// Web application firewall: SQL injection, XSS, path traversal, command injection.
+    Waf(Box<WafConfig>),
+    /// Request validation against a JSON Schema or an OpenAPI 3 document.
+    RequestValidation(Box<RequestValidationConfig>),
+    /// OAuth2 bearer tokens checked by token introspection (RFC 7662).
+    Oauth2Introspection(OAuth2IntrospectionConfig),
+    /// HTTP message signatures (RFC 9421) with `hmac-sha256` and a shared secret per key id.
+    HmacAuth(HmacAuthConfig),
+    /// Circuit breaker per route or per upstream target.
+    CircuitBreaker(CircuitBreakerConfig),
+    /// Bounded concurrency per route or upstream.
+    Bulkhead(BulkheadConfig),
+    /// What to answer when the upstream call cannot be made.
+    Fallback(FallbackConfig),
+    /// Delays and errors injected for resilience testing.
+    FaultInjection(FaultInjectionConfig),
+    /// Canary and A/B upstream choice.
+    TrafficSplit(TrafficSplitConfig),
+    /// Copies of requests to a shadow upstream.
+    Mirror(MirrorConfig),
+    /// The listener-verified client certificate (mTLS) mapped to an application.
+    Mtls(MtlsConfig),
 }
 
 /// The policy type names, in a stable order.
-pub const POLICY_TYPES: [&str; 9] = [
+pub const POLICY_TYPES: [&str; 20] = [
     "key_auth",
     "basic_auth",
     "jwt",
@@ -70,6 +100,17 @@ pub const POLICY_TYPES: [&str; 9] = [
     "cors",
     "request_size",
     "user_agent",
+    "circuit_breaker",
+    "bulkhead",
+    "fallback",
+    "fault_injection",
+    "traffic_split",
+    "mirror",
+    "oauth2_introspection",
+    "waf",
+    "request_validation",
+    "hmac_auth",
+    "mtls",
 ];
 
 impl PolicyKind {
@@ -99,6 +140,17 @@ impl PolicyKind {
             "cors" => Self::Cors(typed(config)?),
             "request_size" => Self::RequestSize(typed(config)?),
             "user_agent" => Self::UserAgent(typed(config)?),
+            "circuit_breaker" => Self::CircuitBreaker(typed(config)?),
+            "bulkhead" => Self::Bulkhead(typed(config)?),
+            "fallback" => Self::Fallback(typed(config)?),
+            "fault_injection" => Self::FaultInjection(typed(config)?),
+            "traffic_split" => Self::TrafficSplit(typed(config)?),
+            "mirror" => Self::Mirror(typed(config)?),
+            "oauth2_introspection" => Self::Oauth2Introspection(typed(config)?),
+            "hmac_auth" => Self::HmacAuth(typed(config)?),
+            "waf" => Self::Waf(typed(config)?),
+            "request_validation" => Self::RequestValidation(typed(config)?),
+            "mtls" => Self::Mtls(typed(config)?),
             other => {
                 return Err(ConfigError::at(
                     "",
@@ -146,6 +198,29 @@ impl PolicyKind {
             Self::Cors(_) => "cors",
             Self::RequestSize(_) => "request_size",
             Self::UserAgent(_) => "user_agent",
+            Self::Waf(_) => "waf",
+            Self::RequestValidation(_) => "request_validation",
+            Self::Oauth2Introspection(_) => "oauth2_introspection",
+            Self::HmacAuth(_) => "hmac_auth",
+            Self::CircuitBreaker(_) => "circuit_breaker",
+            Self::Bulkhead(_) => "bulkhead",
+            Self::Fallback(_) => "fallback",
+            Self::FaultInjection(_) => "fault_injection",
+            Self::TrafficSplit(_) => "traffic_split",
+            Self::Mirror(_) => "mirror",
+            Self::Mtls(_) => "mtls",
+        }
+    }
+
+    /// The upstreams (by name) the policy sends requests to, with the field path of each.
+    pub fn upstream_refs(&self) -> Vec<(String, &str)> {
+        match self {
+            Self::TrafficSplit(c) => c.upstreams(),
+            Self::Mirror(c) => vec![("upstream".into(), c.upstream.as_str())],
+            Self::Fallback(FallbackConfig {
+                upstream: Some(u), ..
+            }) => vec![("upstream".into(), u.as_str())],
+            _ => Vec::new(),
         }
     }
 
@@ -185,6 +260,7 @@ impl PolicyKind {
                         iss.public_key.is_some(),
                         iss.jwks.is_some(),
                         iss.jwks_url.is_some(),
+                        iss.discovery || iss.discovery_url.is_some(),
                     ]
                     .iter()
                     .filter(|b| **b)
@@ -192,7 +268,7 @@ impl PolicyKind {
                     if given != 1 {
                         return Err((
                             format!("issuers[{i}]"),
-                            "give exactly one of `secret_env`, `secret`, `public_key`, `jwks`, `jwks_url`"
+                            "give exactly one of `secret_env`, `secret`, `public_key`, `jwks`, `jwks_url`, `discovery`"
                                 .into(),
                         ));
                     }
@@ -258,6 +334,17 @@ impl PolicyKind {
                     }
                 }
             }
+            Self::CircuitBreaker(c) => c.check()?,
+            Self::Bulkhead(c) => c.check()?,
+            Self::Fallback(c) => c.check()?,
+            Self::FaultInjection(c) => c.check()?,
+            Self::TrafficSplit(c) => c.check()?,
+            Self::Mirror(c) => c.check()?,
+            Self::Oauth2Introspection(c) => c.check()?,
+            Self::HmacAuth(c) => c.check()?,
+            Self::Waf(c) => c.check()?,
+            Self::RequestValidation(c) => c.check()?,
+            Self::Mtls(c) => c.check()?,
         }
         Ok(())
     }
@@ -271,6 +358,10 @@ pub fn stage_of(policy_type: &str) -> Option<Stage> {
         "acl" => Stage::Authorization,
         "rate_limit" => Stage::Limit,
         "cors" => Stage::Cors,
+        "waf" | "request_validation" => Stage::Inspection,
+        "circuit_breaker" | "bulkhead" | "fallback" | "fault_injection" | "traffic_split"
+        | "mirror" => Stage::Upstream,
+        "oauth2_introspection" | "hmac_auth" | "mtls" => Stage::Authentication,
         _ => return None,
     })
 }
@@ -290,6 +381,17 @@ pub fn policy_schema(policy_type: &str) -> Option<Value> {
         "cors" => schema::<CorsConfig>(),
         "request_size" => schema::<RequestSizeConfig>(),
         "user_agent" => schema::<UserAgentConfig>(),
+        "circuit_breaker" => schema::<CircuitBreakerConfig>(),
+        "bulkhead" => schema::<BulkheadConfig>(),
+        "fallback" => schema::<FallbackConfig>(),
+        "fault_injection" => schema::<FaultInjectionConfig>(),
+        "traffic_split" => schema::<TrafficSplitConfig>(),
+        "mirror" => schema::<MirrorConfig>(),
+        "oauth2_introspection" => schema::<OAuth2IntrospectionConfig>(),
+        "hmac_auth" => schema::<HmacAuthConfig>(),
+        "waf" => schema::<WafConfig>(),
+        "request_validation" => schema::<RequestValidationConfig>(),
+        "mtls" => schema::<MtlsConfig>(),
         _ => return None,
     })
 }
@@ -432,6 +534,14 @@ pub struct JwtIssuer {
     /// A JWKS URL, fetched and cached.
     #[serde(default)]
     pub jwks_url: Option<String>,
+    /// OpenID Connect discovery: the keys come from the `jwks_uri` of the issuer's
+    /// `/.well-known/openid-configuration` (or `discovery_url`), looked up again at every
+    /// key refresh.
+    #[serde(default)]
+    pub discovery: bool,
+    /// Where the discovery document is, when it is not under the issuer's URL.
+    #[serde(default)]
+    pub discovery_url: Option<String>,
     /// Accepted audiences for this issuer; empty: the policy's `audiences`.
     #[serde(default)]
     pub audiences: Vec<String>,
@@ -490,6 +600,64 @@ pub struct JwtConfig {
     /// See [`KeyAuthConfig::anonymous`].
     #[serde(default)]
     pub anonymous: Option<String>,
+}
+
+/// A field of the client certificate that can name an application.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MtlsField {
+    /// The subject distinguished name, as an RFC 4514 string (`CN=app,O=Example`).
+    Subject,
+    /// Any subject alternative name (DNS, URI, email, IP).
+    San,
+}
+
+/// `mtls`: the client certificate the listener verified (`client_auth`) identifies the
+/// application, through `mtls` credentials and file consumers' `mtls` entries.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MtlsConfig {
+    /// Certificate fields looked up, in order; the first that maps to an application wins
+    /// (default: subject, then SANs).
+    #[serde(rename = "match", default = "default_mtls_match")]
+    pub match_fields: Vec<MtlsField>,
+    /// Refuse requests without a verified client certificate (401 `credential_missing`)
+    /// even when another method on the route has a credential or an `anonymous` application
+    /// is configured: for routes on a listener whose `client_auth` mode is `optional`.
+    #[serde(default)]
+    pub required: bool,
+    /// Refuse certificates that map to no application (default true); with `false` any
+    /// verified certificate is accepted, without an application when none matches.
+    #[serde(default = "yes")]
+    pub require_application: bool,
+    /// Send the certificate's subject, SANs, serial, SHA-256 fingerprint and expiry upstream
+    /// as `X-Client-Cert-*` headers (default false).
+    #[serde(default)]
+    pub upstream_headers: bool,
+    /// See [`KeyAuthConfig::anonymous`].
+    #[serde(default)]
+    pub anonymous: Option<String>,
+}
+
+fn default_mtls_match() -> Vec<MtlsField> {
+    vec![MtlsField::Subject, MtlsField::San]
+}
+
+impl MtlsConfig {
+    fn check(&self) -> Result<(), (String, String)> {
+        if self.match_fields.is_empty() {
+            return Err((
+                "match".into(),
+                "name at least one field: subject or san".into(),
+            ));
+        }
+        for (i, f) in self.match_fields.iter().enumerate() {
+            if self.match_fields[..i].contains(f) {
+                return Err((format!("match[{i}]"), "listed twice".into()));
+            }
+        }
+        Ok(())
+    }
 }
 
 fn default_leeway() -> Duration {
@@ -728,6 +896,295 @@ pub struct UserAgentConfig {
     pub deny_missing: bool,
 }
 
+/// `oauth2_introspection`: bearer tokens sent to the authorization server's introspection
+/// endpoint (RFC 7662), the answers cached.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OAuth2IntrospectionConfig {
+    /// The introspection endpoint (`https://idp.example.com/oauth2/introspect`).
+    pub endpoint: String,
+    /// The gateway's client id at the authorization server (HTTP basic client
+    /// authentication).
+    pub client_id: String,
+    /// Environment variable holding the gateway's client secret.
+    pub client_secret_env: String,
+    /// Header carrying `Bearer <token>` (default `authorization`).
+    #[serde(default = "default_auth_header")]
+    pub header: String,
+    /// Query parameter that may carry the token instead (not by default: URLs end up in
+    /// logs).
+    #[serde(default)]
+    pub query: Option<String>,
+    /// `token_type_hint` sent with each request (default `access_token`; empty: none).
+    #[serde(default = "default_token_type_hint")]
+    pub token_type_hint: String,
+    /// Introspection response member naming the application: its value is looked up among
+    /// `oauth_client` credentials and file consumers' `oauth_clients` (default `client_id`).
+    #[serde(default = "default_client_claim")]
+    pub consumer_claim: String,
+    /// Refuse active tokens whose client maps to no application (default true); with
+    /// `false` they are accepted without an application.
+    #[serde(default = "yes")]
+    pub require_application: bool,
+    /// Expected `iss` of the response, when given.
+    #[serde(default)]
+    pub issuer: Option<String>,
+    /// Accepted audiences (`aud` must contain one); empty: not checked.
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    /// Clock skew allowed on `exp` and `nbf`.
+    #[serde(default = "default_leeway", with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub leeway: Duration,
+    /// Longest an active answer is reused (never past the token's `exp`).
+    #[serde(default = "default_introspection_ttl", with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub cache_ttl: Duration,
+    /// How long an inactive answer is reused.
+    #[serde(default = "default_negative_ttl", with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub negative_cache_ttl: Duration,
+    /// Most answers cached; past it, expired ones are dropped, then arbitrary ones.
+    #[serde(default = "default_introspection_entries")]
+    pub cache_max_entries: usize,
+    /// Longest one introspection call may take (connect, TLS, answer).
+    #[serde(default = "default_introspection_timeout", with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub timeout: Duration,
+    /// After a failed call, uncached tokens are refused with 503 for this long without
+    /// calling the endpoint again.
+    #[serde(default = "default_failure_backoff", with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub failure_backoff: Duration,
+    /// Largest introspection response accepted, in bytes.
+    #[serde(default = "default_introspection_bytes")]
+    pub max_response_bytes: usize,
+    /// Introspection calls in flight at once; past it, requests with an uncached token get
+    /// 503 at once (without entering the failure backoff), so a flood of random tokens
+    /// cannot flood the authorization server.
+    #[serde(default = "default_introspection_calls")]
+    pub max_concurrent_calls: usize,
+    /// Remove the token before the request goes upstream (default false).
+    #[serde(default)]
+    pub hide_credentials: bool,
+    /// See [`KeyAuthConfig::anonymous`].
+    #[serde(default)]
+    pub anonymous: Option<String>,
+}
+
+impl OAuth2IntrospectionConfig {
+    fn check(&self) -> Result<(), (String, String)> {
+        let uri: http::Uri = self
+            .endpoint
+            .parse()
+            .map_err(|e| ("endpoint".to_owned(), format!("not a URL: {e}")))?;
+        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+            return Err((
+                "endpoint".into(),
+                "write an absolute http(s) URL with a host".into(),
+            ));
+        }
+        if self.client_id.is_empty() {
+            return Err(("client_id".into(), "must not be empty".into()));
+        }
+        if self.client_secret_env.is_empty() {
+            return Err(("client_secret_env".into(), "must not be empty".into()));
+        }
+        if http::HeaderName::from_bytes(self.header.as_bytes()).is_err() {
+            return Err(("header".into(), "not a valid header name".into()));
+        }
+        if self.query.as_deref() == Some("") {
+            return Err(("query".into(), "must not be empty".into()));
+        }
+        if self.consumer_claim.is_empty() {
+            return Err(("consumer_claim".into(), "must not be empty".into()));
+        }
+        if self.max_concurrent_calls == 0 {
+            return Err(("max_concurrent_calls".into(), "must be at least 1".into()));
+        }
+        if self.cache_max_entries == 0 {
+            return Err(("cache_max_entries".into(), "must be at least 1".into()));
+        }
+        if self.timeout.is_zero() {
+            return Err(("timeout".into(), "must be longer than 0".into()));
+        }
+        if self.max_response_bytes < 64 {
+            return Err(("max_response_bytes".into(), "must be at least 64".into()));
+        }
+        Ok(())
+    }
+}
+
+fn default_token_type_hint() -> String {
+    "access_token".into()
+}
+fn default_client_claim() -> String {
+    "client_id".into()
+}
+fn default_introspection_ttl() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_negative_ttl() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_introspection_entries() -> usize {
+    10_000
+}
+fn default_introspection_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_failure_backoff() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_introspection_calls() -> usize {
+    64
+}
+fn default_introspection_bytes() -> usize {
+    64 * 1024
+}
+/// The derived components (RFC 9421 §2.2) `hmac_auth` can verify in requests.
+pub const HMAC_DERIVED_COMPONENTS: [&str; 8] = [
+    "@method",
+    "@target-uri",
+    "@authority",
+    "@scheme",
+    "@request-target",
+    "@path",
+    "@query",
+    "@query-param",
+];
+
+/// Largest `nonce_cache_size` accepted: each entry holds a nonce of up to 128 bytes.
+pub const MAX_NONCE_CACHE: usize = 1_000_000;
+
+/// `hmac_auth`: HTTP message signatures (RFC 9421, `Signature-Input` and `Signature`) made
+/// with `hmac-sha256` and the secret of the signature's `keyid`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HmacAuthConfig {
+    /// The label of the signature to verify (`sig1` in `Signature-Input: sig1=...`); default:
+    /// the first signature of the request.
+    #[serde(default)]
+    pub label: Option<String>,
+    /// Components the signature must cover. Default: `@method` and `@target-uri`. A required
+    /// `@target-uri` is also satisfied by `@authority`, `@path` and `@query` together (or
+    /// `@authority` and `@request-target`).
+    #[serde(default = "default_hmac_components")]
+    pub required_components: Vec<String>,
+    /// Require `content-digest` to be covered when the request has a body, and check the
+    /// digest against the body (default true).
+    #[serde(default = "yes")]
+    pub require_content_digest: bool,
+    /// Largest body read to check its digest; 413 past it.
+    #[serde(default = "default_hmac_body_bytes")]
+    pub max_body_bytes: u64,
+    /// Oldest `created` accepted.
+    #[serde(default = "default_hmac_max_age", with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub max_age: Duration,
+    /// Clock difference allowed between client and gateway on `created` and `expires`.
+    #[serde(default = "default_leeway", with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub clock_skew: Duration,
+    /// Refuse signatures without `created` (default true).
+    #[serde(default = "yes")]
+    pub require_created: bool,
+    /// Refuse signatures without `nonce` (default false). A `nonce` that is present is
+    /// always checked against replays.
+    #[serde(default)]
+    pub require_nonce: bool,
+    /// Most nonces remembered at once (each for `max_age` plus `clock_skew`); when full of
+    /// live nonces, signed requests with a new nonce get 503 `auth_unavailable`.
+    #[serde(default = "default_nonce_entries")]
+    pub nonce_cache_size: usize,
+    /// Remove `Signature` and `Signature-Input` before the request goes upstream (default
+    /// false: an upstream may verify the signature again).
+    #[serde(default)]
+    pub hide_credentials: bool,
+    /// See [`KeyAuthConfig::anonymous`].
+    #[serde(default)]
+    pub anonymous: Option<String>,
+}
+
+impl HmacAuthConfig {
+    fn check(&self) -> Result<(), (String, String)> {
+        if let Some(label) = &self.label {
+            let ok = label
+                .bytes()
+                .next()
+                .is_some_and(|b| b.is_ascii_lowercase() || b == b'*')
+                && label.bytes().all(|b| {
+                    b.is_ascii_lowercase()
+                        || b.is_ascii_digit()
+                        || matches!(b, b'_' | b'-' | b'.' | b'*')
+                });
+            if !ok {
+                return Err((
+                    "label".into(),
+                    "a label is lower-case letters, digits, `_-.*`, starting with a letter".into(),
+                ));
+            }
+        }
+        for (i, c) in self.required_components.iter().enumerate() {
+            let ok = if c.starts_with('@') {
+                HMAC_DERIVED_COMPONENTS.contains(&c.as_str()) && c != "@query-param"
+            } else {
+                !c.is_empty()
+                    && c.bytes().all(|b| !b.is_ascii_uppercase())
+                    && http::HeaderName::from_bytes(c.as_bytes()).is_ok()
+            };
+            if !ok {
+                return Err((
+                    format!("required_components[{i}]"),
+                    format!(
+                        "`{c}` is not a lower-case header name or one of @method, @target-uri, \
+                         @authority, @scheme, @request-target, @path, @query"
+                    ),
+                ));
+            }
+        }
+        if self.max_age.is_zero() {
+            return Err(("max_age".into(), "must be longer than 0".into()));
+        }
+        if self.required_components.is_empty() {
+            return Err((
+                "required_components".into(),
+                "must name at least `@method` and the target: a signature over nothing \
+                 would authorise any request"
+                    .into(),
+            ));
+        }
+        if !(1..=MAX_NONCE_CACHE).contains(&self.nonce_cache_size) {
+            return Err((
+                "nonce_cache_size".into(),
+                format!("must be between 1 and {MAX_NONCE_CACHE}"),
+            ));
+        }
+        if self.max_body_bytes == 0 && self.require_content_digest {
+            return Err((
+                "max_body_bytes".into(),
+                "must be at least 1 when require_content_digest is on".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn default_hmac_components() -> Vec<String> {
+    vec!["@method".into(), "@target-uri".into()]
+}
+fn default_hmac_body_bytes() -> u64 {
+    1024 * 1024
+}
+fn default_hmac_max_age() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_nonce_entries() -> usize {
+    100_000
+}
+
+pub use crate::protect::*;
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
@@ -768,6 +1225,68 @@ mod tests {
         assert!(e.0[0].message.contains("unknown policy type"));
         let e = PolicyKind::parse("jwt", &json!({"issuers": [{"issuer": "x"}]})).unwrap_err();
         assert_eq!(e.0[0].path, "issuers[0]");
+        let e = PolicyKind::parse(
+            "oauth2_introspection",
+            &json!({"endpoint": "/introspect", "client_id": "gw", "client_secret_env": "S"}),
+        )
+        .unwrap_err();
+        assert_eq!(e.0[0].path, "endpoint");
+        let e = PolicyKind::parse(
+            "oauth2_introspection",
+            &json!({"endpoint": "http://idp/i", "client_id": "gw", "client_secret_env": "S",
+                    "cache_max_entries": 0}),
+        )
+        .unwrap_err();
+        assert_eq!(e.0[0].path, "cache_max_entries");
+        let e = PolicyKind::parse("mtls", &json!({"match": ["san", "san"]})).unwrap_err();
+        assert_eq!(e.0[0].path, "match[1]");
+        let e = PolicyKind::parse("mtls", &json!({"match": []})).unwrap_err();
+        assert_eq!(e.0[0].path, "match");
+        let PolicyKind::Mtls(m) = PolicyKind::parse("mtls", &Value::Null).unwrap() else {
+            panic!("not mtls");
+        };
+        assert_eq!(m.match_fields, [MtlsField::Subject, MtlsField::San]);
+        assert!(m.require_application && !m.required && !m.upstream_headers);
+    }
+
+    #[test]
+    fn hmac_auth_configs_are_checked_by_field() {
+        let c = PolicyKind::parse("hmac_auth", &Value::Null).unwrap();
+        let PolicyKind::HmacAuth(c) = c else {
+            panic!("not hmac_auth");
+        };
+        assert_eq!(c.required_components, ["@method", "@target-uri"]);
+        assert_eq!(c.max_age, Duration::from_secs(300));
+        assert_eq!(c.clock_skew, Duration::from_secs(30));
+        assert!(c.require_created && c.require_content_digest && !c.require_nonce);
+        for (config, path) in [
+            (
+                json!({"required_components": ["@method", "@status"]}),
+                "required_components[1]",
+            ),
+            (
+                json!({"required_components": ["Content-Type"]}),
+                "required_components[0]",
+            ),
+            (json!({"label": "Sig1"}), "label"),
+            (json!({"max_age": "0s"}), "max_age"),
+            (json!({"nonce_cache_size": 0}), "nonce_cache_size"),
+            (json!({"nonce_cache_size": 1_000_001}), "nonce_cache_size"),
+            (json!({"required_components": []}), "required_components"),
+            (json!({"max_body_bytes": 0}), "max_body_bytes"),
+            (json!({"algorithm": "x"}), "algorithm"),
+        ] {
+            let e = PolicyKind::parse("hmac_auth", &config).unwrap_err();
+            assert_eq!(e.0[0].path, path, "{config}: {e:?}");
+        }
+        assert!(
+            PolicyKind::parse(
+                "hmac_auth",
+                &json!({"required_components": ["@authority", "content-digest", "x-date"],
+                        "require_content_digest": false, "max_body_bytes": 0})
+            )
+            .is_ok()
+        );
     }
 
     #[test]

@@ -49,6 +49,22 @@ pub fn validate(config: &Config) -> Result<(), ConfigErrors> {
                     "at least one certificate is required".into(),
                 );
             }
+            if let Some(ca) = &tls.client_auth {
+                if ca.ca.is_empty() {
+                    err(
+                        format!("{p}.tls.client_auth.ca"),
+                        "name a PEM file of CA certificates".into(),
+                    );
+                }
+                for (j, crl) in ca.crls.iter().enumerate() {
+                    if crl.is_empty() {
+                        err(
+                            format!("{p}.tls.client_auth.crls[{j}]"),
+                            "must not be empty".into(),
+                        );
+                    }
+                }
+            }
         }
         if l.max_connections == Some(0) {
             err(format!("{p}.max_connections"), "must be at least 1".into());
@@ -271,6 +287,10 @@ pub fn validate(config: &Config) -> Result<(), ConfigErrors> {
     }
 
     let mut consumers = HashSet::new();
+    let mut oauth_clients = HashSet::new();
+    let mut hmac_keys = HashSet::new();
+    let mut mtls_subjects = HashSet::new();
+    let mut mtls_sans = HashSet::new();
     for (i, c) in config.consumers.iter().enumerate() {
         let p = format!("consumers[{i}]");
         if c.name.is_empty() || c.name.contains('/') {
@@ -284,6 +304,61 @@ pub fn validate(config: &Config) -> Result<(), ConfigErrors> {
                 format!("{p}.name"),
                 format!("duplicate consumer name `{}`", c.name),
             );
+        }
+        for (j, id) in c.oauth_clients.iter().enumerate() {
+            if id.is_empty() {
+                err(
+                    format!("{p}.oauth_clients[{j}]"),
+                    "must not be empty".into(),
+                );
+            } else if !oauth_clients.insert(id.as_str()) {
+                err(
+                    format!("{p}.oauth_clients[{j}]"),
+                    format!("OAuth2 client `{id}` already belongs to a consumer"),
+                );
+            }
+        }
+        for (j, k) in c.hmac.iter().enumerate() {
+            if k.key_id.is_empty() {
+                err(format!("{p}.hmac[{j}].key_id"), "must not be empty".into());
+            } else if !hmac_keys.insert(k.key_id.as_str()) {
+                err(
+                    format!("{p}.hmac[{j}].key_id"),
+                    format!("key id `{}` already belongs to a consumer", k.key_id),
+                );
+            }
+            match (&k.secret, &k.secret_env) {
+                (Some(s), None) if s.is_empty() => {
+                    err(format!("{p}.hmac[{j}].secret"), "must not be empty".into());
+                }
+                (None, Some(v)) if v.is_empty() => {
+                    err(
+                        format!("{p}.hmac[{j}].secret_env"),
+                        "must not be empty".into(),
+                    );
+                }
+                (Some(_), None) | (None, Some(_)) => {}
+                _ => err(
+                    format!("{p}.hmac[{j}]"),
+                    "give exactly one of `secret` and `secret_env`".into(),
+                ),
+            }
+        }
+        for (j, m) in c.mtls.iter().enumerate() {
+            let (field, value, seen) = match m {
+                crate::MtlsIdentity::Subject(s) => ("subject", s.clone(), &mut mtls_subjects),
+                crate::MtlsIdentity::San(s) => {
+                    ("san", crate::managed::mtls_san_claim(s), &mut mtls_sans)
+                }
+            };
+            if value.is_empty() {
+                err(format!("{p}.mtls[{j}].{field}"), "must not be empty".into());
+            } else if !seen.insert(value) {
+                err(
+                    format!("{p}.mtls[{j}].{field}"),
+                    format!("this certificate {field} already identifies a consumer"),
+                );
+            }
         }
         for (j, k) in c.api_keys.iter().enumerate() {
             match k {
@@ -325,9 +400,21 @@ pub fn validate(config: &Config) -> Result<(), ConfigErrors> {
                 format!("duplicate policy `{}` at one scope", pol.name),
             );
         }
-        if let Err(e) = crate::policy::PolicyKind::parse_attachment(&pol.policy_type, &pol.config) {
-            for e in e.0 {
-                err(format!("{p}.{}", e.path), e.message);
+        match crate::policy::PolicyKind::parse_attachment(&pol.policy_type, &pol.config) {
+            Ok(kind) => {
+                for (field, name) in kind.upstream_refs() {
+                    if !upstreams.contains(name) {
+                        err(
+                            format!("{p}.config.{field}"),
+                            format!("unknown upstream `{name}`"),
+                        );
+                    }
+                }
+            }
+            Err(e) => {
+                for e in e.0 {
+                    err(format!("{p}.{}", e.path), e.message);
+                }
             }
         }
         if matches!(

@@ -12,6 +12,7 @@ use turnpike_model::managed::{Consumer, Managed, ServiceBinding};
 use turnpike_model::mgmt::{Approval, Lifecycle};
 
 use crate::body::ProxyBody;
+use crate::clientcert::{ClientCert, ascii_escaped};
 use crate::error::{ErrorKind, GatewayError, error_response};
 use crate::policy::Identity;
 
@@ -38,24 +39,67 @@ const IDENTITY: [&HeaderName; 5] = [
     &ANONYMOUS_CONSUMER,
 ];
 
-/// Removes identity headers a client may have sent, also spelled with `_` for `-`: CGI-style
-/// servers (PHP, WSGI, nginx with `underscores_in_headers`) read `X_Consumer_Id` as
-/// `X-Consumer-Id`.
+/// The client certificate headers of the `mtls` policy's `upstream_headers` share this
+/// prefix; every client-sent header with it is removed, whatever follows.
+const CLIENT_CERT_PREFIX: &str = "x-client-cert-";
+/// See [`CLIENT_CERT_PREFIX`]: the subject DN (RFC 4514, non-ASCII bytes `\hh`-escaped).
+pub static CLIENT_CERT_SUBJECT: HeaderName = HeaderName::from_static("x-client-cert-subject");
+/// See [`CLIENT_CERT_PREFIX`]: one field line per SAN, `DNS:`/`URI:`/`email:`/`IP:` typed.
+pub static CLIENT_CERT_SAN: HeaderName = HeaderName::from_static("x-client-cert-san");
+/// See [`CLIENT_CERT_PREFIX`]: SHA-256 of the DER certificate, lower-case hex.
+pub static CLIENT_CERT_FINGERPRINT: HeaderName =
+    HeaderName::from_static("x-client-cert-fingerprint");
+/// See [`CLIENT_CERT_PREFIX`]: the serial number, upper-case hex.
+pub static CLIENT_CERT_SERIAL: HeaderName = HeaderName::from_static("x-client-cert-serial");
+/// See [`CLIENT_CERT_PREFIX`]: `notAfter`, RFC 3339.
+pub static CLIENT_CERT_NOT_AFTER: HeaderName = HeaderName::from_static("x-client-cert-not-after");
+
+/// Whether `name` (lower case, as `HeaderName` keeps it) is one the gateway sets, with `_`
+/// read as `-`.
+fn is_gateway_header(name: &str) -> bool {
+    let same = |a: &str, b: &str| {
+        a.len() == b.len()
+            && a.bytes()
+                .zip(b.bytes())
+                .all(|(x, y)| x == y || (x == b'_' && y == b'-'))
+    };
+    name.get(..CLIENT_CERT_PREFIX.len())
+        .is_some_and(|p| same(p, CLIENT_CERT_PREFIX))
+        || IDENTITY.iter().any(|n| same(name, n.as_str()))
+}
+
+/// Removes identity and client certificate headers a client may have sent, also spelled
+/// with `_` for `-`: CGI-style servers (PHP, WSGI, nginx with `underscores_in_headers`) read
+/// `X_Consumer_Id` as `X-Consumer-Id`.
 pub fn strip_identity(headers: &mut HeaderMap) {
-    for name in IDENTITY {
-        headers.remove(name);
-    }
     let spoofed: Vec<HeaderName> = headers
         .keys()
-        .filter(|k| k.as_str().contains('_'))
-        .filter(|k| {
-            let dashed = k.as_str().replace('_', "-");
-            IDENTITY.iter().any(|n| n.as_str() == dashed)
-        })
+        .filter(|k| k.as_str().starts_with("x-") || k.as_str().starts_with("x_"))
+        .filter(|k| is_gateway_header(k.as_str()))
         .cloned()
         .collect();
     for name in spoofed {
         headers.remove(&name);
+    }
+}
+
+/// Sets the `X-Client-Cert-*` headers for the upstream (`mtls` with `upstream_headers`).
+pub fn client_cert_headers(headers: &mut HeaderMap, cert: &ClientCert) {
+    let value = |v: &str| HeaderValue::from_str(&ascii_escaped(v)).ok();
+    for (name, v) in [
+        (&CLIENT_CERT_SUBJECT, cert.subject.as_str()),
+        (&CLIENT_CERT_FINGERPRINT, cert.fingerprint.as_str()),
+        (&CLIENT_CERT_SERIAL, cert.serial.as_str()),
+        (&CLIENT_CERT_NOT_AFTER, cert.not_after.as_str()),
+    ] {
+        if let Some(v) = value(v) {
+            headers.insert(name.clone(), v);
+        }
+    }
+    for san in &cert.sans {
+        if let Some(v) = value(&format!("{}:{}", san.kind(), san.value())) {
+            headers.append(CLIENT_CERT_SAN.clone(), v);
+        }
     }
 }
 

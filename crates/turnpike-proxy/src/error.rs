@@ -73,8 +73,22 @@ pub enum ErrorKind {
     RateLimiterUnavailable,
     /// Credentials cannot be checked now (an issuer's JWKS cannot be fetched).
     AuthUnavailable,
+    /// A circuit breaker is open: the upstream is not called.
+    CircuitOpen,
+    /// A bulkhead is full: too many requests in flight.
+    BulkheadFull,
+    /// The `fault_injection` policy failed the request on purpose.
+    FaultInjected,
     /// A bug or an unexpected state.
     Internal,
+    /// The subscription's plan quota for the current day or month is used up.
+    QuotaExceeded,
+    /// A `waf` rule matched the request.
+    WafBlocked,
+    /// The request does not match its schema (`request_validation`).
+    RequestInvalid,
+    /// The request's `Content-Type` is not one the route accepts.
+    UnsupportedMediaType,
 }
 
 impl ErrorKind {
@@ -105,9 +119,16 @@ impl ErrorKind {
             Self::InsufficientScope => "insufficient_scope",
             Self::CorsDenied => "cors_denied",
             Self::RateLimited => "rate_limited",
+            Self::QuotaExceeded => "quota_exceeded",
             Self::RateLimiterUnavailable => "rate_limiter_unavailable",
             Self::AuthUnavailable => "auth_unavailable",
+            Self::CircuitOpen => "circuit_open",
+            Self::BulkheadFull => "bulkhead_full",
+            Self::FaultInjected => "fault_injected",
             Self::Internal => "internal_error",
+            Self::WafBlocked => "waf_blocked",
+            Self::RequestInvalid => "request_invalid",
+            Self::UnsupportedMediaType => "unsupported_media_type",
         }
     }
 
@@ -134,9 +155,16 @@ impl ErrorKind {
             | Self::AccessDenied
             | Self::InsufficientScope
             | Self::CorsDenied => StatusCode::FORBIDDEN,
-            Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-            Self::RateLimiterUnavailable | Self::AuthUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::RateLimited | Self::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
+            Self::RateLimiterUnavailable
+            | Self::AuthUnavailable
+            | Self::CircuitOpen
+            | Self::BulkheadFull
+            | Self::FaultInjected => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::WafBlocked => StatusCode::FORBIDDEN,
+            Self::RequestInvalid => StatusCode::BAD_REQUEST,
+            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         }
     }
 
@@ -160,16 +188,21 @@ impl ErrorKind {
             | Self::AccessDenied
             | Self::InsufficientScope
             | Self::CorsDenied
-            | Self::RateLimited => Origin::Client,
+            | Self::RateLimited
+            | Self::QuotaExceeded => Origin::Client,
             Self::UpstreamUnreachable
             | Self::UpstreamError
             | Self::NoHealthyUpstream
             | Self::UpstreamOverloaded
-            | Self::UpstreamTimeout => Origin::Upstream,
+            | Self::UpstreamTimeout
+            | Self::CircuitOpen
+            | Self::BulkheadFull
+            | Self::FaultInjected => Origin::Upstream,
             Self::ShuttingDown
             | Self::Internal
             | Self::RateLimiterUnavailable
             | Self::AuthUnavailable => Origin::Internal,
+            Self::WafBlocked | Self::RequestInvalid | Self::UnsupportedMediaType => Origin::Client,
         }
     }
 
@@ -193,9 +226,15 @@ impl ErrorKind {
             | Self::AccessDenied
             | Self::InsufficientScope
             | Self::CorsDenied => 7, // PERMISSION_DENIED
-            Self::RateLimited => 8, // RESOURCE_EXHAUSTED
-            Self::RateLimiterUnavailable | Self::AuthUnavailable => 14, // UNAVAILABLE
-            Self::Internal => 13,   // INTERNAL
+            Self::RateLimited | Self::QuotaExceeded => 8, // RESOURCE_EXHAUSTED
+            Self::RateLimiterUnavailable
+            | Self::AuthUnavailable
+            | Self::CircuitOpen
+            | Self::BulkheadFull
+            | Self::FaultInjected => 14, // UNAVAILABLE
+            Self::Internal => 13,                         // INTERNAL
+            Self::WafBlocked => 7,                        // PERMISSION_DENIED
+            Self::RequestInvalid | Self::UnsupportedMediaType => 3, // INVALID_ARGUMENT
         }
     }
 
@@ -210,6 +249,9 @@ impl ErrorKind {
                 | Self::RateLimited
                 | Self::RateLimiterUnavailable
                 | Self::AuthUnavailable
+                | Self::CircuitOpen
+                | Self::BulkheadFull
+                | Self::QuotaExceeded
         )
     }
 }
@@ -221,6 +263,9 @@ pub struct GatewayError {
     pub kind: ErrorKind,
     /// Message for humans; never contains secrets or upstream internals.
     pub message: String,
+    /// Structured detail added to the JSON error as `error.details` (the failing locations
+    /// of a `request_validation`).
+    pub details: Option<Box<serde_json::Value>>,
 }
 
 impl GatewayError {
@@ -229,12 +274,32 @@ impl GatewayError {
         Self {
             kind,
             message: message.into(),
+            details: None,
         }
+    }
+
+    /// The same error with `error.details` in its JSON body.
+    pub fn with_details(mut self, details: serde_json::Value) -> Self {
+        self.details = Some(Box::new(details));
+        self
     }
 
     /// The JSON error response, tagged with the request id.
     pub fn into_response(self, request_id: &str) -> Response<ProxyBody> {
-        error_response(self.kind, &self.message, request_id)
+        match self.details {
+            None => error_response(self.kind, &self.message, request_id),
+            Some(details) => {
+                let body = serde_json::json!({
+                    "error": {
+                        "code": self.kind.code(),
+                        "message": self.message,
+                        "request_id": request_id,
+                        "details": details,
+                    }
+                });
+                json_error(self.kind, body)
+            }
+        }
     }
 
     /// The error in the shape the client understands: a gRPC trailers-only response for gRPC
@@ -261,6 +326,10 @@ pub fn error_response(kind: ErrorKind, message: &str, request_id: &str) -> Respo
     let body = serde_json::json!({
         "error": { "code": kind.code(), "message": message, "request_id": request_id }
     });
+    json_error(kind, body)
+}
+
+fn json_error(kind: ErrorKind, body: serde_json::Value) -> Response<ProxyBody> {
     let mut resp = Response::new(crate::body::full(body.to_string()));
     *resp.status_mut() = kind.status();
     resp.headers_mut().insert(

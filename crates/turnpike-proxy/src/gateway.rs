@@ -33,6 +33,7 @@ impl Gateway {
         let snapshot = registry.compile(config).await?;
         let shared = Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
+            quotas: Arc::default(),
         });
         let shutdown = CancellationToken::new();
 
@@ -49,7 +50,8 @@ impl Gateway {
             listeners.push((name, listener.local_addr()));
             let shared = shared.clone();
             let make = move |info: ConnInfo| {
-                crate::proxy::service(shared.clone(), ClientConn::new(info.peer, info.tls))
+                let conn = ClientConn::new(info.peer, info.tls).with_client_cert(info.client_cert);
+                crate::proxy::service(shared.clone(), conn)
             };
             tasks.push(tokio::spawn(listener.serve(
                 make,
@@ -82,6 +84,12 @@ impl Gateway {
     /// Addresses of all listeners, in configuration order.
     pub fn local_addrs(&self) -> Vec<(String, SocketAddr)> {
         self.listeners.clone()
+    }
+
+    /// The plan quota counters, for the control plane's quota sync and for tests (which
+    /// replace its clock).
+    pub fn quotas(&self) -> Arc<crate::quota::QuotaTracker> {
+        self.shared.quotas.clone()
     }
 
     /// Version of the live snapshot.

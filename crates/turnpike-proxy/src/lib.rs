@@ -3,6 +3,7 @@
 pub mod access;
 pub mod body;
 pub mod client;
+pub mod clientcert;
 pub mod demo;
 pub mod error;
 pub mod gateway;
@@ -10,6 +11,7 @@ pub mod h1guard;
 pub mod listener;
 pub mod policy;
 pub mod proxy;
+pub mod quota;
 pub mod reqbody;
 pub mod router;
 pub mod snapshot;

@@ -50,6 +50,7 @@ use tokio_util::sync::CancellationToken;
 use turnpike_model::{Limits, ListenerConfig};
 
 use crate::body::{BoxError, ProxyBody};
+use crate::clientcert::ClientCert;
 use crate::h1guard::{GuardLimits, H1Guard};
 use crate::tls::ServerCertificates;
 
@@ -69,6 +70,9 @@ pub struct ConnInfo {
     /// Whether ALPN negotiated `h2` (TLS only; h2c prior knowledge is visible in the request
     /// version instead).
     pub alpn_h2: bool,
+    /// The client certificate the listener's `client_auth` verified, read once here for
+    /// every request of the connection.
+    pub client_cert: Option<Arc<ClientCert>>,
 }
 
 /// A bound listening socket with its certificates, ready to [`serve`](Listener::serve).
@@ -84,7 +88,6 @@ pub struct Listener {
 /// TLS pieces of a listener.
 struct TlsState {
     certs: Arc<ServerCertificates>,
-    acceptor: TlsAcceptor,
     reload_interval: Duration,
 }
 
@@ -118,11 +121,8 @@ impl Listener {
             None => None,
             Some(tls) => {
                 let certs = Arc::new(ServerCertificates::load(&cfg.name, tls)?);
-                let config = crate::tls::server_config(certs.resolver())
-                    .map_err(|e| format!("listener `{}`: {e}", cfg.name))?;
                 Some(TlsState {
                     certs,
-                    acceptor: TlsAcceptor::from(Arc::new(config)),
                     reload_interval: tls.reload_interval.max(MIN_RELOAD_INTERVAL),
                 })
             }
@@ -208,7 +208,7 @@ impl Listener {
             protocols: Protocols::new(&limits),
             name,
             limits,
-            tls: tls.map(|t| t.acceptor),
+            tls: tls.map(|t| t.certs),
             make_service,
         });
         let permits = Arc::new(Semaphore::new(max_connections));
@@ -335,7 +335,9 @@ struct Shared<F> {
     name: Arc<str>,
     limits: Limits,
     protocols: Protocols,
-    tls: Option<TlsAcceptor>,
+    /// The listener's certificates; each handshake takes the server configuration in use
+    /// at its start (reloads replace it).
+    tls: Option<Arc<ServerCertificates>>,
     make_service: F,
 }
 
@@ -453,12 +455,14 @@ async fn connection<F, S>(
         tls: false,
         sni: None,
         alpn_h2: false,
+        client_cert: None,
     };
-    let Some(acceptor) = &shared.tls else {
+    let Some(certs) = &shared.tls else {
         drive(&shared, Proto::Auto, stream, info, permit, &shutdown).await;
         return;
     };
     // A handshake is part of "receiving the request head": same budget.
+    let acceptor = TlsAcceptor::from(certs.server_config());
     let handshake =
         tokio::time::timeout(shared.limits.header_read_timeout, acceptor.accept(stream));
     let tls = tokio::select! {
@@ -479,6 +483,19 @@ async fn connection<F, S>(
     info.tls = true;
     info.sni = session.server_name().map(Arc::from);
     info.alpn_h2 = session.alpn_protocol() == Some(b"h2".as_slice());
+    // Only a listener with `client_auth` asks for a certificate, and rustls has verified any
+    // it got; parsing here, once, spares every request of the connection.
+    if let Some(leaf) = session.peer_certificates().and_then(|c| c.first()) {
+        match ClientCert::from_der(leaf) {
+            Ok(cert) => info.client_cert = Some(Arc::new(cert)),
+            Err(e) => {
+                // Fail closed: the client meant to be identified, and serving it as
+                // anonymous would hide the problem.
+                tracing::debug!(listener = %shared.name, %peer, error = %e, "client certificate");
+                return;
+            }
+        }
+    }
     let proto = if info.alpn_h2 { Proto::H2 } else { Proto::H1 };
     drive(&shared, proto, tls, info, permit, &shutdown).await;
 }
@@ -960,6 +977,11 @@ mod tests {
                     info.alpn_h2,
                     req.version()
                 );
+                let cert = info
+                    .client_cert
+                    .as_ref()
+                    .map_or("-", |c| c.subject.as_str());
+                let text = format!("{text} cert={cert}");
                 Ok(Response::new(crate::body::full(text)))
             })
         }
@@ -1242,6 +1264,7 @@ mod tests {
             tls: Some(ListenerTls {
                 certificates: vec![cert_config(dir, "a"), cert_config(dir, "b")],
                 reload_interval: Duration::from_secs(3600),
+                client_auth: None,
             }),
             max_connections: None,
         }
@@ -1448,6 +1471,110 @@ mod tests {
             served_cert(&tls_connect(&any, srv.addr, "a.test").await),
             a3.der
         );
+
+        srv.shutdown.cancel();
+        tokio::time::timeout(WAIT, srv.task).await.unwrap().unwrap();
+    }
+
+    /// A CA for client certificates, its certificate written to `<file>.pem`.
+    fn client_ca(dir: &std::path::Path, file: &str) -> rcgen::Issuer<'static, rcgen::KeyPair> {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("{file} CA"));
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        std::fs::write(dir.join(format!("{file}.pem")), cert.pem()).unwrap();
+        rcgen::Issuer::new(params, key)
+    }
+
+    /// A client (trusting any server) presenting a certificate for `cn` signed by `ca`.
+    fn client_with_cert(
+        dir: &std::path::Path,
+        ca: &rcgen::Issuer<'static, rcgen::KeyPair>,
+        cn: &str,
+    ) -> tokio_rustls::TlsConnector {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, ca).unwrap();
+        let (cert_path, key_path) = (dir.join(format!("{cn}.crt")), dir.join(format!("{cn}.key")));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        let tls = turnpike_model::UpstreamTls {
+            insecure_skip_verify: true,
+            client_cert: Some(cert_path.display().to_string()),
+            client_key: Some(key_path.display().to_string()),
+            ..Default::default()
+        };
+        tokio_rustls::TlsConnector::from(Arc::new(crate::tls::client_config(&tls, false).unwrap()))
+    }
+
+    /// One GET over a new connection with `connector`; `None` when the listener refused the
+    /// client (a TLS 1.3 client learns it when it reads).
+    async fn get_as(connector: &tokio_rustls::TlsConnector, addr: SocketAddr) -> Option<String> {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = ServerName::try_from("a.test").unwrap();
+        let tls = tokio::time::timeout(WAIT, connector.connect(name, tcp))
+            .await
+            .unwrap()
+            .ok()?;
+        let (mut sender, _conn) = h1_client(tls).await;
+        let req = Request::get("/")
+            .header("host", "test")
+            .body(Empty::new())
+            .unwrap();
+        let resp = tokio::time::timeout(WAIT, sender.send_request(req))
+            .await
+            .unwrap()
+            .ok()?;
+        let body = resp.into_body().collect().await.ok()?.to_bytes();
+        Some(String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn client_certificates_are_verified_and_the_ca_reloads() {
+        let dir = tempfile::tempdir().unwrap();
+        write_cert(dir.path(), "a", &["a.test"]);
+        write_cert(dir.path(), "b", &["*.b.test"]);
+        let old_ca = client_ca(dir.path(), "old");
+        let new_ca = client_ca(dir.path(), "new");
+        let ca_path = dir.path().join("clients.pem");
+        std::fs::copy(dir.path().join("old.pem"), &ca_path).unwrap();
+        let mut cfg = tls_listener(dir.path());
+        if let Some(tls) = cfg.tls.as_mut() {
+            tls.client_auth = Some(turnpike_model::ClientAuthConfig {
+                ca: ca_path.display().to_string(),
+                mode: turnpike_model::ClientAuthMode::Required,
+                crls: Vec::new(),
+            });
+        }
+        let srv = start(cfg, limits(), WAIT).await;
+        let old_client = client_with_cert(dir.path(), &old_ca, "old client");
+        let new_client = client_with_cert(dir.path(), &new_ca, "new client");
+        let body = get_as(&old_client, srv.addr).await.expect("old CA trusted");
+        assert!(body.contains("cert=CN=old client"), "{body}");
+        assert_eq!(get_as(&new_client, srv.addr).await, None);
+        assert_eq!(get_as(&trusting_client(true), srv.addr).await, None);
+
+        std::fs::copy(dir.path().join("new.pem"), &ca_path).unwrap();
+        srv.certs.clone().unwrap().reload().unwrap();
+        let body = get_as(&new_client, srv.addr).await.expect("new CA trusted");
+        assert!(body.contains("cert=CN=new client"), "{body}");
+        assert_eq!(get_as(&old_client, srv.addr).await, None);
+
+        // A broken bundle is refused naming the field and the file; the new CA stays.
+        std::fs::write(&ca_path, "not a certificate").unwrap();
+        let err = srv.certs.clone().unwrap().reload().unwrap_err();
+        assert!(
+            err.contains("tls.client_auth.ca") && err.contains("clients.pem"),
+            "{err}"
+        );
+        assert!(get_as(&new_client, srv.addr).await.is_some());
 
         srv.shutdown.cancel();
         tokio::time::timeout(WAIT, srv.task).await.unwrap().unwrap();

@@ -9,6 +9,7 @@
 //!    WebSocket tunnel after a 101.
 //! 6. `log` — one event per request, whatever happened before.
 
+use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -18,10 +19,13 @@ use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::time::Instant;
+use turnpike_model::config::ClientIpHeader;
 
 use crate::access::{self, Access};
 use crate::body::{self, ProxyBody};
+use crate::clientcert::ClientCert;
 use crate::error::{ErrorKind, GatewayError, error_response};
+use crate::policy::{Policy, resilience, traffic};
 use crate::reqbody::{BodyIdleTimeout, BodySlot, IdleTimeoutBody, UpstreamBodyTimeout};
 use crate::router::{RequestView, RouteResult, normalize_path};
 use crate::snapshot::{CompiledRoute, Settings, Snapshot, backoff};
@@ -31,6 +35,8 @@ use crate::upstream::{Outcome, SelectInput};
 pub struct Shared {
     /// Current snapshot.
     pub snapshot: ArcSwap<Snapshot>,
+    /// Plan quota counters (kept across snapshots).
+    pub quotas: Arc<crate::quota::QuotaTracker>,
 }
 
 /// What the proxy needs to know about the client connection. Built once per connection,
@@ -45,6 +51,8 @@ pub struct ClientConn {
     peer_ip: HeaderValue,
     /// `for=<peer>;proto=<scheme>`: the start of this hop's `Forwarded` element.
     forwarded_base: Arc<str>,
+    /// The client certificate the listener verified, if any (mTLS).
+    pub client_cert: Option<Arc<ClientCert>>,
 }
 
 impl ClientConn {
@@ -65,7 +73,14 @@ impl ClientConn {
             tls,
             peer_ip: HeaderValue::from_str(&ip_text).unwrap_or(HeaderValue::from_static("unknown")),
             forwarded_base: Arc::from(forwarded_base),
+            client_cert: None,
         }
+    }
+
+    /// The same connection, with the client certificate its listener verified.
+    pub fn with_client_cert(mut self, cert: Option<Arc<ClientCert>>) -> Self {
+        self.client_cert = cert;
+        self
     }
 }
 
@@ -87,7 +102,7 @@ pub async fn handle(
     let grpc = crate::error::is_grpc(req.headers());
 
     let mut outcome = LogFacts::default();
-    let mut resp = match proxy(&snap, conn, req, &rid, &mut outcome).await {
+    let mut resp = match proxy(&snap, &shared.quotas, conn, req, &rid, &mut outcome).await {
         Ok(r) => r,
         Err(e) => {
             outcome.error = Some(e.kind.code());
@@ -149,6 +164,7 @@ struct LogFacts {
 
 async fn proxy(
     snap: &Snapshot,
+    quotas: &crate::quota::QuotaTracker,
     conn: &ClientConn,
     req: Request<Incoming>,
     request_id: &HeaderValue,
@@ -223,14 +239,15 @@ async fn proxy(
         .ok_or_else(|| GatewayError::new(ErrorKind::Internal, "route table out of sync"))?;
     log.route = Some(route.name.clone());
 
-    // Phase `access`.
-    if let Some(len) = content_length(&parts.headers) {
-        if len > route.max_body_bytes {
-            return Err(GatewayError::new(
-                ErrorKind::BodyTooLarge,
-                format!("request body exceeds {} bytes", route.max_body_bytes),
-            ));
-        }
+    // Phase `access`. With policies, the route's body limit is checked among them, after
+    // CORS (see `run_access`).
+    if route.chain.is_empty()
+        && content_length(&parts.headers).is_some_and(|len| len > route.max_body_bytes)
+    {
+        return Err(GatewayError::new(
+            ErrorKind::BodyTooLarge,
+            format!("request body exceeds {} bytes", route.max_body_bytes),
+        ));
     }
     access::strip_identity(&mut parts.headers);
     let mut identity = crate::policy::Identity::default();
@@ -239,6 +256,9 @@ async fn proxy(
             client_ip,
             route: &route.name,
             service: route.service.as_deref().map(|s| s.id.as_str()),
+            tls: conn.tls,
+            max_body_bytes: route.max_body_bytes,
+            client_cert: conn.client_cert.as_deref(),
         };
         let answer = crate::policy::run_access(
             &route.chain,
@@ -273,6 +293,9 @@ async fn proxy(
             client_ip,
             route: &route.name,
             service: route.service.as_deref().map(|s| s.id.as_str()),
+            tls: conn.tls,
+            max_body_bytes: route.max_body_bytes,
+            client_cert: conn.client_cert.as_deref(),
         };
         crate::policy::run_identity_limits(
             &route.chain,
@@ -285,8 +308,79 @@ async fn proxy(
         )
         .await?;
     }
+    // Policies that need the whole body (`waf`, `request_validation`, a signed
+    // `Content-Digest`); a no-op otherwise.
+    let body = crate::policy::inspect::run(
+        &route.chain,
+        &parts,
+        body,
+        identity.body_check.as_ref(),
+        &crate::policy::inspect::Target {
+            route_limit: route.max_body_bytes,
+            idle: route.timeouts.write,
+            total: route.timeouts.total,
+            request_id: request_id.to_str().unwrap_or("-"),
+            route: &route.name,
+            path: &path,
+        },
+    )
+    .await?;
+
+    // Quotas last: a request a rate limit, the WAF or validation refused does not use up
+    // the day's quota.
+    let mut charged = None;
+    if !snap.managed.plan_quotas.is_empty()
+        && let (Some(service), Some(consumer)) = (&route.service, &identity.consumer)
+        && let Some(Some(plan)) = snap
+            .managed
+            .subscriptions
+            .get(&(consumer.id.clone(), service.id.clone()))
+        && let Some(plan_quotas) = snap.managed.plan_quotas.get(plan)
+    {
+        match quotas.charge(&consumer.id, &service.id, plan_quotas) {
+            Ok((status, charge)) => {
+                if let Some(s) = status {
+                    s.write_headers(&mut log.response_headers);
+                }
+                charged = Some(charge);
+            }
+            Err(s) => {
+                s.write_headers(&mut log.response_headers);
+                return Err(crate::quota::exceeded(&s));
+            }
+        }
+    }
+
+    // The gateway's own refusals in front of the upstream (an injected fault, an open
+    // breaker, a full bulkhead) give the caller nothing: they do not use up its quota —
+    // unless an attempt reached an upstream first (a retry then found every breaker open).
+    let refund = |attempts: u32| {
+        if attempts == 0
+            && let Some(charge) = &charged
+        {
+            quotas.refund(charge);
+        }
+    };
 
     // Phase `upstream_request`.
+    let up = &route.chain.upstream;
+    if let Some(c) = &up.fault
+        && let Policy::FaultInjection(f) = &c.policy
+        && let Some(resp) = f
+            .apply(&parts.headers, request_id.to_str().unwrap_or("-"))
+            .await
+    {
+        log.error = Some(ErrorKind::FaultInjected.code());
+        refund(log.attempts);
+        return Ok(resp);
+    }
+    let mut dest = Dest::of(route);
+    if let Some(c) = &up.split
+        && let Policy::TrafficSplit(split) = &c.policy
+        && let Some(name) = split.choose(&parts.headers, parts.uri.query(), client_ip)
+    {
+        dest = Dest::named(snap, route, name)?;
+    }
     let upgrade = if is_upgrade_request(&parts) {
         parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
     } else {
@@ -299,7 +393,7 @@ async fn proxy(
     }
     let original_host = host_header_value(&parts);
     let mut headers = std::mem::take(&mut parts.headers);
-    let upstream_h2 = route.upstream.config.http2;
+    let upstream_h2 = dest.upstream.config.http2;
     strip_hop_by_hop(&mut headers, upgrade.is_some(), upstream_h2);
     // The gateway answers `Expect: 100-continue` itself: hyper sends the interim 100 when the
     // body is first read, which happens once the upstream connection is ready for it.
@@ -313,26 +407,65 @@ async fn proxy(
     );
     access::identify(&mut headers, &identity);
 
-    let slot = BodySlot::new(crate::reqbody::limited(
-        body,
-        route.max_body_bytes,
-        route.timeouts.write,
-    ));
-    let (resp, guard) = send_with_retries(
-        route,
-        &parts.method,
-        &path_and_query,
-        headers,
+    let slot = body.into_slot(route.max_body_bytes, route.timeouts.write);
+    let call = Call {
+        method: &parts.method,
+        path_and_query: &path_and_query,
         original_host,
-        &slot,
+        slot: &slot,
         client_ip,
-        &path,
-        log,
-    )
-    .await?;
+        path: &path,
+    };
+    // Kept only when a fallback upstream may need to send the request again.
+    let fallback_headers = up
+        .fallback()
+        .and_then(|f| f.upstream())
+        .map(|_| headers.clone());
+    let sent = if up.is_empty() {
+        send_with_retries(route, &dest, &call, headers, None, &[], log).await
+    } else {
+        guarded_send(snap, route, &dest, &call, headers, upgrade.is_some(), log).await
+    };
+    let (resp, guard, timeouts) = match sent {
+        Ok((resp, guard)) => (resp, guard, dest.timeouts.clone()),
+        Err(e) => match up.fallback() {
+            Some(f) if f.covers(e.kind) => {
+                // The fallback answers instead: the refusal's `Retry-After` does not apply.
+                log.response_headers.remove(header::RETRY_AFTER);
+                let Some(name) = f.upstream() else {
+                    return f.response(e.kind).ok_or(e);
+                };
+                // A timeout means the primary may have received (and acted on) the request:
+                // only an idempotent one may be sent again. Every other covered error comes
+                // before anything was sent.
+                let idempotent = matches!(
+                    parts.method,
+                    Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
+                );
+                if slot.started() || (e.kind == ErrorKind::UpstreamTimeout && !idempotent) {
+                    return Err(e);
+                }
+                let fb = Dest::named(snap, route, name)?;
+                let headers = fallback_headers.unwrap_or_default();
+                let (mut resp, guard) =
+                    send_with_retries(route, &fb, &call, headers, None, &[], log).await?;
+                if let Ok(v) = HeaderValue::from_str(e.kind.code()) {
+                    resp.headers_mut()
+                        .insert(crate::policy::resilience::FALLBACK_HEADER.clone(), v);
+                }
+                (resp, guard, fb.timeouts.clone())
+            }
+            _ => {
+                if matches!(e.kind, ErrorKind::CircuitOpen | ErrorKind::BulkheadFull) {
+                    refund(log.attempts);
+                }
+                return Err(e);
+            }
+        },
+    };
 
     // Phase `upstream_response`.
-    let mut resp = finish_response(resp, guard, upgrade, route)?;
+    let mut resp = finish_response(resp, guard, upgrade, route, &timeouts)?;
     if route.chain.cors.is_some() {
         // The route's `cors` policy alone decides: the upstream's own `Access-Control-*`
         // headers could allow an origin the policy does not.
@@ -349,24 +482,221 @@ async fn proxy(
     Ok(resp)
 }
 
-/// Held until the response body ends: the target's in-flight count and the upstream's
-/// concurrency permit.
-type ResponseGuard = (crate::upstream::Attempt, InFlight);
+/// Held until the response body ends: the target's in-flight count, the upstream's
+/// concurrency permit and the bulkhead slot.
+type ResponseGuard = (
+    crate::upstream::Attempt,
+    InFlight,
+    Option<tokio::sync::OwnedSemaphorePermit>,
+);
 
-#[allow(clippy::too_many_arguments)]
-async fn send_with_retries(
-    route: &CompiledRoute,
-    method: &Method,
-    path_and_query: &str,
-    mut headers: HeaderMap,
+/// Where a request goes: the route's upstream, or one a policy chose.
+struct Dest<'a> {
+    upstream: &'a Arc<crate::upstream::Upstream>,
+    budget: &'a crate::snapshot::RetryBudget,
+    timeouts: Cow<'a, turnpike_model::Timeouts>,
+}
+
+impl<'a> Dest<'a> {
+    fn of(route: &'a CompiledRoute) -> Self {
+        Self {
+            upstream: &route.upstream,
+            budget: &route.budget,
+            timeouts: Cow::Borrowed(&route.timeouts),
+        }
+    }
+
+    /// The upstream `name`, with the route's timeouts if it sets its own, else its own.
+    fn named(
+        snap: &'a Snapshot,
+        route: &'a CompiledRoute,
+        name: &str,
+    ) -> Result<Self, GatewayError> {
+        let (upstream, budget) = snap.upstreams.get(name).ok_or_else(|| {
+            GatewayError::new(ErrorKind::Internal, "policy names an unknown upstream")
+        })?;
+        Ok(Self {
+            upstream,
+            budget,
+            timeouts: if route.own_timeouts {
+                Cow::Borrowed(&route.timeouts)
+            } else {
+                Cow::Borrowed(&upstream.config.timeouts)
+            },
+        })
+    }
+}
+
+/// What every attempt of one request shares.
+struct Call<'a> {
+    method: &'a Method,
+    path_and_query: &'a str,
     original_host: Option<HeaderValue>,
-    slot: &BodySlot,
+    slot: &'a BodySlot,
     client_ip: IpAddr,
-    path: &str,
+    path: &'a str,
+}
+
+/// Sends through the route's upstream-call policies: bulkhead, circuit breaker, mirrors.
+async fn guarded_send(
+    snap: &Snapshot,
+    route: &CompiledRoute,
+    dest: &Dest<'_>,
+    call: &Call<'_>,
+    headers: HeaderMap,
+    upgrade: bool,
     log: &mut LogFacts,
 ) -> Result<(Response<Incoming>, ResponseGuard), GatewayError> {
-    let upstream = &route.upstream;
+    let up = &route.chain.upstream;
+    let permit = match &up.bulkhead {
+        Some(c) => match &c.policy {
+            Policy::Bulkhead(b) => Some(b.acquire(&route.name, &dest.upstream.name).await?),
+            _ => None,
+        },
+        None => None,
+    };
+    let breaker = up.breaker();
+    let route_ticket = match breaker {
+        Some(b) if !b.per_target() => Some(b.admit_route(&route.name).map_err(|wait| {
+            resilience::circuit_open(
+                wait,
+                &format!("route `{}`", route.name),
+                &mut log.response_headers,
+            )
+        })?),
+        _ => None,
+    };
+    let target_breaker = breaker.filter(|b| b.per_target());
+
+    // Mirrors get a copy of what goes upstream; an upgrade is a tunnel, not a request.
+    let mut tees = Vec::new();
+    if !upgrade {
+        for c in &up.mirrors {
+            let Policy::Mirror(m) = &c.policy else {
+                continue;
+            };
+            let Some(mirror_slot) = m.pick() else {
+                continue;
+            };
+            let Some((shadow, _)) = snap.upstreams.get(&m.cfg.upstream) else {
+                continue;
+            };
+            let body = if call.slot.is_empty() {
+                None
+            } else if let Some(bytes) = call.slot.buffered_bytes() {
+                // Read whole already (and resent whole on a retry): the copy is those bytes.
+                if bytes.len() as u64 > m.cfg.max_body_bytes {
+                    mirror_slot
+                        .dropped
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    continue;
+                }
+                Some(body::full(bytes.clone()))
+            } else {
+                let (tx, body) = traffic::tee_channel();
+                tees.push((tx, m.cfg.max_body_bytes));
+                Some(body.boxed_unsync())
+            };
+            mirror(
+                shadow.clone(),
+                m.cfg.timeout,
+                call,
+                headers.clone(),
+                body,
+                mirror_slot,
+            );
+        }
+    }
+
+    let result = send_with_retries(route, dest, call, headers, target_breaker, &tees, log).await;
+    if let Some(ticket) = route_ticket {
+        let failed = match &result {
+            Ok((resp, _)) => breaker.is_some_and(|b| b.is_failure(resp.status())),
+            // The gateway's own limit (`pool.max_requests`) says nothing about the upstream.
+            Err(e) => {
+                e.kind.origin() == crate::error::Origin::Upstream
+                    && e.kind != ErrorKind::UpstreamOverloaded
+            }
+        };
+        ticket.record(failed);
+    }
+    result.map(|(resp, (attempt, in_flight, _))| (resp, (attempt, in_flight, permit)))
+}
+
+/// Sends a copy of the request to a shadow upstream and discards the answer. Never waits:
+/// the copy runs on its own task, bounded by the mirror's timeout and in-flight limit.
+fn mirror(
+    shadow: Arc<crate::upstream::Upstream>,
+    timeout: std::time::Duration,
+    call: &Call<'_>,
+    mut headers: HeaderMap,
+    body: Option<ProxyBody>,
+    slot: traffic::MirrorSlot,
+) {
+    let input_headers = headers.clone();
+    let input = SelectInput {
+        client_ip: call.client_ip,
+        path: call.path,
+        headers: &input_headers,
+    };
+    let Ok(target) = shadow.select(&input, &[]) else {
+        slot.dropped
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        return;
+    };
+    let Ok(uri) = shadow
+        .client
+        .uri_for_target(&target, call.path_and_query.to_owned())
+    else {
+        slot.dropped
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        return;
+    };
+    if let Some(h) = target.host_header() {
+        headers.insert(header::HOST, h.clone());
+    }
+    let mut req = Request::new(body.unwrap_or_else(body::empty));
+    *req.method_mut() = call.method.clone();
+    *req.uri_mut() = uri;
+    *req.version_mut() = if shadow.config.http2 {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
+    *req.headers_mut() = headers;
+    tokio::spawn(async move {
+        let attempt = shadow.begin(target);
+        let done = tokio::time::timeout(timeout, async {
+            let Ok(resp) = shadow.client.request(req).await else {
+                return false;
+            };
+            // Read the answer to its end so the connection goes back to the pool.
+            resp.into_body().collect().await.is_ok()
+        })
+        .await;
+        drop(attempt);
+        if !matches!(done, Ok(true)) {
+            slot.dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::debug!(upstream = %shadow.name, "mirrored request failed or timed out");
+        }
+        drop(slot);
+    });
+}
+
+async fn send_with_retries(
+    route: &CompiledRoute,
+    dest: &Dest<'_>,
+    call: &Call<'_>,
+    mut headers: HeaderMap,
+    target_breaker: Option<&Arc<resilience::Breaker>>,
+    tees: &[(tokio::sync::mpsc::Sender<traffic::Chunk>, u64)],
+    log: &mut LogFacts,
+) -> Result<(Response<Incoming>, ResponseGuard), GatewayError> {
+    let upstream = dest.upstream;
     let cfg = &upstream.config;
+    let method = call.method;
+    let slot = call.slot;
     let version = if cfg.http2 {
         Version::HTTP_2
     } else {
@@ -377,23 +707,48 @@ async fn send_with_retries(
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
     );
     let max_attempts = 1 + cfg.retries.attempts;
-    let deadline = (!route.timeouts.total.is_zero()).then(|| Instant::now() + route.timeouts.total);
-    route.budget.record_request();
+    let timeouts = &dest.timeouts;
+    let deadline = (!timeouts.total.is_zero()).then(|| Instant::now() + timeouts.total);
+    dest.budget.record_request();
 
     let mut tried: Vec<SocketAddr> = Vec::new();
     for attempt_no in 0..max_attempts {
         let last = attempt_no + 1 == max_attempts;
         let input = SelectInput {
-            client_ip,
-            path,
+            client_ip: call.client_ip,
+            path: call.path,
             headers: &headers,
         };
-        let target = upstream.select(&input, &tried).map_err(|_| {
+        let no_healthy = || {
             GatewayError::new(
                 ErrorKind::NoHealthyUpstream,
                 format!("no healthy target in upstream `{}`", upstream.name),
             )
-        })?;
+        };
+        let (target, ticket) = match target_breaker {
+            None => (
+                upstream.select(&input, &tried).map_err(|_| no_healthy())?,
+                None,
+            ),
+            Some(b) => {
+                let mut open = || {
+                    resilience::circuit_open(
+                        std::time::Duration::from_secs(1),
+                        &format!("every target of upstream `{}`", upstream.name),
+                        &mut log.response_headers,
+                    )
+                };
+                let target =
+                    match upstream.select_where(&input, &tried, &|t| b.target_available(t.addr)) {
+                        Ok(t) => t,
+                        // Healthy targets exist, but every one's breaker is open.
+                        Err(_) if upstream.select(&input, &tried).is_ok() => return Err(open()),
+                        Err(_) => return Err(no_healthy()),
+                    };
+                let ticket = b.admit_target(target.addr).map_err(|_| open())?;
+                (target, Some(ticket))
+            }
+        };
         let permit = InFlight::acquire(upstream, cfg.pool.max_requests).ok_or_else(|| {
             GatewayError::new(
                 ErrorKind::UpstreamOverloaded,
@@ -406,11 +761,15 @@ async fn send_with_retries(
 
         let uri = upstream
             .client
-            .uri_for_target(&target, path_and_query.to_owned())
+            .uri_for_target(&target, call.path_and_query.to_owned())
             .map_err(|_| {
                 GatewayError::new(ErrorKind::BadRequest, "request target cannot be forwarded")
             })?;
-        let mut req = Request::new(slot.attempt().boxed_unsync());
+        let mut req_body = slot.attempt().boxed_unsync();
+        for (tx, max) in tees {
+            req_body = traffic::Tee::new(req_body, tx.clone(), *max).boxed_unsync();
+        }
+        let mut req = Request::new(req_body);
         *req.method_mut() = method.clone();
         *req.uri_mut() = uri;
         *req.version_mut() = version;
@@ -421,7 +780,7 @@ async fn send_with_retries(
         };
         let host = match &route.upstream_host {
             turnpike_model::UpstreamHost::Target => target.host_header().cloned(),
-            turnpike_model::UpstreamHost::Preserve => original_host.clone(),
+            turnpike_model::UpstreamHost::Preserve => call.original_host.clone(),
             turnpike_model::UpstreamHost::Rewrite(h) => HeaderValue::from_str(h).ok(),
         };
         if let Some(h) = host {
@@ -430,13 +789,21 @@ async fn send_with_retries(
 
         let mut attempt = upstream.begin(target);
         let start = Instant::now();
-        let mut limit = start + route.timeouts.read;
+        let mut limit = start + timeouts.read;
         if let Some(d) = deadline {
             limit = limit.min(d);
         }
         let result = tokio::time::timeout_at(limit, upstream.client.request(req)).await;
+        if let Some(ticket) = ticket {
+            let failed = match &result {
+                Ok(Ok(resp)) => target_breaker.is_some_and(|b| b.is_failure(resp.status())),
+                Ok(Err(e)) => client_body_error(e).is_none(),
+                Err(_) => true,
+            };
+            ticket.record(failed);
+        }
         let can_retry =
-            |retry_safe: bool| !last && retry_safe && !slot.started() && route.budget.try_retry();
+            |retry_safe: bool| !last && retry_safe && !slot.started() && dest.budget.try_retry();
         match result {
             Ok(Ok(resp)) => {
                 let status = resp.status();
@@ -461,7 +828,7 @@ async fn send_with_retries(
                 } else {
                     Outcome::Success(start.elapsed())
                 });
-                return Ok((resp, (attempt, permit)));
+                return Ok((resp, (attempt, permit, None)));
             }
             Ok(Err(e)) => {
                 if let Some(kind) = client_body_error(&e) {
@@ -520,6 +887,7 @@ fn finish_response(
     guard: ResponseGuard,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     route: &CompiledRoute,
+    timeouts: &turnpike_model::Timeouts,
 ) -> Result<Response<ProxyBody>, GatewayError> {
     let (mut parts, body) = resp.into_parts();
     if parts.status == StatusCode::SWITCHING_PROTOCOLS {
@@ -556,7 +924,7 @@ fn finish_response(
         access::announce(service, &mut parts.headers);
     }
     let body = crate::body::Guarded::new(
-        IdleTimeoutBody::new(body, route.timeouts.read, || Box::new(UpstreamBodyTimeout)),
+        IdleTimeoutBody::new(body, timeouts.read, || Box::new(UpstreamBodyTimeout)),
         guard,
     )
     .boxed_unsync();
@@ -655,7 +1023,8 @@ fn host_header_value(parts: &http::request::Parts) -> Option<HeaderValue> {
 }
 
 /// The real client IP: the peer, unless the peer is a trusted proxy, in which case the
-/// right-most `X-Forwarded-For` entry that is not itself a trusted proxy.
+/// right-most entry of the configured header (`X-Forwarded-For`, or `Forwarded`'s `for=`)
+/// that is not itself a trusted proxy.
 fn client_ip(settings: &Settings, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
     if !settings.is_trusted(peer) {
         return peer;
@@ -665,16 +1034,43 @@ fn client_ip(settings: &Settings, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
     // no one's allow list and puts every such client in one rate-limit bucket.
     let unknown = IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED);
     let mut candidate = peer;
-    for value in headers.get_all("x-forwarded-for").iter().rev() {
+    let forwarded = settings.client_ip_header == ClientIpHeader::Forwarded;
+    let name = if forwarded {
+        header::FORWARDED
+    } else {
+        HeaderName::from_static("x-forwarded-for")
+    };
+    for value in headers.get_all(name).iter().rev() {
         let Ok(s) = value.to_str() else {
             return unknown;
         };
-        for part in s.rsplit(',') {
-            let part = part.trim();
-            let parsed = part
-                .parse::<IpAddr>()
-                .ok()
-                .or_else(|| part.parse::<SocketAddr>().ok().map(|a| a.ip()));
+        let entries: Vec<Option<&str>> = if forwarded {
+            match forwarded_for(s) {
+                Some(entries) => entries,
+                None => return unknown,
+            }
+        } else {
+            s.split(',').map(|p| Some(p.trim())).collect()
+        };
+        for part in entries.into_iter().rev() {
+            let parsed = part.and_then(|part| {
+                part.parse::<IpAddr>()
+                    .ok()
+                    .or_else(|| part.parse::<SocketAddr>().ok().map(|a| a.ip()))
+                    .or_else(|| {
+                        // `Forwarded` writes IPv6 in brackets; its port may be obfuscated
+                        // (`_p`), which a socket address cannot parse.
+                        match part.strip_prefix('[') {
+                            Some(rest) => rest.split(']').next()?.parse().ok(),
+                            None => part
+                                .split_once(':')?
+                                .0
+                                .parse::<std::net::Ipv4Addr>()
+                                .ok()
+                                .map(IpAddr::V4),
+                        }
+                    })
+            });
             let Some(ip) = parsed.map(|ip| ip.to_canonical()) else {
                 return unknown;
             };
@@ -685,6 +1081,63 @@ fn client_ip(settings: &Settings, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
         }
     }
     candidate
+}
+
+/// The `for=` value of each element of a `Forwarded` header value (RFC 7239 §4), unquoted;
+/// `None` for an element without one. Commas and semicolons inside quoted strings do not
+/// split, and empty elements are skipped. `None` for a value whose quoted string never
+/// ends: the client opened it, and it would hide what the trusted proxy appended after.
+fn forwarded_for(value: &str) -> Option<Vec<Option<&str>>> {
+    let mut out = Vec::new();
+    let mut found = None;
+    let mut start = 0;
+    let mut elem = 0;
+    let mut quoted = false;
+    let mut escaped = false;
+    let bytes = value.as_bytes();
+    for i in 0..=bytes.len() {
+        let b = bytes.get(i).copied();
+        if quoted {
+            match b {
+                _ if escaped => escaped = false,
+                Some(b'\\') => escaped = true,
+                Some(b'"') => quoted = false,
+                _ => {}
+            }
+            if b.is_some() {
+                continue;
+            }
+        }
+        match b {
+            Some(b'"') => quoted = true,
+            Some(b';') | Some(b',') | None => {
+                let pair = value.get(start..i).unwrap_or("").trim();
+                if let Some((k, v)) = pair.split_once('=')
+                    && k.trim().eq_ignore_ascii_case("for")
+                {
+                    let v = v.trim();
+                    found = Some(
+                        v.strip_prefix('"')
+                            .and_then(|v| v.strip_suffix('"'))
+                            .unwrap_or(v),
+                    );
+                }
+                let element_ends = b != Some(b';');
+                let empty = element_ends
+                    && found.is_none()
+                    && value.get(elem..i).is_none_or(|e| e.trim().is_empty());
+                start = i + 1;
+                if element_ends {
+                    if !empty {
+                        out.push(found.take());
+                    }
+                    elem = i + 1;
+                }
+            }
+            _ => {}
+        }
+    }
+    (!quoted).then_some(out)
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {
@@ -888,10 +1341,64 @@ mod tests {
                 .iter()
                 .filter_map(|s| turnpike_model::parse_cidr(s))
                 .collect(),
+            client_ip_header: ClientIpHeader::XForwardedFor,
             request_id_header: HeaderName::from_static("x-request-id"),
             via: Some(HeaderValue::from_static("1.1 turnpike")),
             limits: Default::default(),
         }
+    }
+
+    #[test]
+    fn client_ip_from_forwarded_when_configured() {
+        let mut s = settings(&["10.0.0.0/8"]);
+        s.client_ip_header = ClientIpHeader::Forwarded;
+        let ip = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::FORWARDED, HeaderValue::from_static(v));
+            client_ip(&s, "10.0.0.1".parse().unwrap(), &h)
+        };
+        let v4 = |a: &str| a.parse::<IpAddr>().unwrap();
+        assert_eq!(ip("for=1.2.3.4"), v4("1.2.3.4"));
+        // The right-most untrusted entry, across elements; parameters in any order and case;
+        // empty elements skipped; obfuscated ports allowed.
+        assert_eq!(
+            ip("for=6.6.6.6, proto=https;For=1.2.3.4;by=10.9.9.9, for=10.1.1.1,"),
+            v4("1.2.3.4")
+        );
+        assert_eq!(
+            ip(r#"for="[2001:db8::1]:4711";proto=https"#),
+            v4("2001:db8::1")
+        );
+        assert_eq!(ip(r#"for="1.2.3.4:80""#), v4("1.2.3.4"));
+        assert_eq!(ip(r#"for="192.0.2.43:_p""#), v4("192.0.2.43"));
+        // Obfuscated, `unknown` or missing: the client is unknown, not the proxy.
+        for v in [
+            "for=_hidden",
+            "for=unknown",
+            "proto=https",
+            r#"for="a,b";x=1"#,
+        ] {
+            assert_eq!(ip(v), v4("::"), "{v}");
+        }
+        // A quote the client leaves open would swallow what the proxy appended after it.
+        assert_eq!(ip(r#"for=6.6.6.6;x=", for=203.0.113.5"#), v4("::"));
+        // Only the configured header is read: `X-Forwarded-For` is the client's own here.
+        let mut h = HeaderMap::new();
+        h.insert(header::FORWARDED, HeaderValue::from_static("for=1.2.3.4"));
+        h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
+        assert_eq!(
+            client_ip(&s, "10.0.0.1".parse().unwrap(), &h),
+            v4("1.2.3.4")
+        );
+        s.client_ip_header = ClientIpHeader::XForwardedFor;
+        assert_eq!(
+            client_ip(&s, "10.0.0.1".parse().unwrap(), &h),
+            v4("6.6.6.6")
+        );
+        assert_eq!(
+            client_ip(&s, "192.0.2.9".parse().unwrap(), &h),
+            v4("192.0.2.9")
+        );
     }
 
     #[test]

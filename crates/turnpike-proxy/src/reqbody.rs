@@ -33,20 +33,74 @@ impl std::error::Error for BodyIdleTimeout {}
 
 /// The client's body on its way upstream: the byte limit (`http_body_util::Limited`, whose
 /// `LengthLimitError` becomes 413) inside the write timeout between chunks (408).
-pub type LimitedBody = IdleTimeoutBody<http_body_util::Limited<Incoming>>;
+pub type LimitedBody = IdleTimeoutBody<http_body_util::Limited<Prefixed>>;
 
 /// Wraps the client's body with its limit and idle timeout.
 pub fn limited(inner: Incoming, limit: u64, idle: Duration) -> LimitedBody {
+    limited_after(Bytes::new(), inner, limit, idle)
+}
+
+/// Like [`limited`], for a body whose first bytes (`head`) were already read by the gateway
+/// (body inspection that gave up past its bound); `head` counts against the limit.
+pub fn limited_after(head: Bytes, inner: Incoming, limit: u64, idle: Duration) -> LimitedBody {
     let limit = usize::try_from(limit).unwrap_or(usize::MAX);
-    IdleTimeoutBody::new(http_body_util::Limited::new(inner, limit), idle, || {
+    let body = Prefixed {
+        head: (!head.is_empty()).then_some(head),
+        rest: inner,
+    };
+    IdleTimeoutBody::new(http_body_util::Limited::new(body, limit), idle, || {
         Box::new(BodyIdleTimeout)
     })
+}
+
+pin_project_lite::pin_project! {
+    /// The client's body, after bytes the gateway already read from it (none on the usual,
+    /// streaming path).
+    pub struct Prefixed {
+        head: Option<Bytes>,
+        #[pin]
+        rest: Incoming,
+    }
+}
+
+impl Body for Prefixed {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.project();
+        if let Some(head) = this.head.take() {
+            return Poll::Ready(Some(Ok(Frame::data(head))));
+        }
+        this.rest.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.head.is_none() && self.rest.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let head = self.head.as_ref().map_or(0, |h| h.len() as u64);
+        let rest = self.rest.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(rest.lower().saturating_add(head));
+        if let Some(u) = rest.upper() {
+            hint.set_upper(u.saturating_add(head));
+        }
+        hint
+    }
 }
 
 /// Holds the request body until an attempt starts sending it.
 #[derive(Clone)]
 pub struct BodySlot {
     body: Arc<Mutex<Option<Pin<Box<LimitedBody>>>>>,
+    /// A body the gateway read whole (for inspection): every attempt sends these bytes, so
+    /// a retry never loses it.
+    buffered: Option<Bytes>,
     started: Arc<AtomicBool>,
     end_stream: bool,
     hint: SizeHint,
@@ -59,16 +113,33 @@ impl BodySlot {
         let hint = body.size_hint();
         Self {
             body: Arc::new(Mutex::new(Some(Box::pin(body)))),
+            buffered: None,
             started: Arc::new(AtomicBool::new(false)),
             end_stream,
             hint,
         }
     }
 
+    /// A slot holding a body already read whole.
+    pub fn buffered(bytes: Bytes) -> Self {
+        Self {
+            body: Arc::new(Mutex::new(None)),
+            end_stream: bytes.is_empty(),
+            hint: SizeHint::with_exact(bytes.len() as u64),
+            buffered: Some(bytes),
+            started: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
     /// Whether any attempt has begun reading the body. A body known to be empty never counts
     /// as started: there is nothing to lose by sending it again.
     pub fn started(&self) -> bool {
-        !self.end_stream && self.started.load(Ordering::Acquire)
+        self.buffered.is_none() && !self.end_stream && self.started.load(Ordering::Acquire)
+    }
+
+    /// The whole body, when the gateway read it for inspection.
+    pub fn buffered_bytes(&self) -> Option<&Bytes> {
+        self.buffered.as_ref()
     }
 
     /// Whether the body is known to be empty.
@@ -81,6 +152,7 @@ impl BodySlot {
         AttemptBody {
             slot: self.clone(),
             taken: None,
+            sent: false,
         }
     }
 }
@@ -89,6 +161,8 @@ impl BodySlot {
 pub struct AttemptBody {
     slot: BodySlot,
     taken: Option<Pin<Box<LimitedBody>>>,
+    /// A buffered body was sent.
+    sent: bool,
 }
 
 impl Body for AttemptBody {
@@ -101,6 +175,14 @@ impl Body for AttemptBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         if self.slot.end_stream {
             return Poll::Ready(None);
+        }
+        if let Some(b) = &self.slot.buffered {
+            if self.sent {
+                return Poll::Ready(None);
+            }
+            let b = b.clone();
+            self.sent = true;
+            return Poll::Ready(Some(Ok(Frame::data(b))));
         }
         if self.taken.is_none() {
             self.slot.started.store(true, Ordering::Release);
@@ -119,6 +201,9 @@ impl Body for AttemptBody {
     }
 
     fn is_end_stream(&self) -> bool {
+        if self.slot.buffered.is_some() {
+            return self.sent || self.slot.end_stream;
+        }
         match &self.taken {
             Some(b) => b.is_end_stream(),
             None => self.slot.end_stream,
@@ -126,6 +211,9 @@ impl Body for AttemptBody {
     }
 
     fn size_hint(&self) -> SizeHint {
+        if self.slot.buffered.is_some() && self.sent {
+            return SizeHint::with_exact(0);
+        }
         match &self.taken {
             Some(b) => b.size_hint(),
             None => self.slot.hint,

@@ -31,6 +31,9 @@ pub struct Snapshot {
     pub managed: Arc<turnpike_model::managed::Managed>,
     /// Policies of applications and plans (routes hold their own chains).
     pub policies: crate::policy::Policies,
+    /// Every upstream pool by name, for policies that choose one per request
+    /// (`traffic_split`, `mirror`, `fallback`).
+    pub upstreams: HashMap<String, (Arc<Upstream>, Arc<RetryBudget>)>,
 }
 
 /// A route with its references resolved.
@@ -45,6 +48,9 @@ pub struct CompiledRoute {
     pub upstream_host: UpstreamHost,
     /// Effective timeouts (route override or upstream's).
     pub timeouts: Timeouts,
+    /// Whether the route sets its own timeouts (else another upstream chosen by a policy
+    /// brings its own).
+    pub own_timeouts: bool,
     /// Effective body limit.
     pub max_body_bytes: u64,
     /// The managed service the route belongs to; `None` for routes from the file.
@@ -57,6 +63,8 @@ pub struct CompiledRoute {
 pub struct Settings {
     /// Peers trusted to set forwarding headers.
     pub trusted_proxies: Vec<IpNet>,
+    /// The header of theirs that names the client.
+    pub client_ip_header: turnpike_model::config::ClientIpHeader,
     /// Header carrying the request id.
     pub request_id_header: HeaderName,
     /// `Via` value we append, if any (`1.1 turnpike`).
@@ -129,6 +137,7 @@ impl UpstreamRegistry {
                     .timeouts
                     .clone()
                     .unwrap_or_else(|| upstream.config.timeouts.clone()),
+                own_timeouts: r.timeouts.is_some(),
                 max_body_bytes: r
                     .max_body_bytes
                     .unwrap_or(config.server.limits.max_body_bytes),
@@ -137,7 +146,7 @@ impl UpstreamRegistry {
             });
         }
 
-        let managed = crate::policy::merged_consumers(config);
+        let managed = crate::policy::merged_consumers(config, &mut errors);
         let names: Vec<(&str, Option<&str>)> = routes
             .iter()
             .map(|r| (&*r.name, r.service.as_deref().map(|s| s.id.as_str())))
@@ -162,7 +171,7 @@ impl UpstreamRegistry {
         for pool in fresh {
             pool.start();
         }
-        self.pools = pools;
+        self.pools = pools.clone();
         self.version += 1;
         Ok(Snapshot {
             version: self.version,
@@ -171,6 +180,7 @@ impl UpstreamRegistry {
             settings,
             managed,
             policies,
+            upstreams: pools,
         })
     }
 }
@@ -205,6 +215,7 @@ fn compile_settings(config: &Config, errors: &mut Vec<ConfigError>) -> Option<Se
     };
     Some(Settings {
         trusted_proxies,
+        client_ip_header: s.client_ip_header,
         request_id_header,
         via,
         limits: s.limits.clone(),

@@ -1,4 +1,5 @@
-//! TLS: upstream client configuration, and listener certificates chosen by SNI with reload.
+//! TLS: upstream client configuration, and listener certificates chosen by SNI with reload,
+//! with optional verification of client certificates (mTLS).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -7,10 +8,13 @@ use std::time::SystemTime;
 use arc_swap::ArcSwap;
 use rustls::ClientConfig;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::{ClientHello, ResolvesServerCert, ServerConfig};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+use rustls::server::danger::ClientCertVerifier;
+use rustls::server::{ClientHello, ResolvesServerCert, ServerConfig, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
-use turnpike_model::{CertificateConfig, ListenerTls, UpstreamTls};
+use turnpike_model::{
+    CertificateConfig, ClientAuthConfig, ClientAuthMode, ListenerTls, UpstreamTls,
+};
 
 /// The crypto provider used everywhere in the workspace.
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -254,54 +258,130 @@ fn stamp(path: &str) -> FileStamp {
     Some((meta.modified().ok()?, meta.len()))
 }
 
-/// A listener's certificates: the configured files, the live resolver, and what was last
-/// loaded, so periodic checks only reload when a file changed.
+/// The verifier of client certificates for a listener's `client_auth`: the CA bundle as
+/// trust anchors, the CRLs if any. Errors name the field and the file.
+pub fn client_verifier(cfg: &ClientAuthConfig) -> Result<Arc<dyn ClientCertVerifier>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in load_certs(&cfg.ca).map_err(|e| format!("tls.client_auth.ca: {e}"))? {
+        roots.add(cert).map_err(|e| {
+            format!(
+                "tls.client_auth.ca: invalid CA certificate in `{}`: {e}",
+                cfg.ca
+            )
+        })?;
+    }
+    let mut crls = Vec::new();
+    for (i, path) in cfg.crls.iter().enumerate() {
+        let found = CertificateRevocationListDer::pem_file_iter(path)
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| format!("tls.client_auth.crls[{i}]: cannot read `{path}`: {e}"))?;
+        if found.is_empty() {
+            return Err(format!(
+                "tls.client_auth.crls[{i}]: no CRL found in `{path}`"
+            ));
+        }
+        crls.extend(found);
+    }
+    let mut builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
+    if !crls.is_empty() {
+        // Only the issuers the operator gave CRLs for are checked; without this, every
+        // certificate of a CA with no CRL here would be refused as of unknown status.
+        builder = builder.with_crls(crls).allow_unknown_revocation_status();
+    }
+    if cfg.mode == ClientAuthMode::Optional {
+        builder = builder.allow_unauthenticated();
+    }
+    builder.build().map_err(|e| format!("tls.client_auth: {e}"))
+}
+
+/// A listener's certificates: the configured files, the live resolver and server
+/// configuration, and what was last loaded, so periodic checks only reload when a file
+/// changed.
 #[derive(Debug)]
 pub struct ServerCertificates {
     listener: String,
     configs: Vec<CertificateConfig>,
+    client_auth: Option<ClientAuthConfig>,
     resolver: Arc<SniResolver>,
+    /// Replaced when the client CA bundle or CRLs are reloaded. A new configuration also
+    /// has a new session cache, so no session verified against the old trust anchors is
+    /// resumed (resumption skips client certificate verification).
+    server: ArcSwap<ServerConfig>,
     /// Stamps of the files behind the live set, and of the last version that failed to load
     /// (so a broken file is reported once, not at every check).
     stamps: Mutex<(Vec<FileStamp>, Option<Vec<FileStamp>>)>,
 }
 
 impl ServerCertificates {
-    /// Loads the certificates of listener `listener`; errors name the listener and the file.
+    /// Loads the certificates (and the client CA bundle) of listener `listener`; errors
+    /// name the listener, the field and the file.
     pub fn load(listener: &str, cfg: &ListenerTls) -> Result<Self, String> {
-        let stamps = Self::stamps_of(&cfg.certificates);
-        let set = CertificateSet::load(&cfg.certificates)
-            .map_err(|e| format!("listener `{listener}`: {e}"))?;
+        let at = |e: String| format!("listener `{listener}`: {e}");
+        let stamps = Self::stamps_of(&cfg.certificates, cfg.client_auth.as_ref());
+        let set = CertificateSet::load(&cfg.certificates).map_err(at)?;
+        let verifier = cfg
+            .client_auth
+            .as_ref()
+            .map(client_verifier)
+            .transpose()
+            .map_err(at)?;
+        let resolver = Arc::new(SniResolver::new(set));
+        let server = server_config(Arc::clone(&resolver), verifier).map_err(at)?;
         Ok(Self {
             listener: listener.to_owned(),
             configs: cfg.certificates.clone(),
-            resolver: Arc::new(SniResolver::new(set)),
+            client_auth: cfg.client_auth.clone(),
+            resolver,
+            server: ArcSwap::from_pointee(server),
             stamps: Mutex::new((stamps, None)),
         })
     }
 
-    fn stamps_of(configs: &[CertificateConfig]) -> Vec<FileStamp> {
+    fn stamps_of(
+        configs: &[CertificateConfig],
+        client_auth: Option<&ClientAuthConfig>,
+    ) -> Vec<FileStamp> {
+        let client_files = client_auth
+            .into_iter()
+            .flat_map(|c| std::iter::once(&c.ca).chain(&c.crls));
         configs
             .iter()
-            .flat_map(|c| [stamp(&c.cert), stamp(&c.key)])
+            .flat_map(|c| [&c.cert, &c.key])
+            .chain(client_files)
+            .map(|path| stamp(path))
             .collect()
     }
 
-    /// The resolver to install in a [`ServerConfig`].
+    /// The resolver installed in the server configuration.
     pub fn resolver(&self) -> Arc<SniResolver> {
         Arc::clone(&self.resolver)
     }
 
-    /// Loads all files again and swaps the set; on error the running set stays.
+    /// The server configuration for a new connection.
+    pub fn server_config(&self) -> Arc<ServerConfig> {
+        self.server.load_full()
+    }
+
+    /// Loads all files again and swaps the set (and the client verifier); on error the
+    /// running ones stay.
     pub fn reload(&self) -> Result<(), String> {
         // Stamp before reading: a write racing with the read changes the stamp again and is
         // picked up by the next check.
-        let stamps = Self::stamps_of(&self.configs);
-        let result = CertificateSet::load(&self.configs);
+        let stamps = Self::stamps_of(&self.configs, self.client_auth.as_ref());
+        let result = CertificateSet::load(&self.configs).and_then(|set| {
+            let verifier = self.client_auth.as_ref().map(client_verifier).transpose()?;
+            let server = verifier
+                .map(|v| server_config(Arc::clone(&self.resolver), Some(v)))
+                .transpose()?;
+            Ok((set, server))
+        });
         let mut guard = self.stamps.lock().unwrap_or_else(|p| p.into_inner());
         match result {
-            Ok(set) => {
+            Ok((set, server)) => {
                 self.resolver.store(set);
+                if let Some(server) = server {
+                    self.server.store(Arc::new(server));
+                }
                 *guard = (stamps, None);
                 tracing::info!(listener = %self.listener, "TLS certificates reloaded");
                 Ok(())
@@ -317,7 +397,7 @@ impl ServerCertificates {
     /// Returns whether a new set was installed; a broken file keeps the running set and is
     /// reported once per distinct version.
     pub fn reload_if_changed(&self) -> Result<bool, String> {
-        let now = Self::stamps_of(&self.configs);
+        let now = Self::stamps_of(&self.configs, self.client_auth.as_ref());
         {
             let guard = self.stamps.lock().unwrap_or_else(|p| p.into_inner());
             if guard.0 == now || guard.1.as_ref() == Some(&now) {
@@ -328,13 +408,20 @@ impl ServerCertificates {
     }
 }
 
-/// Server TLS for a listener: certificates by SNI, ALPN `h2` then `http/1.1`.
-pub fn server_config(resolver: Arc<SniResolver>) -> Result<ServerConfig, String> {
-    let mut config = ServerConfig::builder_with_provider(provider())
+/// Server TLS for a listener: certificates by SNI, ALPN `h2` then `http/1.1`, client
+/// certificates verified by `client_auth` when given.
+pub fn server_config(
+    resolver: Arc<SniResolver>,
+    client_auth: Option<Arc<dyn ClientCertVerifier>>,
+) -> Result<ServerConfig, String> {
+    let builder = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS setup failed: {e}"))?
-        .with_no_client_auth()
-        .with_cert_resolver(resolver);
+        .map_err(|e| format!("TLS setup failed: {e}"))?;
+    let builder = match client_auth {
+        Some(v) => builder.with_client_cert_verifier(v),
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_cert_resolver(resolver);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
 }

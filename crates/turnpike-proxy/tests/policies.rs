@@ -9,66 +9,12 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use bytes::Bytes;
 use common::*;
-use http::{Response, StatusCode};
+use http::StatusCode;
 use http_body_util::Full;
 use sha2::Digest;
 
-/// An upstream answering 200 with the request's headers and path as JSON.
-async fn echo() -> Mock {
-    Mock::start(|req| async move {
-        let headers: serde_json::Map<String, serde_json::Value> = req
-            .headers()
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.as_str().to_owned(),
-                    serde_json::Value::String(v.to_str().unwrap_or("").to_owned()),
-                )
-            })
-            .collect();
-        let body = serde_json::json!({
-            "path": req.uri().path_and_query().map(|p| p.as_str()).unwrap_or(""),
-            "headers": headers,
-        });
-        // An upstream with its own, careless CORS answer, on request.
-        let careless = req.headers().contains_key("x-upstream-cors");
-        let mut r = Response::new(full(body.to_string()));
-        r.headers_mut()
-            .insert("content-type", "application/json".parse().unwrap());
-        if careless {
-            r.headers_mut()
-                .insert("access-control-allow-origin", "*".parse().unwrap());
-            r.headers_mut()
-                .insert("access-control-allow-credentials", "true".parse().unwrap());
-        }
-        r
-    })
-    .await
-}
-
 fn sha256_hex(s: &str) -> String {
     hex::encode(sha2::Sha256::digest(s.as_bytes()))
-}
-
-fn yaml(upstream: std::net::SocketAddr, rest: &str) -> String {
-    format!(
-        r#"
-upstreams:
-  - name: up
-    targets: [{{address: "{upstream}"}}]
-routes:
-  - {{name: api, paths: [{{prefix: /api}}], upstream: up}}
-  - {{name: open, paths: [{{prefix: /open}}], upstream: up}}
-{rest}"#
-    )
-}
-
-async fn call(gw: &Gw, method: &str, path: &str, headers: &[(&str, &str)]) -> Reply {
-    let mut r = req(method, &gw.url(path));
-    for (k, v) in headers {
-        r = r.header(*k, *v);
-    }
-    send(r.body(Full::new(Bytes::new())).unwrap()).await
 }
 
 async fn post_bytes(gw: &Gw, path: &str, len: usize) -> Reply {
@@ -570,6 +516,44 @@ policies:
     let r = call(&gw, "GET", "/open", &[("x-forwarded-for", "203.0.113.9")]).await;
     assert_eq!(r.status, StatusCode::FORBIDDEN);
     assert_eq!(error_code(&r), "ip_denied");
+    // `Forwarded` is not read unless configured.
+    let r = call(&gw, "GET", "/open", &[("forwarded", "for=203.0.113.9")]).await;
+    assert_eq!(r.status, StatusCode::OK);
+
+    // A proxy that sends RFC 7239 `Forwarded`: configured, its `for=` is the client, and an
+    // `X-Forwarded-For` it passed through from the client is not read.
+    let gw = Gw::start(&format!(
+        "server: {{trusted_proxies: [127.0.0.1/32], client_ip_header: forwarded}}\n{}",
+        yaml(
+            up.addr,
+            r#"
+policies:
+  - {name: no-evil, type: ip_restriction, scope: route, target: open, config: {deny: [203.0.113.0/24]}}
+"#
+        )
+    ))
+    .await;
+    let r = call(
+        &gw,
+        "GET",
+        "/open",
+        &[("forwarded", "for=203.0.113.9;proto=https")],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let r = call(
+        &gw,
+        "GET",
+        "/open",
+        &[
+            ("forwarded", "for=203.0.113.9"),
+            ("x-forwarded-for", "198.51.100.7"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let r = call(&gw, "GET", "/open", &[("forwarded", "for=198.51.100.7")]).await;
+    assert_eq!(r.status, StatusCode::OK);
 }
 
 #[tokio::test]
@@ -706,6 +690,23 @@ policies:
             "{hostile} reflected"
         );
         assert!(r.header("access-control-allow-credentials").is_none());
+        let denied = send(
+            req("OPTIONS", &gw.url("/open"))
+                .header("origin", hostile)
+                .header("access-control-request-method", "POST")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(denied.status, StatusCode::FORBIDDEN);
+        let e = denied.json();
+        assert_eq!(e["error"]["code"], "cors_denied");
+        assert_eq!(
+            e["error"]["request_id"].as_str(),
+            denied.header("x-request-id"),
+            "the error names the request"
+        );
+        assert!(denied.header("access-control-allow-origin").is_none());
     }
     // Preflights count against the route's limits: two used above (one preflight, one
     // 401), one left.
@@ -719,6 +720,40 @@ policies:
         limited.header("access-control-allow-origin"),
         Some("https://app.example.com")
     );
+}
+
+#[tokio::test]
+async fn body_limit_refusals_carry_cors_headers() {
+    let up = echo().await;
+    let gw = Gw::start(&format!(
+        r#"
+upstreams:
+  - name: up
+    targets: [{{address: "{}"}}]
+routes:
+  - {{name: small, paths: [{{prefix: /small}}], upstream: up, max_body_bytes: 8}}
+policies:
+  - {{name: cors, type: cors, scope: global, config: {{allow_origins: [https://app.example.com]}}}}
+"#,
+        up.addr
+    ))
+    .await;
+    // The route's own limit answers 413 after the CORS headers are decided, so the
+    // browser shows the 413 rather than a CORS failure.
+    let r = send(
+        req("POST", &gw.url("/small"))
+            .header("origin", "https://app.example.com")
+            .body(Full::new(Bytes::from(vec![b'x'; 9])))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", r.text());
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://app.example.com")
+    );
+    assert_eq!(up.hits(), 0);
+    assert_eq!(post_bytes(&gw, "/small", 8).await.status, StatusCode::OK);
 }
 
 #[tokio::test]

@@ -43,6 +43,7 @@ mod model;
 mod sql;
 mod token;
 mod tx;
+mod usage;
 mod watch;
 
 use std::fmt;
@@ -58,6 +59,7 @@ pub use model::{
 };
 pub use token::{TOKEN_PREFIX, sha256_hex};
 pub use tx::{StoreTx, TOKEN_KIND};
+pub use usage::Usage;
 
 use db::{Arg, Pool};
 use model::{page_limit, team_key};

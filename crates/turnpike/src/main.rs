@@ -145,6 +145,15 @@ struct ServeArgs {
     /// How often the store version is polled, as a fallback to change notifications.
     #[arg(long, env = "TURNPIKE_STORE_POLL", default_value = "1s", value_parser = humantime::parse_duration)]
     store_poll: Duration,
+    /// How often plan quota counts are flushed to the store and the cluster's totals reloaded.
+    /// With several nodes, a quota can be exceeded by what the other nodes admit in one
+    /// interval.
+    #[arg(long, env = "TURNPIKE_QUOTA_FLUSH_INTERVAL", default_value = "5s", value_parser = parse_flush_interval)]
+    quota_flush_interval: Duration,
+    /// How long quota counters of past days and months are kept in the store (at least 32
+    /// days, so the current month's are never deleted).
+    #[arg(long, env = "TURNPIKE_QUOTA_RETENTION", default_value = "400days", value_parser = parse_quota_retention)]
+    quota_retention: Duration,
     /// How long start-up waits for the store before serving the saved store state instead.
     #[arg(long, env = "TURNPIKE_STORE_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     store_connect_timeout: Duration,
@@ -569,15 +578,30 @@ async fn serve(args: ServeArgs) -> ExitCode {
             }
         }
     }
+    let (quota_stop, quota_stop_rx) = tokio::sync::watch::channel(false);
+    let quotas = QuotaWiring {
+        tracker: gateway.quotas(),
+        interval: args.quota_flush_interval,
+        retention: args.quota_retention,
+        stop: quota_stop_rx,
+        tasks: std::sync::Arc::default(),
+    };
     match (store, store_url) {
         (Some(store), _) => {
-            management.push(start_management(&control, store, &admin, args.store_poll));
+            management.push(start_management(
+                &control,
+                store,
+                &admin,
+                args.store_poll,
+                &quotas,
+            ));
         }
         (None, Some(url)) => management.push(tokio::spawn(reconnect(
             control.clone(),
             url,
             admin.clone(),
             args.store_poll,
+            quotas.clone(),
         ))),
         (None, None) => {}
     }
@@ -615,6 +639,18 @@ async fn serve(args: ServeArgs) -> ExitCode {
         task.abort();
     }
     gateway.shutdown().await;
+    // Drained: the last counts can be flushed.
+    let _ = quota_stop.send(true);
+    let quota_tasks = match quotas.tasks.lock() {
+        Ok(mut t) => std::mem::take(&mut *t),
+        Err(_) => Vec::new(),
+    };
+    for task in quota_tasks {
+        let flush_deadline = turnpike_control::quota::DEFAULT_STORE_TIMEOUT * 2;
+        if tokio::time::timeout(flush_deadline, task).await.is_err() {
+            tracing::warn!("the last quota counts could not be flushed in time");
+        }
+    }
     tracing::info!("stopped");
     ExitCode::SUCCESS
 }
@@ -696,16 +732,53 @@ fn store_unavailable(
     )
 }
 
+/// What starts the quota sync once the store is open, and what stops it at shutdown.
+#[derive(Clone)]
+struct QuotaWiring {
+    tracker: std::sync::Arc<turnpike_proxy::quota::QuotaTracker>,
+    interval: Duration,
+    retention: Duration,
+    stop: tokio::sync::watch::Receiver<bool>,
+    tasks: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+fn parse_quota_retention(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < turnpike_control::quota::MIN_USAGE_RETENTION {
+        return Err("must be at least 32days".into());
+    }
+    Ok(d)
+}
+
+fn parse_flush_interval(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < Duration::from_millis(100) || d > Duration::from_secs(3600) {
+        return Err("must be between 100ms and 1h".into());
+    }
+    Ok(d)
+}
+
 /// Starts following the store and puts the Admin API in its slot.
 fn start_management(
     control: &std::sync::Arc<ControlPlane>,
     store: Store,
     admin: &AdminSlot,
     poll: Duration,
+    quotas: &QuotaWiring,
 ) -> tokio::task::JoinHandle<()> {
     let _ = admin.set(turnpike_admin::router(turnpike_admin::AdminState::new(
         store.clone(),
     )));
+    let sync = turnpike_control::quota::QuotaSync::with_retention(
+        store.clone(),
+        quotas.tracker.clone(),
+        turnpike_control::quota::DEFAULT_STORE_TIMEOUT,
+        quotas.retention,
+    );
+    let task = sync.spawn(quotas.interval, quotas.stop.clone());
+    if let Ok(mut tasks) = quotas.tasks.lock() {
+        tasks.push(task);
+    }
     turnpike_control::spawn_sync(control.clone(), store, poll)
 }
 
@@ -715,6 +788,7 @@ async fn reconnect(
     url: String,
     admin: AdminSlot,
     poll: Duration,
+    quotas: QuotaWiring,
 ) {
     let mut wait = Duration::from_millis(500);
     loop {
@@ -730,7 +804,7 @@ async fn reconnect(
         if let Err(e) = control.set_store(&state).await {
             report_reload_errors(&e);
         }
-        let _ = start_management(&control, store, &admin, poll).await;
+        let _ = start_management(&control, store, &admin, poll, &quotas).await;
         return;
     }
 }
@@ -844,4 +918,27 @@ async fn wait_for_termination() {
         }
     }
     let _ = tokio::signal::ctrl_c().await;
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    #[test]
+    fn quota_flags_refuse_values_out_of_range() {
+        assert_eq!(parse_flush_interval("5s").unwrap(), Duration::from_secs(5));
+        assert!(parse_flush_interval("50ms").unwrap_err().contains("100ms"));
+        assert!(parse_flush_interval("2h").is_err());
+        assert_eq!(
+            parse_quota_retention("400days").unwrap(),
+            Duration::from_secs(400 * 86_400)
+        );
+        assert!(
+            parse_quota_retention("31days")
+                .unwrap_err()
+                .contains("32days")
+        );
+        assert!(parse_quota_retention("soon").is_err());
+    }
 }

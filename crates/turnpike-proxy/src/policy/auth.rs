@@ -1,5 +1,7 @@
-//! Authentication policies: `key_auth`, `basic_auth` and `jwt`, and the rule that picks
-//! among several methods on one route (see the module docs of [`crate::policy`]).
+//! Authentication policies: `key_auth`, `basic_auth`, `jwt` and `mtls`
+//! (`oauth2_introspection` is in [`super::introspection`], `hmac_auth` in [`super::hmac`]),
+//! and the rule that picks among several methods on one route (see the module docs of
+//! [`crate::policy`]).
 //!
 //! API keys are looked up by their SHA-256 digest, never compared in clear: the comparison
 //! an attacker can time is between digests of their own guesses and stored digests, which
@@ -18,25 +20,41 @@ use http::{HeaderMap, HeaderName, HeaderValue, Uri, header};
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 use turnpike_model::managed::{Consumer, Managed};
-use turnpike_model::policy::{BasicAuthConfig, JwtConfig, KeyAuthConfig, KeyLocation};
+use turnpike_model::policy::{
+    BasicAuthConfig, JwtConfig, KeyAuthConfig, KeyLocation, MtlsConfig, MtlsField,
+};
 
 use super::jwt::{IssuerConfig, KeySource, Verifier, VerifierConfig};
-use super::{Compiled, Identity, Policy};
+use super::{Compiled, Identity, Policy, Request};
 use crate::error::{ErrorKind, GatewayError};
 
 /// Tries `methods` in order; see the module docs for the rules.
 pub async fn authenticate(
     methods: &[Arc<Compiled>],
     managed: &Managed,
+    req: &Request<'_>,
     parts: &mut Parts,
     identity: &mut Identity,
     out_headers: &mut HeaderMap,
 ) -> Result<(), GatewayError> {
+    if req.client_cert.is_none()
+        && methods
+            .iter()
+            .any(|m| matches!(&m.policy, Policy::Mtls(t) if t.config.required))
+    {
+        return Err(GatewayError::new(
+            ErrorKind::CredentialMissing,
+            "this API requires a client certificate",
+        ));
+    }
     for m in methods {
         let found = match &m.policy {
+            Policy::Mtls(t) => t.identify(managed, req, parts),
             Policy::KeyAuth(k) => k.identify(managed, parts),
             Policy::BasicAuth(b) => b.identify(managed, parts).await,
             Policy::Jwt(j) => j.identify(managed, parts).await,
+            Policy::Oauth2Introspection(o) => o.identify(managed, parts).await,
+            Policy::HmacAuth(h) => h.identify(managed, parts, req.tls),
             _ => Err(GatewayError::new(
                 ErrorKind::Internal,
                 "not an authentication policy",
@@ -59,6 +77,9 @@ pub async fn authenticate(
             Policy::KeyAuth(k) => k.config.anonymous.as_deref(),
             Policy::BasicAuth(b) => b.config.anonymous.as_deref(),
             Policy::Jwt(j) => j.config.anonymous.as_deref(),
+            Policy::Oauth2Introspection(o) => o.config.anonymous.as_deref(),
+            Policy::HmacAuth(h) => h.config.anonymous.as_deref(),
+            Policy::Mtls(t) => t.config.anonymous.as_deref(),
             _ => None,
         };
         if let Some(app) = anonymous.and_then(|a| managed.consumers.get(a)) {
@@ -75,6 +96,9 @@ pub async fn authenticate(
             Policy::KeyAuth(_) => Some("an API key"),
             Policy::BasicAuth(_) => Some("basic credentials"),
             Policy::Jwt(_) => Some("a bearer token"),
+            Policy::Oauth2Introspection(_) => Some("an OAuth2 bearer token"),
+            Policy::HmacAuth(_) => Some("an HTTP message signature"),
+            Policy::Mtls(_) => Some("a client certificate"),
             _ => None,
         })
         .collect();
@@ -84,12 +108,17 @@ pub async fn authenticate(
     ))
 }
 
-/// `WWW-Authenticate` for the methods that have a challenge (RFC 9110 §11.6.1).
+/// `WWW-Authenticate` for the methods that have a challenge (RFC 9110 §11.6.1), and
+/// `Accept-Signature` (RFC 9421 §5.1) for message signatures, which have no auth scheme.
 fn challenge(methods: &[Arc<Compiled>], out: &mut HeaderMap) {
     for m in methods {
         let value = match &m.policy {
+            Policy::HmacAuth(h) => {
+                out.append(super::hmac::ACCEPT_SIGNATURE.clone(), h.accept.clone());
+                continue;
+            }
             Policy::BasicAuth(b) => b.challenge.clone(),
-            Policy::Jwt(_) => HeaderValue::from_static("Bearer"),
+            Policy::Jwt(_) | Policy::Oauth2Introspection(_) => HeaderValue::from_static("Bearer"),
             _ => continue,
         };
         out.append(header::WWW_AUTHENTICATE, value);
@@ -302,6 +331,15 @@ pub struct JwtAuth {
     credential_issuers: std::collections::HashSet<String>,
 }
 
+/// Where OpenID Connect Discovery §4 puts an issuer's configuration: the issuer URL without
+/// a trailing `/`, then `/.well-known/openid-configuration`.
+fn discovery_url(issuer: &str) -> String {
+    format!(
+        "{}/.well-known/openid-configuration",
+        issuer.trim_end_matches('/')
+    )
+}
+
 impl JwtAuth {
     /// Compiles the policy: the configured issuers plus the store's `jwt` credentials.
     pub fn new(config: JwtConfig, managed: &Managed) -> Result<Self, (String, String)> {
@@ -325,6 +363,15 @@ impl JwtAuth {
             } else if let Some(url) = &iss.jwks_url {
                 KeySource::JwksUrl {
                     url: url.clone(),
+                    cache_ttl: config.jwks_cache_ttl,
+                    min_refresh_interval: config.jwks_min_refresh,
+                }
+            } else if iss.discovery || iss.discovery_url.is_some() {
+                KeySource::Discovery {
+                    url: iss
+                        .discovery_url
+                        .clone()
+                        .unwrap_or_else(|| discovery_url(&iss.issuer)),
                     cache_ttl: config.jwks_cache_ttl,
                     min_refresh_interval: config.jwks_min_refresh,
                 }
@@ -365,6 +412,11 @@ impl JwtAuth {
                 (Some(pem), _, _) => KeySource::Pem(pem.clone()),
                 (None, Some(url), _) => KeySource::JwksUrl {
                     url: url.clone(),
+                    cache_ttl: config.jwks_cache_ttl,
+                    min_refresh_interval: config.jwks_min_refresh,
+                },
+                (None, None, _) if binding.discovery => KeySource::Discovery {
+                    url: discovery_url(&binding.issuer),
                     cache_ttl: config.jwks_cache_ttl,
                     min_refresh_interval: config.jwks_min_refresh,
                 },
@@ -483,27 +535,75 @@ impl JwtAuth {
             scopes: verified.scopes,
             claims: Some(verified.claims),
             authenticated: true,
-            anonymous: false,
+            ..Identity::default()
+        }))
+    }
+}
+
+/// `mtls`: the client certificate the listener verified names the application.
+pub struct MtlsAuth {
+    config: MtlsConfig,
+}
+
+impl MtlsAuth {
+    /// Compiles the policy.
+    pub fn new(config: MtlsConfig) -> Self {
+        Self { config }
+    }
+
+    fn identify(
+        &self,
+        managed: &Managed,
+        req: &Request<'_>,
+        parts: &mut Parts,
+    ) -> Result<Option<Identity>, GatewayError> {
+        let Some(cert) = req.client_cert else {
+            return Ok(None);
+        };
+        let consumer = self.config.match_fields.iter().find_map(|f| match f {
+            MtlsField::Subject => managed.mtls_subjects.get(&cert.subject),
+            MtlsField::San => cert
+                .san_keys()
+                .iter()
+                .find_map(|k| managed.mtls_sans.get(k)),
+        });
+        if consumer.is_none() && self.config.require_application {
+            return Err(GatewayError::new(
+                ErrorKind::CredentialInvalid,
+                "the client certificate identifies no application",
+            ));
+        }
+        if self.config.upstream_headers {
+            crate::access::client_cert_headers(&mut parts.headers, cert);
+        }
+        Ok(Some(Identity {
+            consumer: consumer.cloned(),
+            credential: Some(format!(
+                "mtls:{}",
+                cert.fingerprint.get(..16).unwrap_or(&cert.fingerprint)
+            )),
+            authenticated: true,
+            ..Identity::default()
         }))
     }
 }
 
 /// The rest of an `Authorization` value after `scheme` (case-insensitive) and a space.
-fn strip_scheme<'a>(value: &'a [u8], scheme: &[u8]) -> Option<&'a [u8]> {
+pub(super) fn strip_scheme<'a>(value: &'a [u8], scheme: &[u8]) -> Option<&'a [u8]> {
     let n = scheme.len();
     (value.len() > n && value[..n].eq_ignore_ascii_case(scheme) && value[n] == b' ')
         .then(|| &value[n + 1..])
 }
 
 /// The first value of query parameter `name`, percent-decoded.
-fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+pub(super) fn query_param(query: Option<&str>, name: &str) -> Option<String> {
     form_urlencoded::parse(query?.as_bytes())
         .find(|(k, _)| k == name)
         .map(|(_, v)| v.into_owned())
 }
 
 /// Removes every `name` parameter from the URI's query, keeping the others as they were.
-fn remove_query_param(uri: &mut Uri, name: &str) {
+pub(super) fn remove_query_param(uri: &mut Uri, name: &str) {
     let Some(query) = uri.query() else { return };
     let kept: Vec<&str> = query
         .split('&')

@@ -12,7 +12,7 @@ use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
 use turnpike_model::policy::CorsConfig;
 
 use crate::body::ProxyBody;
-use crate::error::{ErrorKind, error_response};
+use crate::error::{ErrorKind, GatewayError};
 
 /// One configured origin.
 enum Pattern {
@@ -95,13 +95,14 @@ impl Cors {
     }
 
     /// Puts the CORS response headers for this request into `out`, and returns the answer
-    /// to a preflight (sent after the limits), or `None` for other requests.
+    /// to a preflight (sent after the limits): 204, or 403 `cors_denied` for an origin that
+    /// may not call; `None` for other requests.
     pub fn decide(
         &self,
         method: &Method,
         headers: &HeaderMap,
         out: &mut HeaderMap,
-    ) -> Option<Response<ProxyBody>> {
+    ) -> Option<Result<Response<ProxyBody>, GatewayError>> {
         let origin = headers.get(header::ORIGIN)?;
         let preflight = method == Method::OPTIONS
             && headers.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
@@ -132,11 +133,10 @@ impl Cors {
             return None;
         }
         if !permitted {
-            return Some(error_response(
+            return Some(Err(GatewayError::new(
                 ErrorKind::CorsDenied,
                 "this origin may not call this API",
-                "-",
-            ));
+            )));
         }
         let mut resp = Response::new(crate::body::empty());
         *resp.status_mut() = StatusCode::NO_CONTENT;
@@ -152,7 +152,7 @@ impl Cors {
                 "Access-Control-Request-Method, Access-Control-Request-Headers",
             ),
         );
-        Some(resp)
+        Some(Ok(resp))
     }
 }
 
@@ -211,7 +211,8 @@ mod tests {
                     "{hostile} reflected"
                 );
                 if preflight {
-                    assert_eq!(resp.unwrap().status(), StatusCode::FORBIDDEN, "{hostile}");
+                    let e = resp.unwrap().unwrap_err();
+                    assert_eq!(e.kind.status(), StatusCode::FORBIDDEN, "{hostile}");
                 }
             }
         }
@@ -235,7 +236,7 @@ mod tests {
         }
         let (m, h) = request("https://example.com", true);
         let mut out = HeaderMap::new();
-        let resp = c.decide(&m, &h, &mut out).unwrap();
+        let resp = c.decide(&m, &h, &mut out).unwrap().unwrap();
         assert_eq!(resp.status(), StatusCode::NO_CONTENT);
         assert_eq!(resp.headers()[header::ACCESS_CONTROL_MAX_AGE], "600");
         assert_eq!(

@@ -31,7 +31,7 @@
 //! Errors say what kind of check failed and never echo token contents.
 
 mod keys;
-mod remote;
+pub(crate) mod remote;
 #[cfg(test)]
 mod tests;
 
@@ -43,7 +43,7 @@ use serde_json::{Map, Value};
 
 pub use keys::Algorithm;
 use keys::{JwksRules, Key};
-use remote::{Fetcher, KeySet, RemoteJwks};
+use remote::{Fetcher, KeySet, Location, RemoteJwks};
 
 /// Default for [`KeySource::JwksUrl`]'s `cache_ttl`.
 pub const DEFAULT_JWKS_CACHE_TTL: Duration = Duration::from_secs(300);
@@ -70,6 +70,17 @@ pub enum KeySource {
         /// The least time between two fetches, whatever triggers them.
         min_refresh_interval: Duration,
     },
+    /// OpenID Connect discovery: the JWKS at the `jwks_uri` of the discovery document at
+    /// `url`, whose `issuer` must be this issuer. The document is read again before every
+    /// JWKS fetch, so a provider that moves its keys is followed.
+    Discovery {
+        /// The discovery document's URL.
+        url: String,
+        /// As for [`KeySource::JwksUrl`].
+        cache_ttl: Duration,
+        /// As for [`KeySource::JwksUrl`]; one attempt is both requests.
+        min_refresh_interval: Duration,
+    },
 }
 
 impl std::fmt::Debug for KeySource {
@@ -85,6 +96,16 @@ impl std::fmt::Debug for KeySource {
                 min_refresh_interval,
             } => f
                 .debug_struct("JwksUrl")
+                .field("url", url)
+                .field("cache_ttl", cache_ttl)
+                .field("min_refresh_interval", min_refresh_interval)
+                .finish(),
+            KeySource::Discovery {
+                url,
+                cache_ttl,
+                min_refresh_interval,
+            } => f
+                .debug_struct("Discovery")
                 .field("url", url)
                 .field("cache_ttl", cache_ttl)
                 .field("min_refresh_interval", min_refresh_interval)
@@ -328,24 +349,26 @@ impl Verifier {
                     url,
                     cache_ttl,
                     min_refresh_interval,
-                } => {
-                    let url = jwks_url(&url).map_err(context)?;
-                    let fetcher = match &fetcher {
-                        Some(f) => Clone::clone(f),
-                        None => {
-                            let f = Fetcher::new(cfg.jwks_fetch_timeout, cfg.jwks_max_bytes)?;
-                            fetcher.insert(f).clone()
-                        }
-                    };
-                    IssuerKeys::Remote(Arc::new(RemoteJwks::new(
-                        name.clone(),
-                        url,
-                        cache_ttl,
-                        min_refresh_interval,
-                        fetcher,
-                        clock.clone(),
-                    )))
-                }
+                } => remote_keys(
+                    &name,
+                    Location::Jwks(remote_url("JWKS URL", &url).map_err(context)?),
+                    (cache_ttl, min_refresh_interval),
+                    &mut fetcher,
+                    (cfg.jwks_fetch_timeout, cfg.jwks_max_bytes),
+                    &clock,
+                )?,
+                KeySource::Discovery {
+                    url,
+                    cache_ttl,
+                    min_refresh_interval,
+                } => remote_keys(
+                    &name,
+                    Location::Discovery(remote_url("discovery URL", &url).map_err(context)?),
+                    (cache_ttl, min_refresh_interval),
+                    &mut fetcher,
+                    (cfg.jwks_fetch_timeout, cfg.jwks_max_bytes),
+                    &clock,
+                )?,
             };
             let entry = Issuer {
                 name: name.clone(),
@@ -556,22 +579,46 @@ fn scopes(claims: &Map<String, Value>) -> Vec<String> {
     out
 }
 
-fn jwks_url(url: &str) -> Result<http::Uri, String> {
+/// Keys fetched from `location`, with one fetcher shared by all of a verifier's issuers.
+fn remote_keys(
+    issuer: &str,
+    location: Location,
+    (cache_ttl, min_refresh_interval): (Duration, Duration),
+    fetcher: &mut Option<Fetcher>,
+    (timeout, max_bytes): (Duration, usize),
+    clock: &Arc<dyn Clock>,
+) -> Result<IssuerKeys, String> {
+    let fetcher = match fetcher {
+        Some(f) => f.clone(),
+        None => fetcher.insert(Fetcher::new(timeout, max_bytes)?).clone(),
+    };
+    Ok(IssuerKeys::Remote(Arc::new(RemoteJwks::new(
+        issuer.to_owned(),
+        location,
+        cache_ttl,
+        min_refresh_interval,
+        fetcher,
+        clock.clone(),
+    ))))
+}
+
+/// `url` parsed, as an http(s) URL with a host; `what` names it in errors.
+pub(crate) fn remote_url(what: &str, url: &str) -> Result<http::Uri, String> {
     let uri: http::Uri = url
         .parse()
-        .map_err(|e| format!("JWKS URL `{url}` is invalid: {e}"))?;
+        .map_err(|e| format!("{what} `{url}` is invalid: {e}"))?;
     match uri.scheme_str() {
         Some("https") => {}
         Some("http") => {
             tracing::warn!(
                 url,
-                "JWKS URL uses plain http; keys can be tampered with in transit"
+                "{what} uses plain http; keys can be tampered with in transit"
             );
         }
-        _ => return Err(format!("JWKS URL `{url}` must be http or https")),
+        _ => return Err(format!("{what} `{url}` must be http or https")),
     }
     if uri.host().is_none_or(str::is_empty) {
-        return Err(format!("JWKS URL `{url}` has no host"));
+        return Err(format!("{what} `{url}` has no host"));
     }
     Ok(uri)
 }

@@ -9,10 +9,12 @@
 //! 1. **Admission** (`ip_restriction`, `user_agent`, `request_size`): refuse cheaply on the
 //!    client IP and request head. CORS response headers are decided here too, so that every
 //!    answer the browser gets from here on (401, 429 included) carries them.
-//! 2. **Authentication** (`key_auth`, `basic_auth`, `jwt`): the methods are tried in order and
-//!    the first whose credential is *present* decides: valid → identified, invalid → 401
-//!    `credential_invalid`. With no credential at all, the first `anonymous` application
-//!    configured is used, else 401 `credential_missing`. A CORS preflight skips this stage.
+//! 2. **Authentication** (`key_auth`, `basic_auth`, `jwt`, `oauth2_introspection`,
+//!    `hmac_auth`, `mtls`): the methods are tried in order and the first whose credential is
+//!    *present* decides: valid → identified, invalid → 401 `credential_invalid`. With no
+//!    credential at all, the first `anonymous` application configured is used, else 401
+//!    `credential_missing`. For `mtls` the credential is the client certificate the listener
+//!    verified. A CORS preflight skips this stage.
 //! 3. **Authorization** (`acl`), then the managed service's subscription check.
 //! 4. **Limit** (`rate_limit`). Limits keyed by something known before authentication
 //!    (client IP, a header, route, service, everything) run just before authentication, so
@@ -22,6 +24,9 @@
 //!    application's own.
 //! 5. **CORS**: a preflight is answered after the early limits, so preflights are limited
 //!    too.
+//! 6. **Inspection** (`waf`, `request_validation`, and the `Content-Digest` of a request
+//!    `hmac_auth` verified): after all of the above and the managed service's checks, on
+//!    the buffered body ([`inspect::run`], called by the proxy).
 //!
 //! # Scopes
 //!
@@ -41,10 +46,18 @@
 
 pub mod auth;
 pub mod cors;
+pub mod hmac;
+pub mod inspect;
+pub mod introspection;
 pub mod jwt;
 pub mod limit;
 pub mod ratelimit;
+pub mod resilience;
 pub mod rules;
+pub mod sf;
+pub mod traffic;
+pub mod validation;
+pub mod waf;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -90,6 +103,28 @@ pub enum Policy {
     RateLimit(limit::RateLimit),
     /// `cors`.
     Cors(cors::Cors),
+    /// `circuit_breaker` (shared: tickets hold it).
+    CircuitBreaker(Arc<resilience::Breaker>),
+    /// `bulkhead`.
+    Bulkhead(resilience::Bulkhead),
+    /// `fallback`.
+    Fallback(resilience::Fallback),
+    /// `fault_injection`.
+    FaultInjection(resilience::Fault),
+    /// `traffic_split`.
+    TrafficSplit(traffic::Split),
+    /// `mirror`.
+    Mirror(traffic::Mirror),
+    /// `oauth2_introspection` (boxed: its cache and client are large).
+    Oauth2Introspection(Box<introspection::Introspection>),
+    /// `hmac_auth` (boxed: its configuration and nonce memory are large).
+    HmacAuth(Box<hmac::HmacAuth>),
+    /// `waf` (boxed: its rule set is large).
+    Waf(Box<waf::Waf>),
+    /// `request_validation`.
+    RequestValidation(Box<validation::Validation>),
+    /// `mtls`.
+    Mtls(auth::MtlsAuth),
 }
 
 impl Policy {
@@ -100,6 +135,16 @@ impl Policy {
             Self::Acl(_) => Stage::Authorization,
             Self::RateLimit(_) => Stage::Limit,
             Self::Cors(_) => Stage::Cors,
+            Self::Waf(_) | Self::RequestValidation(_) => Stage::Inspection,
+            Self::CircuitBreaker(_)
+            | Self::Bulkhead(_)
+            | Self::Fallback(_)
+            | Self::FaultInjection(_)
+            | Self::TrafficSplit(_)
+            | Self::Mirror(_) => Stage::Upstream,
+            Self::Oauth2Introspection(_) | Self::HmacAuth(_) | Self::Mtls(_) => {
+                Stage::Authentication
+            }
         }
     }
 }
@@ -120,10 +165,79 @@ pub struct Chain {
     pub limits: Vec<Arc<Compiled>>,
     /// CORS, at most one (the highest priority).
     pub cors: Option<Arc<Compiled>>,
+    /// The policies of the upstream call.
+    pub upstream: UpstreamChain,
+    /// Body inspection (`waf`, `request_validation`), run by [`inspect::run`] after the
+    /// access phase.
+    pub inspection: Vec<Arc<Compiled>>,
+}
+
+/// The policies of a route's upstream call: at most one of each type (the highest
+/// priority), mirrors excepted.
+#[derive(Default, Clone)]
+pub struct UpstreamChain {
+    /// `fault_injection`.
+    pub fault: Option<Arc<Compiled>>,
+    /// `traffic_split`.
+    pub split: Option<Arc<Compiled>>,
+    /// `bulkhead`.
+    pub bulkhead: Option<Arc<Compiled>>,
+    /// `circuit_breaker`.
+    pub breaker: Option<Arc<Compiled>>,
+    /// `fallback`.
+    pub fallback: Option<Arc<Compiled>>,
+    /// `mirror`: every one runs.
+    pub mirrors: Vec<Arc<Compiled>>,
+}
+
+impl UpstreamChain {
+    /// Whether there is none.
+    pub fn is_empty(&self) -> bool {
+        self.fault.is_none()
+            && self.split.is_none()
+            && self.bulkhead.is_none()
+            && self.breaker.is_none()
+            && self.fallback.is_none()
+            && self.mirrors.is_empty()
+    }
+
+    /// The compiled breaker, if any.
+    pub fn breaker(&self) -> Option<&Arc<resilience::Breaker>> {
+        match &self.breaker.as_ref()?.policy {
+            Policy::CircuitBreaker(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    /// The compiled fallback, if any.
+    pub fn fallback(&self) -> Option<&resilience::Fallback> {
+        match &self.fallback.as_ref()?.policy {
+            Policy::Fallback(f) => Some(f),
+            _ => None,
+        }
+    }
+
+    fn push(&mut self, c: Arc<Compiled>) {
+        let slot = match c.policy {
+            Policy::FaultInjection(_) => &mut self.fault,
+            Policy::TrafficSplit(_) => &mut self.split,
+            Policy::Bulkhead(_) => &mut self.bulkhead,
+            Policy::CircuitBreaker(_) => &mut self.breaker,
+            Policy::Fallback(_) => &mut self.fallback,
+            _ => {
+                self.mirrors.push(c);
+                return;
+            }
+        };
+        if slot.as_ref().is_none_or(|old| rank(&c) < rank(old)) {
+            *slot = Some(c);
+        }
+    }
 }
 
 impl Chain {
-    /// Whether the route has no policy at all (the common, fast case).
+    /// Whether the route has no access-phase policy (the common, fast case). Upstream-call
+    /// policies are in [`Chain::upstream`].
     pub fn is_empty(&self) -> bool {
         self.admission.is_empty()
             && self.authentication.is_empty()
@@ -131,6 +245,7 @@ impl Chain {
             && self.early_limits.is_empty()
             && self.limits.is_empty()
             && self.cors.is_none()
+            && self.inspection.is_empty()
     }
 
     /// The smallest `request_size` limit of the chain, if any.
@@ -156,6 +271,8 @@ impl Chain {
                     self.cors = Some(c);
                 }
             }
+            Stage::Upstream => self.upstream.push(c),
+            Stage::Inspection => self.inspection.push(c),
         }
     }
 
@@ -166,6 +283,8 @@ impl Chain {
             &mut self.authorization,
             &mut self.early_limits,
             &mut self.limits,
+            &mut self.upstream.mirrors,
+            &mut self.inspection,
         ] {
             v.sort_by(|a, b| rank(a).cmp(&rank(b)));
         }
@@ -219,6 +338,11 @@ impl PolicyCache {
                 // The store's jwt credentials are part of what a `jwt` policy trusts.
                 cache_key.push_str(&format!("\u{0}{:?}", managed.jwt_issuers));
             }
+            let openapi = service_openapi(&spec.scope, managed);
+            if spec.policy_type == "request_validation" {
+                // A new release of the service may bring a new document.
+                cache_key.push_str(&format!("\u{0}{openapi:?}"));
+            }
             if let Some(app) = spec.config.get("anonymous").and_then(|a| a.as_str())
                 && !managed.consumers.contains_key(app)
             {
@@ -244,7 +368,7 @@ impl PolicyCache {
                 }
             };
             let scope = format!("{:?}", spec.scope);
-            let policy = match build(kind, managed, &spec.name, &scope).await {
+            let policy = match build(kind, managed, &spec.name, &scope, openapi).await {
                 Ok(p) => p,
                 Err((field, why)) => {
                     let at = if field.is_empty() {
@@ -347,6 +471,7 @@ async fn build(
     managed: &Managed,
     name: &str,
     scope: &str,
+    service_openapi: Option<&serde_json::Value>,
 ) -> Result<Policy, (String, String)> {
     Ok(match kind {
         PolicyKind::KeyAuth(c) => Policy::KeyAuth(auth::KeyAuth::new(c)),
@@ -358,17 +483,41 @@ async fn build(
         PolicyKind::Acl(c) => Policy::Acl(rules::Acl::new(c)),
         PolicyKind::RateLimit(c) => Policy::RateLimit(limit::RateLimit::new(name, scope, c).await?),
         PolicyKind::Cors(c) => Policy::Cors(cors::Cors::new(c)?),
+        PolicyKind::CircuitBreaker(c) => {
+            Policy::CircuitBreaker(Arc::new(resilience::Breaker::new(c)))
+        }
+        PolicyKind::Bulkhead(c) => Policy::Bulkhead(resilience::Bulkhead::new(c)),
+        PolicyKind::Fallback(c) => Policy::Fallback(resilience::Fallback::new(c)?),
+        PolicyKind::FaultInjection(c) => Policy::FaultInjection(resilience::Fault::new(c)?),
+        PolicyKind::TrafficSplit(c) => Policy::TrafficSplit(traffic::Split::new(c)?),
+        PolicyKind::Mirror(c) => Policy::Mirror(traffic::Mirror::new(c)),
+        PolicyKind::Oauth2Introspection(c) => {
+            Policy::Oauth2Introspection(Box::new(introspection::Introspection::new(c)?))
+        }
+        PolicyKind::HmacAuth(c) => Policy::HmacAuth(Box::new(hmac::HmacAuth::new(c))),
+        PolicyKind::Waf(c) => Policy::Waf(Box::new(waf::Waf::new(*c)?)),
+        PolicyKind::RequestValidation(c) => {
+            Policy::RequestValidation(Box::new(validation::Validation::new(&c, service_openapi)?))
+        }
+        PolicyKind::Mtls(c) => Policy::Mtls(auth::MtlsAuth::new(c)),
     })
 }
 
 /// Checks that a policy compiles against `managed` (the applications it names exist, its
 /// keys parse), without building any state. The control plane leaves out a store policy
 /// that fails this, so it cannot make the whole configuration fail to load.
-pub fn precheck(kind: &PolicyKind, managed: &Managed) -> Result<(), (String, String)> {
+pub fn precheck(
+    kind: &PolicyKind,
+    scope: &PolicyScope,
+    managed: &Managed,
+) -> Result<(), (String, String)> {
     let anonymous = match kind {
         PolicyKind::KeyAuth(c) => c.anonymous.as_deref(),
         PolicyKind::BasicAuth(c) => c.anonymous.as_deref(),
         PolicyKind::Jwt(c) => c.anonymous.as_deref(),
+        PolicyKind::Oauth2Introspection(c) => c.anonymous.as_deref(),
+        PolicyKind::HmacAuth(c) => c.anonymous.as_deref(),
+        PolicyKind::Mtls(c) => c.anonymous.as_deref(),
         _ => None,
     };
     if let Some(app) = anonymous
@@ -381,11 +530,32 @@ pub fn precheck(kind: &PolicyKind, managed: &Managed) -> Result<(), (String, Str
         PolicyKind::IpRestriction(c) => rules::IpRules::new(c).map(drop),
         PolicyKind::UserAgent(c) => rules::UserAgentRules::new(c).map(drop),
         PolicyKind::Cors(c) => cors::Cors::new(c.clone()).map(drop),
+        PolicyKind::Fallback(c) => resilience::Fallback::new(c.clone()).map(drop),
+        PolicyKind::FaultInjection(c) => resilience::Fault::new(c.clone()).map(drop),
+        PolicyKind::TrafficSplit(c) => traffic::Split::new(c.clone()).map(drop),
+        PolicyKind::Oauth2Introspection(c) => {
+            introspection::Introspection::new(c.clone()).map(drop)
+        }
+        PolicyKind::Waf(c) => waf::Waf::new((**c).clone()).map(drop),
+        PolicyKind::RequestValidation(c) => {
+            validation::Validation::new(c, service_openapi(scope, managed)).map(drop)
+        }
         PolicyKind::RateLimit(c) if c.mode == turnpike_model::policy::RateLimitMode::Redis => {
             limit::check_redis_url(&c.redis.url)
         }
         _ => Ok(()),
     }
+}
+
+/// The OpenAPI document of the managed service a policy attachment covers (service scope, or
+/// a route of a managed service), for `request_validation`'s `use_service_openapi`.
+fn service_openapi<'a>(scope: &PolicyScope, managed: &'a Managed) -> Option<&'a serde_json::Value> {
+    let binding = match scope {
+        PolicyScope::Route(r) => managed.routes.get(r),
+        PolicyScope::Service(id) => managed.routes.values().find(|b| b.id == *id),
+        _ => None,
+    }?;
+    binding.openapi.as_deref()
 }
 
 /// What the access phase learns about the caller, for later stages and the upstream.
@@ -404,6 +574,8 @@ pub struct Identity {
     pub authenticated: bool,
     /// Whether the application is the anonymous one (no credential was presented).
     pub anonymous: bool,
+    /// What a verified message signature requires of the body, checked once it is read.
+    pub body_check: Option<hmac::BodyCheck>,
 }
 
 /// What a request brings to the policies.
@@ -414,6 +586,13 @@ pub struct Request<'a> {
     pub route: &'a str,
     /// The route's service id, if it belongs to one.
     pub service: Option<&'a str>,
+    /// Whether the client connection is TLS (the `https` scheme of signed requests).
+    pub tls: bool,
+    /// The route's own body limit, checked against `Content-Length` right after the CORS
+    /// headers are decided, so a browser can read the 413.
+    pub max_body_bytes: u64,
+    /// The client certificate the listener verified (mTLS), if any.
+    pub client_cert: Option<&'a crate::clientcert::ClientCert>,
 }
 
 /// Runs the access stages of `chain`. `Ok(Some(resp))` answers the request (a preflight);
@@ -436,6 +615,7 @@ pub async fn run_access(
         }
         None => None,
     };
+    rules::check_size(&parts.headers, req.max_body_bytes)?;
 
     for p in &chain.admission {
         match &p.policy {
@@ -459,8 +639,18 @@ pub async fn run_access(
         .await?;
     }
 
+    // A preflight from an origin the policy refuses is answered now, after the limits.
+    let preflight = preflight.transpose()?;
     if preflight.is_none() && !chain.authentication.is_empty() {
-        auth::authenticate(&chain.authentication, managed, parts, identity, out_headers).await?;
+        auth::authenticate(
+            &chain.authentication,
+            managed,
+            req,
+            parts,
+            identity,
+            out_headers,
+        )
+        .await?;
         for p in &chain.authorization {
             let Policy::Acl(acl) = &p.policy else {
                 return Err(internal());
@@ -529,13 +719,15 @@ fn internal() -> GatewayError {
     GatewayError::new(ErrorKind::Internal, "policy chain out of order")
 }
 
-/// The consumer index of a snapshot: the store's, with the file's consumers added.
-pub fn merged_consumers(config: &Config) -> Arc<Managed> {
+/// The consumer index of a snapshot: the store's, with the file's consumers added. An `hmac`
+/// key whose `secret_env` is not set is an error naming it: a signing partner would
+/// otherwise be locked out without a word.
+pub fn merged_consumers(config: &Config, errors: &mut Vec<ConfigError>) -> Arc<Managed> {
     if config.consumers.is_empty() {
         return config.managed.clone();
     }
     let mut m = (*config.managed).clone();
-    for c in &config.consumers {
+    for (i, c) in config.consumers.iter().enumerate() {
         let consumer = Arc::new(Consumer {
             id: c.name.clone(),
             name: c.name.clone(),
@@ -552,6 +744,43 @@ pub fn merged_consumers(config: &Config) -> Arc<Managed> {
                 },
             };
             m.api_keys.insert(hash, consumer.clone());
+        }
+        for id in &c.oauth_clients {
+            m.oauth_clients.insert(id.clone(), consumer.clone());
+        }
+        for (j, k) in c.hmac.iter().enumerate() {
+            let secret = match (&k.secret, &k.secret_env) {
+                (Some(s), _) => s.clone(),
+                (None, Some(var)) => match std::env::var(var) {
+                    Ok(v) if !v.is_empty() => v,
+                    _ => {
+                        errors.push(ConfigError::at(
+                            format!("consumers[{i}].hmac[{j}].secret_env"),
+                            format!("environment variable `{var}` is not set"),
+                        ));
+                        continue;
+                    }
+                },
+                (None, None) => continue,
+            };
+            m.hmac_keys.insert(
+                k.key_id.clone(),
+                turnpike_model::managed::HmacKey {
+                    secret: Arc::from(secret.into_bytes()),
+                    consumer: consumer.clone(),
+                },
+            );
+        }
+        for id in &c.mtls {
+            match id {
+                turnpike_model::MtlsIdentity::Subject(s) => {
+                    m.mtls_subjects.insert(s.clone(), consumer.clone());
+                }
+                turnpike_model::MtlsIdentity::San(s) => {
+                    let key = turnpike_model::managed::mtls_san_key(s);
+                    m.mtls_sans.insert(key, consumer.clone());
+                }
+            }
         }
         for b in &c.basic_auth {
             m.basic_users.insert(

@@ -146,10 +146,80 @@ pub struct Router {
 struct CompiledRoute {
     paths: Vec<PathMatcher>,
     methods: Vec<Method>,
+    conditions: Conditions,
+    rewrite: Rewrite,
+}
+
+/// Header, query and cookie predicates that must all hold: a route's, or a policy's (the
+/// A/B rules of `traffic_split`).
+#[derive(Default)]
+pub struct Conditions {
     headers: Vec<HeaderPredicate>,
     query: Vec<NamedPredicate>,
     cookies: Vec<NamedPredicate>,
-    rewrite: Rewrite,
+}
+
+impl Conditions {
+    /// Compiles the predicates; errors are pushed with paths under `p`
+    /// (`{p}.headers[0].regex`).
+    pub fn compile(
+        headers: &[turnpike_model::Predicate],
+        query: &[turnpike_model::Predicate],
+        cookies: &[turnpike_model::Predicate],
+        p: &str,
+        errors: &mut Vec<ConfigError>,
+    ) -> Self {
+        let mut compiled = Vec::with_capacity(headers.len());
+        for (j, pred) in headers.iter().enumerate() {
+            let at = format!("{p}.headers[{j}]");
+            let name = match HeaderName::from_bytes(pred.name.as_bytes()) {
+                Ok(name) => Some(name),
+                Err(_) => {
+                    errors.push(ConfigError::at(
+                        format!("{at}.name"),
+                        format!("`{}` is not a valid header name", pred.name),
+                    ));
+                    None
+                }
+            };
+            let test = compile_test(&pred.test, &at, errors);
+            if let (Some(name), Some(test)) = (name, test) {
+                compiled.push(HeaderPredicate { name, test });
+            }
+        }
+
+        let mut named = |kind: &str, preds: &[turnpike_model::Predicate]| {
+            let mut out = Vec::with_capacity(preds.len());
+            for (j, pred) in preds.iter().enumerate() {
+                let at = format!("{p}.{kind}[{j}]");
+                if pred.name.is_empty() {
+                    errors.push(ConfigError::at(format!("{at}.name"), "must not be empty"));
+                    continue;
+                }
+                if let Some(test) = compile_test(&pred.test, &at, errors) {
+                    out.push(NamedPredicate {
+                        name: pred.name.clone(),
+                        test,
+                    });
+                }
+            }
+            out
+        };
+        let query = named("query", query);
+        let cookies = named("cookies", cookies);
+        Self {
+            headers: compiled,
+            query,
+            cookies,
+        }
+    }
+
+    /// Whether every predicate holds for a request with these headers and query string.
+    pub fn hold(&self, headers: &HeaderMap, query: Option<&str>) -> bool {
+        self.headers.iter().all(|h| h.holds(headers))
+            && self.query.iter().all(|q| q.holds_query(query))
+            && self.cookies.iter().all(|c| c.holds_cookie(headers))
+    }
 }
 
 /// One (route, host, path) combination. Candidate lists are sorted by key, best first, and
@@ -184,9 +254,9 @@ impl Router {
             let route = compile_route(config, &p, &mut errors);
             let hosts = compile_hosts(&config.hosts, &p, &mut errors);
             let constraints = u32::from(!route.methods.is_empty())
-                .saturating_add(saturate(route.headers.len()))
-                .saturating_add(saturate(route.query.len()))
-                .saturating_add(saturate(route.cookies.len()));
+                .saturating_add(saturate(route.conditions.headers.len()))
+                .saturating_add(saturate(route.conditions.query.len()))
+                .saturating_add(saturate(route.conditions.cookies.len()));
             let path_choices: Vec<(Option<usize>, PathRank)> = if route.paths.is_empty() {
                 vec![(None, PathRank::NONE)]
             } else {
@@ -327,10 +397,7 @@ impl Router {
             None => true,
             Some(j) => route.paths.get(j).is_some_and(|m| m.is_match(req.path)),
         };
-        path_ok
-            && route.headers.iter().all(|h| h.holds(req.headers))
-            && route.query.iter().all(|q| q.holds_query(req.query))
-            && route.cookies.iter().all(|c| c.holds_cookie(req.headers))
+        path_ok && route.conditions.hold(req.headers, req.query)
     }
 }
 
@@ -414,53 +481,15 @@ fn compile_route(config: &RouteConfig, p: &str, errors: &mut Vec<ConfigError>) -
         }
     }
 
-    let mut headers = Vec::with_capacity(config.headers.len());
-    for (j, pred) in config.headers.iter().enumerate() {
-        let at = format!("{p}.headers[{j}]");
-        let name = match HeaderName::from_bytes(pred.name.as_bytes()) {
-            Ok(name) => Some(name),
-            Err(_) => {
-                errors.push(ConfigError::at(
-                    format!("{at}.name"),
-                    format!("`{}` is not a valid header name", pred.name),
-                ));
-                None
-            }
-        };
-        let test = compile_test(&pred.test, &at, errors);
-        if let (Some(name), Some(test)) = (name, test) {
-            headers.push(HeaderPredicate { name, test });
-        }
-    }
-
-    let mut named = |kind: &str, preds: &[turnpike_model::Predicate]| {
-        let mut out = Vec::with_capacity(preds.len());
-        for (j, pred) in preds.iter().enumerate() {
-            let at = format!("{p}.{kind}[{j}]");
-            if pred.name.is_empty() {
-                errors.push(ConfigError::at(format!("{at}.name"), "must not be empty"));
-                continue;
-            }
-            if let Some(test) = compile_test(&pred.test, &at, errors) {
-                out.push(NamedPredicate {
-                    name: pred.name.clone(),
-                    test,
-                });
-            }
-        }
-        out
-    };
-    let query = named("query", &config.query);
-    let cookies = named("cookies", &config.cookies);
+    let conditions =
+        Conditions::compile(&config.headers, &config.query, &config.cookies, p, errors);
 
     let rewrite = Rewrite::compile(config.rewrite.as_ref(), &paths, p, errors);
 
     CompiledRoute {
         paths: paths.into_iter().flatten().collect(),
         methods,
-        headers,
-        query,
-        cookies,
+        conditions,
         rewrite,
     }
 }

@@ -203,14 +203,27 @@ impl Upstream {
         input: &SelectInput<'_>,
         tried: &[SocketAddr],
     ) -> Result<Arc<Target>, SelectError> {
+        self.select_where(input, tried, &|_| true)
+    }
+
+    /// Like [`Upstream::select`], among the targets `allow` accepts only (targets whose
+    /// circuit breaker is closed).
+    pub fn select_where(
+        &self,
+        input: &SelectInput<'_>,
+        tried: &[SocketAddr],
+        allow: &dyn Fn(&Target) -> bool,
+    ) -> Result<Arc<Target>, SelectError> {
         let set = self.set.load();
-        let fresh = |t: &Target| t.is_available() && !tried.contains(&t.addr);
+        let fresh = |t: &Target| t.is_available() && allow(t) && !tried.contains(&t.addr);
         if let Some(t) = set.balancer.pick(&set.targets, input, &fresh) {
             return Ok(t);
         }
         // Every untried target is down: a retry may go back to one already tried.
         set.balancer
-            .pick(&set.targets, input, &|t: &Target| t.is_available())
+            .pick(&set.targets, input, &|t: &Target| {
+                t.is_available() && allow(t)
+            })
             .ok_or(SelectError::NoHealthy)
     }
 

@@ -214,3 +214,59 @@ pub async fn eventually<F: FnMut() -> Fut, Fut: Future<Output = bool>>(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// An upstream answering 200 with the request's headers and path as JSON.
+pub async fn echo() -> Mock {
+    Mock::start(|req| async move {
+        let headers: serde_json::Map<String, serde_json::Value> = req
+            .headers()
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_owned(),
+                    serde_json::Value::String(v.to_str().unwrap_or("").to_owned()),
+                )
+            })
+            .collect();
+        let body = serde_json::json!({
+            "path": req.uri().path_and_query().map(|p| p.as_str()).unwrap_or(""),
+            "headers": headers,
+        });
+        // An upstream with its own, careless CORS answer, on request.
+        let careless = req.headers().contains_key("x-upstream-cors");
+        let mut r = Response::new(full(body.to_string()));
+        r.headers_mut()
+            .insert("content-type", "application/json".parse().unwrap());
+        if careless {
+            r.headers_mut()
+                .insert("access-control-allow-origin", "*".parse().unwrap());
+            r.headers_mut()
+                .insert("access-control-allow-credentials", "true".parse().unwrap());
+        }
+        r
+    })
+    .await
+}
+
+/// One upstream `up` with routes `api` (`/api`) and `open` (`/open`), then `rest`.
+pub fn yaml(upstream: std::net::SocketAddr, rest: &str) -> String {
+    format!(
+        r#"
+upstreams:
+  - name: up
+    targets: [{{address: "{upstream}"}}]
+routes:
+  - {{name: api, paths: [{{prefix: /api}}], upstream: up}}
+  - {{name: open, paths: [{{prefix: /open}}], upstream: up}}
+{rest}"#
+    )
+}
+
+/// A GET of `path` with `headers`.
+pub async fn call(gw: &Gw, method: &str, path: &str, headers: &[(&str, &str)]) -> Reply {
+    let mut r = req(method, &gw.url(path));
+    for (k, v) in headers {
+        r = r.header(*k, *v);
+    }
+    send(r.body(Full::new(Bytes::new())).unwrap()).await
+}

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
 use http::{Request, Uri, header};
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -29,16 +29,36 @@ use super::keys::{self, JwksRules, Key};
 use super::{Clock, JwtError};
 use crate::body::BoxError;
 
+/// What a JWKS request accepts.
+const JWKS_TYPES: &str = "application/jwk-set+json, application/json;q=0.9";
+
 /// Keys of one document, shared by the requests that use them.
 pub(crate) type KeySet = Arc<Vec<Key>>;
 
 /// A fetch that every waiting request awaits; `None` when it failed.
 type Pending = Shared<BoxFuture<'static, Option<KeySet>>>;
 
+/// Where a remote key set is found.
+pub(crate) enum Location {
+    /// The JWKS itself.
+    Jwks(Uri),
+    /// An OpenID Connect discovery document naming the JWKS in `jwks_uri`.
+    Discovery(Uri),
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Location::Jwks(url) => write!(f, "{url}"),
+            Location::Discovery(url) => write!(f, "{url} (discovery)"),
+        }
+    }
+}
+
 /// One issuer's remote JWKS.
 pub(crate) struct RemoteJwks {
     issuer: String,
-    url: Uri,
+    location: Location,
     cache_ttl: Duration,
     min_refresh_interval: Duration,
     fetcher: Fetcher,
@@ -59,7 +79,7 @@ struct State {
 impl RemoteJwks {
     pub(crate) fn new(
         issuer: String,
-        url: Uri,
+        location: Location,
         cache_ttl: Duration,
         min_refresh_interval: Duration,
         fetcher: Fetcher,
@@ -67,7 +87,7 @@ impl RemoteJwks {
     ) -> Self {
         Self {
             issuer,
-            url,
+            location,
             cache_ttl,
             min_refresh_interval,
             fetcher,
@@ -153,15 +173,7 @@ impl RemoteJwks {
             jwks: &self,
             armed: true,
         };
-        let rules = JwksRules {
-            strict: false,
-            symmetric: false,
-        };
-        let result = self
-            .fetcher
-            .get(&self.url)
-            .await
-            .and_then(|body| keys::keys_from_jwks(&body, rules));
+        let result = self.fetch().await;
         let mut st = self.state();
         st.in_flight = None;
         guard.armed = false;
@@ -176,7 +188,7 @@ impl RemoteJwks {
             Err(e) => {
                 tracing::warn!(
                     issuer = %self.issuer,
-                    url = %self.url,
+                    url = %self.location,
                     error = %e,
                     cached = st.keys.is_some(),
                     "JWKS fetch failed; keeping the cached keys"
@@ -184,6 +196,49 @@ impl RemoteJwks {
                 None
             }
         }
+    }
+
+    /// The key set at the location, after discovery if configured.
+    pub(super) async fn fetch(&self) -> Result<Vec<Key>, String> {
+        let jwks = match &self.location {
+            Location::Jwks(url) => url.clone(),
+            Location::Discovery(url) => self.discover(url).await?,
+        };
+        let body = self.fetcher.get(&jwks, JWKS_TYPES).await?;
+        let rules = JwksRules {
+            strict: false,
+            symmetric: false,
+        };
+        keys::keys_from_jwks(&body, rules)
+    }
+
+    /// The `jwks_uri` of the discovery document at `url`. The document must name this
+    /// issuer exactly (OpenID Connect Discovery §4.3): a document served for another issuer
+    /// would otherwise hand its keys to this one. A document fetched over https may not
+    /// send the keys over plain http.
+    async fn discover(&self, url: &Uri) -> Result<Uri, String> {
+        let body = self.fetcher.get(url, "application/json").await?;
+        let doc: serde_json::Value = serde_json::from_str(&body)
+            .map_err(|e| format!("discovery document is not JSON: {e}"))?;
+        let issuer = doc.get("issuer").and_then(serde_json::Value::as_str);
+        if issuer != Some(self.issuer.as_str()) {
+            return Err(format!(
+                "discovery document names issuer {}, not `{}`",
+                issuer.map_or_else(|| "none".to_owned(), |i| format!("`{i}`")),
+                self.issuer
+            ));
+        }
+        let jwks = doc
+            .get("jwks_uri")
+            .and_then(serde_json::Value::as_str)
+            .ok_or("discovery document has no `jwks_uri`")?;
+        let jwks = super::remote_url("jwks_uri", jwks)?;
+        if url.scheme_str() == Some("https") && jwks.scheme_str() != Some("https") {
+            return Err(format!(
+                "discovery over https names a plain-http jwks_uri `{jwks}`"
+            ));
+        }
+        Ok(jwks)
     }
 
     /// Waits for a fetch in flight, if any; lets tests observe background refreshes
@@ -211,10 +266,11 @@ impl Drop for InFlightGuard<'_> {
     }
 }
 
-/// HTTP(S) GET with an overall timeout and a cap on the body.
+/// HTTP(S) GET (JWKS) and form POST (token introspection) with an overall timeout and a cap
+/// on the body.
 #[derive(Clone)]
 pub(crate) struct Fetcher {
-    client: Client<JwksConnector, Empty<Bytes>>,
+    client: Client<JwksConnector, Full<Bytes>>,
     timeout: Duration,
     max_bytes: usize,
 }
@@ -228,7 +284,7 @@ impl Fetcher {
     }
 
     /// A client trusting `roots` only.
-    pub(super) fn with_roots(
+    pub(crate) fn with_roots(
         timeout: Duration,
         max_bytes: usize,
         roots: rustls::RootCertStore,
@@ -260,16 +316,36 @@ impl Fetcher {
         })
     }
 
-    /// The body of a successful GET of `url`.
-    pub(super) async fn get(&self, url: &Uri) -> Result<String, String> {
+    /// The body of a successful GET of `url`, asking for `accept`.
+    pub(crate) async fn get(&self, url: &Uri, accept: &'static str) -> Result<String, String> {
         let request = Request::get(url.clone())
-            .header(
-                header::ACCEPT,
-                "application/jwk-set+json, application/json;q=0.9",
-            )
+            .header(header::ACCEPT, accept)
             .header(header::USER_AGENT, "turnpike")
-            .body(Empty::<Bytes>::new())
+            .body(Full::new(Bytes::new()))
             .map_err(|e| format!("cannot build request: {e}"))?;
+        self.send(request).await
+    }
+
+    /// POSTs `form` (`application/x-www-form-urlencoded`) to `url` with `authorization`,
+    /// as the OAuth2 introspection policy does; the body of a successful answer.
+    pub(crate) async fn post_form(
+        &self,
+        url: &Uri,
+        authorization: &http::HeaderValue,
+        form: String,
+    ) -> Result<String, String> {
+        let request = Request::post(url.clone())
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .header(header::ACCEPT, "application/json")
+            .header(header::AUTHORIZATION, authorization.clone())
+            .header(header::USER_AGENT, "turnpike")
+            .body(Full::new(Bytes::from(form)))
+            .map_err(|e| format!("cannot build request: {e}"))?;
+        self.send(request).await
+    }
+
+    /// Sends `request` under the timeout and body cap.
+    async fn send(&self, request: Request<Full<Bytes>>) -> Result<String, String> {
         let work = async {
             let response = self
                 .client

@@ -1458,17 +1458,54 @@ async fn https_jwks_is_fetched_over_verified_tls() {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(cert).unwrap();
     let trusting = remote::Fetcher::with_roots(Duration::from_secs(5), 1 << 20, roots).unwrap();
-    let body = trusting.get(&uri).await.unwrap();
+    let body = trusting.get(&uri, "application/json").await.unwrap();
     assert!(body.contains("\"k1\""), "{body}");
 
     // The production client trusts the public roots only, so a self-signed server fails
     // the handshake and the keys stay unavailable.
     let public = remote::Fetcher::new(Duration::from_secs(5), 1 << 20).unwrap();
-    let err = public.get(&uri).await.unwrap_err();
+    let err = public.get(&uri, "application/json").await.unwrap_err();
     assert!(err.contains("certificate"), "{err}");
     let cfg = remote_config(&url);
     let v = Verifier::with_clock(cfg, ManualClock::at(NOW)).unwrap();
     let t = token(header_kid("ES256", "k1"), claims(), k1.sign());
     assert_eq!(v.verify(&t).await, Err(JwtError::KeysUnavailable));
+    task.abort();
+}
+
+#[tokio::test]
+async fn discovery_over_https_refuses_a_plain_http_jwks_uri() {
+    let doc = |jwks_uri: &str| json!({"issuer": ISS, "jwks_uri": jwks_uri}).to_string();
+    let trusting = |cert| {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert).unwrap();
+        remote::Fetcher::with_roots(Duration::from_secs(5), 1 << 20, roots).unwrap()
+    };
+    let remote = |url: &str, fetcher| {
+        remote::RemoteJwks::new(
+            ISS.into(),
+            Location::Discovery(url.parse().unwrap()),
+            TTL,
+            INTERVAL,
+            fetcher,
+            ManualClock::at(NOW),
+        )
+    };
+
+    // An https document may not send the keys over plain http, where they can be swapped.
+    let (url, cert, task) = tls_jwks_server(doc("http://127.0.0.1:9/keys")).await;
+    let err = remote(&url, trusting(cert)).fetch().await.unwrap_err();
+    assert!(err.contains("plain-http jwks_uri"), "{err}");
+    task.abort();
+
+    // A document without `jwks_uri`, or naming no issuer, gives no keys.
+    let (url, cert, task) = tls_jwks_server(json!({"issuer": ISS}).to_string()).await;
+    let err = remote(&url, trusting(cert)).fetch().await.unwrap_err();
+    assert!(err.contains("no `jwks_uri`"), "{err}");
+    task.abort();
+    let (url, cert, task) =
+        tls_jwks_server(json!({"jwks_uri": "https://x.test/k"}).to_string()).await;
+    let err = remote(&url, trusting(cert)).fetch().await.unwrap_err();
+    assert!(err.contains("names issuer none"), "{err}");
     task.abort();
 }
