@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodFilter, MethodRouter};
 use futures_util::FutureExt;
 use http::{HeaderMap, HeaderValue, header};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use turnpike_store::MAX_LIMIT;
 
@@ -308,6 +308,48 @@ async fn dispatch(ctx: Ctx) -> AdminResult<Response> {
     }
 }
 
+/// After a body passes the cap, at most this much more is read and thrown away, and for at
+/// most [`DRAIN_FOR`]. Closing a socket with unread input makes the kernel send RST, and a
+/// client still sending would then lose the 413 it was about to read.
+const DRAIN_BYTES: usize = 256 * 1024;
+const DRAIN_FOR: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Collects a body of at most `limit` bytes; past it, answers 413 once the rest of a modest
+/// body has been drained.
+async fn read_capped(mut body: axum::body::Body, limit: usize) -> AdminResult<bytes::Bytes> {
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        match body.frame().await {
+            None => return Ok(buf.freeze()),
+            Some(Err(e)) => {
+                return Err(AdminError::bad_request(format!(
+                    "could not read the body: {e}"
+                )));
+            }
+            Some(Ok(frame)) => {
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                if buf.len() + data.len() > limit {
+                    break;
+                }
+                buf.extend_from_slice(&data);
+            }
+        }
+    }
+    let drain = async {
+        let mut seen = 0usize;
+        while seen <= DRAIN_BYTES {
+            match body.frame().await {
+                Some(Ok(frame)) => seen += frame.data_ref().map_or(0, |d| d.len()),
+                _ => break,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DRAIN_FOR, drain).await;
+    Err(AdminError::payload_too_large(limit))
+}
+
 /// Reads a JSON body up to the configured cap. An empty body is `None`.
 async fn read_json(
     state: &AdminState,
@@ -323,17 +365,7 @@ async fn read_json(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(AdminError::payload_too_large(limit));
     }
-    let bytes = match Limited::new(body, limit).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            return Err(AdminError::payload_too_large(limit));
-        }
-        Err(e) => {
-            return Err(AdminError::bad_request(format!(
-                "could not read the body: {e}"
-            )));
-        }
-    };
+    let bytes = read_capped(body, limit).await?;
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);
     }

@@ -32,6 +32,9 @@ pub struct Config {
     /// Consumers (applications) defined in the file, with their credentials.
     #[serde(default)]
     pub consumers: Vec<ConsumerConfig>,
+    /// Metrics, traces, access logs, the call-log store and analytics.
+    #[serde(default)]
+    pub observability: crate::observe::Observability,
     /// What the management store adds (service bindings, consumers); empty for a file alone.
     #[serde(skip)]
     #[schemars(skip)]
@@ -52,6 +55,7 @@ impl Default for Config {
             routes: Vec::new(),
             policies: Vec::new(),
             consumers: Vec::new(),
+            observability: crate::observe::Observability::default(),
             managed: std::sync::Arc::default(),
         }
     }

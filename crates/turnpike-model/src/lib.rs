@@ -10,6 +10,7 @@ pub mod config;
 mod locate;
 pub mod managed;
 pub mod mgmt;
+pub mod observe;
 pub mod policy;
 mod protect;
 pub mod traffic;

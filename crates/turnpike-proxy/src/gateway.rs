@@ -34,6 +34,7 @@ impl Gateway {
         let shared = Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
             quotas: Arc::default(),
+            observer: Arc::default(),
         });
         let shutdown = CancellationToken::new();
 
@@ -90,6 +91,11 @@ impl Gateway {
     /// replace its clock).
     pub fn quotas(&self) -> Arc<crate::quota::QuotaTracker> {
         self.shared.quotas.clone()
+    }
+
+    /// Where finished calls are emitted: register metrics, log sinks and stores here.
+    pub fn observer(&self) -> Arc<turnpike_observe::Observer> {
+        self.shared.observer.clone()
     }
 
     /// Version of the live snapshot.

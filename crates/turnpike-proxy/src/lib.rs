@@ -9,6 +9,7 @@ pub mod error;
 pub mod gateway;
 pub mod h1guard;
 pub mod listener;
+pub(crate) mod observe;
 pub mod policy;
 pub mod proxy;
 pub mod quota;

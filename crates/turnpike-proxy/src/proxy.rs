@@ -25,6 +25,7 @@ use crate::access::{self, Access};
 use crate::body::{self, ProxyBody};
 use crate::clientcert::ClientCert;
 use crate::error::{ErrorKind, GatewayError, error_response};
+use crate::observe;
 use crate::policy::{Policy, resilience, traffic};
 use crate::reqbody::{BodyIdleTimeout, BodySlot, IdleTimeoutBody, UpstreamBodyTimeout};
 use crate::router::{RequestView, RouteResult, normalize_path};
@@ -37,6 +38,8 @@ pub struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
     /// Plan quota counters (kept across snapshots).
     pub quotas: Arc<crate::quota::QuotaTracker>,
+    /// Where finished calls go (metrics, access logs, the call-log store, analytics).
+    pub observer: Arc<turnpike_observe::Observer>,
 }
 
 /// What the proxy needs to know about the client connection. Built once per connection,
@@ -98,6 +101,10 @@ pub async fn handle(
     // Only copy what the access event needs when someone listens for it: this is the hot path.
     let log_request = tracing::enabled!(target: "turnpike::access", tracing::Level::DEBUG)
         .then(|| (req.method().clone(), req.uri().path().to_owned()));
+    let observed = shared
+        .observer
+        .is_active()
+        .then(|| observe::Pending::new(&req, conn, request_id));
 
     let grpc = crate::error::is_grpc(req.headers());
 
@@ -147,16 +154,32 @@ pub async fn handle(
         duration_us = started.elapsed().as_micros() as u64,
         "request"
     );
-    resp
+    match observed {
+        Some(pending) => {
+            let event = pending.finish(&snap, &outcome, resp.status());
+            observe::wrap(resp, event, started, Arc::clone(&shared.observer))
+        }
+        None => resp,
+    }
 }
 
 /// What the log phase learns from the others.
 #[derive(Default)]
-struct LogFacts {
-    route: Option<Arc<str>>,
-    target: Option<SocketAddr>,
-    attempts: u32,
-    error: Option<&'static str>,
+pub(crate) struct LogFacts {
+    pub(crate) route: Option<Arc<str>>,
+    /// The matched route's managed service.
+    pub(crate) service: Option<Arc<turnpike_model::managed::ServiceBinding>>,
+    /// The identified application.
+    pub(crate) consumer: Option<Arc<turnpike_model::managed::Consumer>>,
+    /// The upstream pool of the last attempt.
+    pub(crate) upstream: Option<Arc<crate::upstream::Upstream>>,
+    /// How long the last attempt waited for the upstream's response headers.
+    pub(crate) upstream_time: Option<std::time::Duration>,
+    /// The real client IP, once known (after trusted proxies).
+    pub(crate) client_ip: Option<IpAddr>,
+    pub(crate) target: Option<SocketAddr>,
+    pub(crate) attempts: u32,
+    pub(crate) error: Option<&'static str>,
     /// Headers policies add to whatever response the client gets (CORS, `RateLimit`,
     /// `WWW-Authenticate`), error responses included.
     response_headers: HeaderMap,
@@ -195,6 +218,7 @@ async fn proxy(
     })?;
     let host = request_host(&parts);
     let client_ip = client_ip(settings, conn.peer.ip(), &parts.headers);
+    log.client_ip = Some(client_ip);
     let view = RequestView {
         host: host.as_deref(),
         path: &path,
@@ -238,6 +262,7 @@ async fn proxy(
         .get(matched.index)
         .ok_or_else(|| GatewayError::new(ErrorKind::Internal, "route table out of sync"))?;
     log.route = Some(route.name.clone());
+    log.service = route.service.clone();
 
     // Phase `access`. With policies, the route's body limit is checked among them, after
     // CORS (see `run_access`).
@@ -288,6 +313,7 @@ async fn proxy(
             return Ok(resp);
         }
     }
+    log.consumer = identity.consumer.clone();
     if !route.chain.limits.is_empty() || snap.policies.has_consumer_limits() {
         let preq = crate::policy::Request {
             client_ip,
@@ -757,6 +783,13 @@ async fn send_with_retries(
         })?;
         tried.push(target.addr);
         log.target = Some(target.addr);
+        if log
+            .upstream
+            .as_ref()
+            .is_none_or(|u| !Arc::ptr_eq(u, upstream))
+        {
+            log.upstream = Some(Arc::clone(upstream));
+        }
         log.attempts = attempt_no + 1;
 
         let uri = upstream
@@ -794,6 +827,7 @@ async fn send_with_retries(
             limit = limit.min(d);
         }
         let result = tokio::time::timeout_at(limit, upstream.client.request(req)).await;
+        log.upstream_time = Some(start.elapsed());
         if let Some(ticket) = ticket {
             let failed = match &result {
                 Ok(Ok(resp)) => target_breaker.is_some_and(|b| b.is_failure(resp.status())),
