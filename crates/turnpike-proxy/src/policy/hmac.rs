@@ -520,7 +520,7 @@ fn component_value(parts: &Parts, tls: bool, c: &Item) -> Result<String, String>
     };
     Ok(match name.as_str() {
         "@method" => parts.method.as_str().to_owned(),
-        "@scheme" => scheme(parts, tls),
+        "@scheme" => scheme(tls),
         "@authority" => authority(parts, tls)?,
         "@target-uri" => {
             let authority = authority(parts, tls)?;
@@ -529,7 +529,7 @@ fn component_value(parts: &Parts, tls: bool, c: &Item) -> Result<String, String>
             } else {
                 format!("/{pq}")
             };
-            format!("{}://{authority}{pq}", scheme(parts, tls))
+            format!("{}://{authority}{pq}", scheme(tls))
         }
         "@request-target" => pq.to_owned(),
         "@path" => path.to_owned(),
@@ -557,7 +557,7 @@ fn component_value(parts: &Parts, tls: bool, c: &Item) -> Result<String, String>
 
 /// The scheme of the connection the request came on. A client's absolute-form `https://`
 /// (or HTTP/2 `:scheme`) on a plain connection says nothing about how it travelled.
-fn scheme(_parts: &Parts, tls: bool) -> String {
+fn scheme(tls: bool) -> String {
     if tls { "https" } else { "http" }.into()
 }
 
@@ -579,7 +579,7 @@ fn authority(parts: &Parts, tls: bool) -> Result<String, &'static str> {
         (None, None) => return Err("the request has no authority"),
     };
     let raw = raw.to_ascii_lowercase();
-    let default = if scheme(parts, tls) == "https" {
+    let default = if scheme(tls) == "https" {
         ":443"
     } else {
         ":80"
