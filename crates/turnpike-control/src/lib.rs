@@ -968,6 +968,7 @@ pub fn spawn_sync(control: Arc<ControlPlane>, store: Store, poll: Duration) -> J
                     },
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot read the store; retrying");
+                        control.gateway.count_failed_reload();
                         retry = true;
                     }
                 }

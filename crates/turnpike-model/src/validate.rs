@@ -455,6 +455,8 @@ pub fn validate(config: &Config) -> Result<(), ConfigErrors> {
         }
     }
 
+    errs.extend(config.observability.metrics.validate());
+
     if errs.is_empty() {
         Ok(())
     } else {

@@ -8,6 +8,8 @@
 //! must never block or wait on I/O. Sinks that write somewhere queue the event on a bounded
 //! queue and count what they drop.
 
+pub mod metrics;
+
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 

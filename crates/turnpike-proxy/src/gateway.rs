@@ -15,6 +15,7 @@ use turnpike_model::{Config, ConfigError, ConfigErrors};
 use crate::listener::{ConnInfo, Listener};
 use crate::proxy::{ClientConn, Shared};
 use crate::snapshot::UpstreamRegistry;
+use crate::status::{DataPlaneCollector, ReloadStats, Status};
 
 /// A running gateway.
 pub struct Gateway {
@@ -24,6 +25,12 @@ pub struct Gateway {
     listener_config: Vec<turnpike_model::ListenerConfig>,
     shutdown: CancellationToken,
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
+    status: Arc<Status>,
+    reloads: Arc<ReloadStats>,
+    metrics_config: turnpike_model::observe::MetricsConfig,
+    status_addr: Option<SocketAddr>,
+    status_stop: CancellationToken,
+    status_task: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Gateway {
@@ -37,6 +44,41 @@ impl Gateway {
             observer: Arc::default(),
         });
         let shutdown = CancellationToken::new();
+
+        let metrics_config = config.observability.metrics.clone();
+        let reloads = Arc::new(ReloadStats::default());
+        let metrics = Arc::new(turnpike_observe::metrics::Metrics::new(
+            &turnpike_observe::metrics::MetricsOptions {
+                count_requests: metrics_config.enabled,
+                per_application: metrics_config.per_application,
+                max_applications: metrics_config.max_applications,
+                buckets: metrics_config.buckets.clone(),
+            },
+            vec![Box::new(DataPlaneCollector {
+                shared: Arc::downgrade(&shared),
+                reloads: reloads.clone(),
+            })],
+        ));
+        if metrics_config.enabled {
+            shared.observer.add(metrics.clone());
+        }
+        let status = Arc::new(Status::new(shared.clone(), metrics, shutdown.clone()));
+        let status_listener = match metrics_config.listen.as_deref() {
+            Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                ConfigError::at(
+                    "observability.metrics.listen",
+                    format!("cannot listen on {addr}: {e}"),
+                )
+            })?),
+            None => None,
+        };
+        let status_addr = status_listener.as_ref().and_then(crate::status::bound);
+        let status_stop = CancellationToken::new();
+        if let Some(addr) = status_addr {
+            tracing::info!(listener = "status", %addr, "listening");
+        }
+        let status_task = status_listener
+            .map(|l| tokio::spawn(crate::status::serve(l, status.clone(), status_stop.clone())));
 
         let mut bound = Vec::new();
         for (i, l) in config.server.listeners.iter().enumerate() {
@@ -71,7 +113,31 @@ impl Gateway {
             listener_config: config.server.listeners.clone(),
             shutdown,
             tasks: std::sync::Mutex::new(tasks),
+            status,
+            reloads,
+            metrics_config,
+            status_addr,
+            status_stop,
+            status_task: std::sync::Mutex::new(status_task),
         }))
+    }
+
+    /// The status endpoints (`/metrics`, `/healthz`, `/readyz`, `/version`), for whatever
+    /// listener serves them besides `observability.metrics.listen`.
+    pub fn status(&self) -> Arc<Status> {
+        self.status.clone()
+    }
+
+    /// Address of the dedicated status listener, when `observability.metrics.listen` is set.
+    pub fn status_addr(&self) -> Option<SocketAddr> {
+        self.status_addr
+    }
+
+    /// Counts a reload that failed before reaching [`Gateway::reload`] (the control plane
+    /// could not read the store), so `turnpike_config_reloads_total{result="failure"}` sees
+    /// every failed attempt.
+    pub fn count_failed_reload(&self) {
+        self.reloads.failed();
     }
 
     /// Address a listener is bound to, by name.
@@ -107,12 +173,24 @@ impl Gateway {
     /// Requests already in flight finish on the snapshot they started with.
     pub async fn reload(&self, config: &Config) -> Result<u64, ConfigErrors> {
         let mut registry = self.registry.lock().await;
-        let snapshot = registry.compile(config).await?;
+        let snapshot = match registry.compile(config).await {
+            Ok(s) => s,
+            Err(e) => {
+                self.reloads.failed();
+                return Err(e);
+            }
+        };
         if config.server.listeners != self.listener_config {
             tracing::warn!("listener changes take effect after a restart; other changes are live");
         }
+        if config.observability.metrics != self.metrics_config {
+            tracing::warn!(
+                "observability.metrics changes take effect after a restart; other changes are live"
+            );
+        }
         let version = snapshot.version;
         self.shared.snapshot.store(Arc::new(snapshot));
+        self.reloads.succeeded();
         tracing::info!(version, "configuration reloaded");
         Ok(version)
     }
@@ -126,6 +204,15 @@ impl Gateway {
             Err(_) => Vec::new(),
         };
         for t in tasks {
+            let _ = t.await;
+        }
+        // The status listener answered `/readyz` with 503 while draining; now it stops too.
+        self.status_stop.cancel();
+        let status = match self.status_task.lock() {
+            Ok(mut t) => t.take(),
+            Err(_) => None,
+        };
+        if let Some(t) = status {
             let _ = t.await;
         }
     }

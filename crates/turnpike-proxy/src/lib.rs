@@ -16,5 +16,6 @@ pub mod quota;
 pub mod reqbody;
 pub mod router;
 pub mod snapshot;
+pub mod status;
 pub mod tls;
 pub mod upstream;

@@ -17,6 +17,7 @@ use turnpike_observe::{CallEvent, Observer};
 
 use crate::body::{BoxError, ProxyBody};
 use crate::proxy::{ClientConn, LogFacts};
+use crate::reqbody::BytesIn;
 use crate::snapshot::Snapshot;
 
 /// What is known of a call when it arrives; completed by [`Pending::finish`].
@@ -30,12 +31,15 @@ pub(crate) struct Pending {
     path: String,
     query: Option<String>,
     user_agent: Option<String>,
-    declared_in: u64,
+    bytes_in: BytesIn,
 }
 
 impl Pending {
-    /// Copies what the event needs from the request before the pipeline consumes it.
-    pub(crate) fn new<B>(req: &Request<B>, conn: &ClientConn, request_id: &str) -> Self {
+    /// Copies what the event needs from the request before the pipeline consumes it, and
+    /// leaves a [`BytesIn`] counter in its extensions for the body wrappers to feed.
+    pub(crate) fn new<B>(req: &mut Request<B>, conn: &ClientConn, request_id: &str) -> Self {
+        let bytes_in = BytesIn::default();
+        req.extensions_mut().insert(bytes_in.clone());
         let time_unix_ms = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
@@ -61,24 +65,20 @@ impl Pending {
             path: req.uri().path().to_owned(),
             query: req.uri().query().map(str::to_owned),
             user_agent: text(header::USER_AGENT),
-            declared_in: headers
-                .get(header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0),
+            bytes_in,
         }
     }
 
-    /// The event as the log phase knows it; byte counts out and the total time are filled
-    /// in when the body ends.
+    /// The event as the log phase knows it; byte counts and the total time are filled in
+    /// when the body ends (the request body may still be streaming now).
     pub(crate) fn finish(
         self,
         _snap: &Snapshot,
         facts: &LogFacts,
         status: StatusCode,
-    ) -> CallEvent {
+    ) -> (CallEvent, BytesIn) {
         let consumer = facts.consumer.as_deref();
-        CallEvent {
+        let event = CallEvent {
             time_unix_ms: self.time_unix_ms,
             request_id: self.request_id,
             trace_id: None,
@@ -96,7 +96,7 @@ impl Pending {
             application_name: consumer.map(|c| Arc::from(c.name.as_str())),
             team: consumer.map(|c| Arc::from(c.team.as_str())),
             status: status.as_u16(),
-            bytes_in: self.declared_in,
+            bytes_in: 0,
             bytes_out: 0,
             duration_us: 0,
             upstream_us: facts
@@ -109,7 +109,8 @@ impl Pending {
             error: facts.error,
             user_agent: self.user_agent,
             completed: false,
-        }
+        };
+        (event, self.bytes_in)
     }
 }
 
@@ -134,7 +135,7 @@ fn strip_port(h: &str) -> &str {
 /// Wraps the response body so the event is emitted when it ends, fails or is dropped.
 pub(crate) fn wrap(
     resp: Response<ProxyBody>,
-    event: CallEvent,
+    (event, bytes_in): (CallEvent, BytesIn),
     started: Instant,
     observer: Arc<Observer>,
 ) -> Response<ProxyBody> {
@@ -144,6 +145,7 @@ pub(crate) fn wrap(
             pending: Some((event, observer)),
             started,
             bytes: 0,
+            bytes_in,
         }
         .boxed_unsync()
     })
@@ -155,12 +157,14 @@ struct Observed {
     pending: Option<(CallEvent, Arc<Observer>)>,
     started: Instant,
     bytes: u64,
+    bytes_in: BytesIn,
 }
 
 impl Observed {
     fn emit(&mut self, completed: bool) {
         if let Some((mut event, observer)) = self.pending.take() {
             event.bytes_out = self.bytes;
+            event.bytes_in = self.bytes_in.get();
             event.duration_us =
                 u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX);
             event.completed = completed;

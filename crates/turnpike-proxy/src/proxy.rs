@@ -91,7 +91,7 @@ impl ClientConn {
 pub async fn handle(
     shared: Arc<Shared>,
     conn: &ClientConn,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let snap = shared.snapshot.load_full();
     let started = Instant::now();
@@ -104,7 +104,7 @@ pub async fn handle(
     let observed = shared
         .observer
         .is_active()
-        .then(|| observe::Pending::new(&req, conn, request_id));
+        .then(|| observe::Pending::new(&mut req, conn, request_id));
 
     let grpc = crate::error::is_grpc(req.headers());
 
@@ -433,7 +433,11 @@ async fn proxy(
     );
     access::identify(&mut headers, &identity);
 
-    let slot = body.into_slot(route.max_body_bytes, route.timeouts.write);
+    let slot = body.into_slot(
+        route.max_body_bytes,
+        route.timeouts.write,
+        parts.extensions.get::<crate::reqbody::BytesIn>().cloned(),
+    );
     let call = Call {
         method: &parts.method,
         path_and_query: &path_and_query,

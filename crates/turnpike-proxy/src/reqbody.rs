@@ -7,7 +7,7 @@
 //! the body in the slot for the next one; once started, the proxy does not retry.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -35,18 +35,50 @@ impl std::error::Error for BodyIdleTimeout {}
 /// `LengthLimitError` becomes 413) inside the write timeout between chunks (408).
 pub type LimitedBody = IdleTimeoutBody<http_body_util::Limited<Prefixed>>;
 
-/// Wraps the client's body with its limit and idle timeout.
-pub fn limited(inner: Incoming, limit: u64, idle: Duration) -> LimitedBody {
-    limited_after(Bytes::new(), inner, limit, idle)
+/// Request body bytes read from the client so far, shared between the body wrappers that
+/// read it and the call event. Put in the request's extensions only when a sink listens, so
+/// the usual path counts nothing.
+#[derive(Clone, Debug, Default)]
+pub struct BytesIn(pub Arc<AtomicU64>);
+
+impl BytesIn {
+    /// Adds `n` bytes read.
+    pub fn add(&self, n: usize) {
+        self.0.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Bytes read so far.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Wraps the client's body with its limit and idle timeout; `counted` (when the call is
+/// observed) learns every byte read.
+pub fn limited(
+    inner: Incoming,
+    limit: u64,
+    idle: Duration,
+    counted: Option<BytesIn>,
+) -> LimitedBody {
+    limited_after(Bytes::new(), inner, limit, idle, counted)
 }
 
 /// Like [`limited`], for a body whose first bytes (`head`) were already read by the gateway
-/// (body inspection that gave up past its bound); `head` counts against the limit.
-pub fn limited_after(head: Bytes, inner: Incoming, limit: u64, idle: Duration) -> LimitedBody {
+/// (body inspection that gave up past its bound); `head` counts against the limit (and was
+/// counted as read when it was).
+pub fn limited_after(
+    head: Bytes,
+    inner: Incoming,
+    limit: u64,
+    idle: Duration,
+    counted: Option<BytesIn>,
+) -> LimitedBody {
     let limit = usize::try_from(limit).unwrap_or(usize::MAX);
     let body = Prefixed {
         head: (!head.is_empty()).then_some(head),
         rest: inner,
+        counted,
     };
     IdleTimeoutBody::new(http_body_util::Limited::new(body, limit), idle, || {
         Box::new(BodyIdleTimeout)
@@ -60,6 +92,7 @@ pin_project_lite::pin_project! {
         head: Option<Bytes>,
         #[pin]
         rest: Incoming,
+        counted: Option<BytesIn>,
     }
 }
 
@@ -75,7 +108,13 @@ impl Body for Prefixed {
         if let Some(head) = this.head.take() {
             return Poll::Ready(Some(Ok(Frame::data(head))));
         }
-        this.rest.poll_frame(cx)
+        let polled = this.rest.poll_frame(cx);
+        if let (Some(counted), Poll::Ready(Some(Ok(frame)))) = (this.counted.as_ref(), &polled)
+            && let Some(data) = frame.data_ref()
+        {
+            counted.add(data.len());
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

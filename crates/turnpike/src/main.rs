@@ -567,9 +567,16 @@ async fn serve(args: ServeArgs) -> ExitCode {
     // With a store configured, the Admin API listens from the start; until the store
     // answers, it answers every request with 503 `store_unavailable`.
     let admin = std::sync::Arc::new(std::sync::OnceLock::new());
+    let opened: StoreSlot = std::sync::Arc::default();
     let mut management = Vec::new();
     if store_url.is_some() {
-        match serve_admin(args.admin_listen, admin.clone()).await {
+        // `/readyz` also needs the store to answer.
+        gateway
+            .status()
+            .set_readiness_check(std::sync::Arc::new(StoreReady {
+                store: opened.clone(),
+            }));
+        match serve_admin(args.admin_listen, admin.clone(), gateway.status()).await {
             Ok(task) => management.push(task),
             Err(e) => {
                 eprintln!("error: {e}");
@@ -591,7 +598,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
             management.push(start_management(
                 &control,
                 store,
-                &admin,
+                (&admin, &opened),
                 args.store_poll,
                 &quotas,
             ));
@@ -599,7 +606,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
         (None, Some(url)) => management.push(tokio::spawn(reconnect(
             control.clone(),
             url,
-            admin.clone(),
+            (admin.clone(), opened.clone()),
             args.store_poll,
             quotas.clone(),
         ))),
@@ -679,10 +686,47 @@ async fn open_store(url: &str) -> Result<(Store, turnpike_control::StoreState), 
 /// The Admin API once the store is open; empty while it is unreachable.
 type AdminSlot = std::sync::Arc<std::sync::OnceLock<axum::Router>>;
 
-/// Binds the Admin API listener and serves whatever `slot` holds.
+/// The store once it is open; empty while it is unreachable.
+type StoreSlot = std::sync::Arc<std::sync::OnceLock<Store>>;
+
+/// How long `/readyz` waits for the store to answer.
+const STORE_READY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `/readyz`'s store check: opened, and answering a version query in time.
+struct StoreReady {
+    store: StoreSlot,
+}
+
+impl turnpike_proxy::status::ReadinessCheck for StoreReady {
+    fn name(&self) -> &'static str {
+        "store"
+    }
+
+    fn check(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
+        Box::pin(async move {
+            let Some(store) = self.store.get() else {
+                return Err("the management store is unreachable".to_owned());
+            };
+            match tokio::time::timeout(STORE_READY_TIMEOUT, store.current_version()).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(format!("the management store fails: {e}")),
+                Err(_) => Err(format!(
+                    "the management store did not answer within {}s",
+                    STORE_READY_TIMEOUT.as_secs()
+                )),
+            }
+        })
+    }
+}
+
+/// Binds the Admin API listener and serves whatever `slot` holds. The status endpoints
+/// (`/metrics`, `/healthz`, `/readyz`, `/version`) answer first, store or no store.
 async fn serve_admin(
     addr: SocketAddr,
     slot: AdminSlot,
+    status: std::sync::Arc<turnpike_proxy::status::Status>,
 ) -> Result<tokio::task::JoinHandle<()>, String> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -691,9 +735,16 @@ async fn serve_admin(
     tracing::info!(listener = "admin", addr = %local, "listening");
     let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
         let router = slot.get().cloned();
+        let status = status.clone();
         async move {
             use axum::response::IntoResponse;
             use tower::ServiceExt;
+            if let Some(resp) = status
+                .respond(req.method(), req.uri().path(), req.headers())
+                .await
+            {
+                return resp.map(axum::body::Body::new);
+            }
             match router {
                 Some(router) => router.oneshot(req).await.into_response(),
                 None => store_unavailable(&req).into_response(),
@@ -762,10 +813,11 @@ fn parse_flush_interval(s: &str) -> Result<Duration, String> {
 fn start_management(
     control: &std::sync::Arc<ControlPlane>,
     store: Store,
-    admin: &AdminSlot,
+    (admin, opened): (&AdminSlot, &StoreSlot),
     poll: Duration,
     quotas: &QuotaWiring,
 ) -> tokio::task::JoinHandle<()> {
+    let _ = opened.set(store.clone());
     let _ = admin.set(turnpike_admin::router(turnpike_admin::AdminState::new(
         store.clone(),
     )));
@@ -786,7 +838,7 @@ fn start_management(
 async fn reconnect(
     control: std::sync::Arc<ControlPlane>,
     url: String,
-    admin: AdminSlot,
+    (admin, opened): (AdminSlot, StoreSlot),
     poll: Duration,
     quotas: QuotaWiring,
 ) {
@@ -804,7 +856,7 @@ async fn reconnect(
         if let Err(e) = control.set_store(&state).await {
             report_reload_errors(&e);
         }
-        let _ = start_management(&control, store, &admin, poll, &quotas).await;
+        let _ = start_management(&control, store, (&admin, &opened), poll, &quotas).await;
         return;
     }
 }

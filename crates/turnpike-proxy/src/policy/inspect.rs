@@ -22,7 +22,7 @@ use turnpike_model::policy::{Oversize, WafMode};
 use super::hmac::BodyCheck;
 use super::{Chain, Policy};
 use crate::error::{ErrorKind, GatewayError};
-use crate::reqbody::BodySlot;
+use crate::reqbody::{BodySlot, BytesIn};
 
 /// The request body after inspection.
 pub enum ReqBody {
@@ -37,13 +37,13 @@ pub enum ReqBody {
 impl ReqBody {
     /// The slot upstream attempts take the body from, with the route's limit and write
     /// timeout on whatever still streams.
-    pub fn into_slot(self, limit: u64, idle: Duration) -> BodySlot {
+    pub fn into_slot(self, limit: u64, idle: Duration, counted: Option<BytesIn>) -> BodySlot {
         match self {
-            Self::Stream(b) => BodySlot::new(crate::reqbody::limited(b, limit, idle)),
+            Self::Stream(b) => BodySlot::new(crate::reqbody::limited(b, limit, idle, counted)),
             Self::Buffered(b) => BodySlot::buffered(b),
-            Self::Partial(head, rest) => {
-                BodySlot::new(crate::reqbody::limited_after(head, rest, limit, idle))
-            }
+            Self::Partial(head, rest) => BodySlot::new(crate::reqbody::limited_after(
+                head, rest, limit, idle, counted,
+            )),
         }
     }
 }
@@ -96,7 +96,8 @@ pub async fn run(
     }
     let read = match bound {
         Some(b) if !http_body::Body::is_end_stream(&body) => {
-            let read = read_bounded(body, b.min(t.route_limit), &parts.headers, t.idle);
+            let counted = parts.extensions.get::<BytesIn>();
+            let read = read_bounded(body, b.min(t.route_limit), &parts.headers, t.idle, counted);
             if t.total.is_zero() {
                 read.await?
             } else {
@@ -205,6 +206,7 @@ async fn read_bounded(
     bound: u64,
     headers: &http::HeaderMap,
     idle: Duration,
+    counted: Option<&BytesIn>,
 ) -> Result<Read, GatewayError> {
     let declared = headers
         .get(http::header::CONTENT_LENGTH)
@@ -233,6 +235,9 @@ async fn read_bounded(
             Ok(Some(Ok(f))) => f,
         };
         if let Ok(data) = frame.into_data() {
+            if let Some(c) = counted {
+                c.add(data.len());
+            }
             buf.extend_from_slice(&data);
             if buf.len() as u64 > bound {
                 return Ok(Read::Over(buf.freeze(), body));

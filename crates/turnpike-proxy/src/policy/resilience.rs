@@ -226,6 +226,19 @@ impl Breaker {
             .map_or(BreakerState::Closed, |c| state_of(&c))
     }
 
+    /// Every target this breaker has a cell for, with its state (for metrics).
+    pub fn target_states(&self) -> Vec<(SocketAddr, BreakerState)> {
+        let cells: Vec<(SocketAddr, Arc<Mutex<Cell>>)> = self
+            .targets
+            .map
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(k, v)| (*k, Arc::clone(v)))
+            .collect();
+        cells.into_iter().map(|(k, c)| (k, state_of(&c))).collect()
+    }
+
     /// The state of a target's breaker.
     pub fn target_state(&self, target: SocketAddr) -> BreakerState {
         self.targets

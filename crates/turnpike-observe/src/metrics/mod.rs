@@ -1,0 +1,719 @@
+//! Prometheus metrics: counters and histograms fed by every [`CallEvent`], plus collectors
+//! that read live state (the process, and whatever the data plane registers) at scrape time.
+//!
+//! [`Metrics`] is a [`CallSink`]: [`CallSink::offer`] only bumps atomics in label families
+//! (a read lock on a map, a write lock the first time a label set appears), so it never
+//! waits on I/O. Every label value is bounded: service, route and upstream names come from
+//! the configuration, methods outside the standard set are `other`, error codes are the
+//! gateway's fixed list, and applications (opt-in) are capped, the rest counted as `other`.
+
+pub mod process;
+
+use std::collections::HashSet;
+use std::sync::{Arc, RwLock};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{EncodeLabel, EncodeLabelSet, LabelSetEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::{Family, MetricConstructor};
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::{CallEvent, CallSink};
+
+/// The `Content-Type` of [`Metrics::render`]'s output (OpenMetrics text, which Prometheus
+/// prefers and negotiates by default).
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The label value applications past `max_applications` are counted under.
+pub const OTHER: &str = "other";
+
+/// How the request metrics are labelled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetricsOptions {
+    /// Count requests at all (the [`CallSink`] side). Off: only collectors are exported.
+    pub count_requests: bool,
+    /// Add an `application` label to request and byte counters.
+    pub per_application: bool,
+    /// The most distinct applications labelled; later ones become [`OTHER`].
+    pub max_applications: usize,
+    /// Latency histogram bounds in seconds, increasing.
+    pub buckets: Vec<f64>,
+}
+
+impl Default for MetricsOptions {
+    fn default() -> Self {
+        Self {
+            count_requests: true,
+            per_application: false,
+            max_applications: 1000,
+            buckets: vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
+            ],
+        }
+    }
+}
+
+/// Version and build facts, exported as `turnpike_build_info` and served by `/version`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildInfo {
+    /// The crate version.
+    pub version: &'static str,
+    /// The Git commit, when the build set `TURNPIKE_GIT_COMMIT`.
+    pub commit: Option<&'static str>,
+    /// The compiler, when the build set `TURNPIKE_RUSTC_VERSION`.
+    pub rustc: Option<&'static str>,
+}
+
+impl BuildInfo {
+    /// This build.
+    pub const fn current() -> Self {
+        Self {
+            version: env!("CARGO_PKG_VERSION"),
+            commit: option_env!("TURNPIKE_GIT_COMMIT"),
+            rustc: option_env!("TURNPIKE_RUSTC_VERSION"),
+        }
+    }
+}
+
+/// The gateway's metrics registry and request-metrics sink.
+pub struct Metrics {
+    registry: Registry,
+    per_application: bool,
+    requests: Family<RequestLabels, Counter>,
+    duration: Family<RouteLabels, Histogram, Buckets>,
+    upstream_duration: Family<UpstreamLabels, Histogram, Buckets>,
+    bytes_in: Family<TrafficLabels, Counter>,
+    bytes_out: Family<TrafficLabels, Counter>,
+    errors: Family<CodeLabels, Counter>,
+    auth_rejections: Family<CodeLabels, Counter>,
+    rate_limit_rejections: Family<CodeLabels, Counter>,
+    cache: Family<CacheLabels, Counter>,
+    aborted: Family<RouteLabels, Counter>,
+    retries: Family<UpstreamOnly, Counter>,
+    applications: AppBound,
+    empty: Arc<str>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics")
+            .field("per_application", &self.per_application)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    /// A registry with the request metrics (when `options.count_requests`), build info,
+    /// process metrics, and `collectors` (read at every scrape).
+    pub fn new(options: &MetricsOptions, collectors: Vec<Box<dyn Collector>>) -> Self {
+        let buckets = Buckets(options.buckets.iter().copied().collect());
+        let mut registry = Registry::default();
+        let m = Self {
+            registry: Registry::default(),
+            per_application: options.per_application,
+            requests: Family::default(),
+            duration: Family::new_with_constructor(buckets.clone()),
+            upstream_duration: Family::new_with_constructor(buckets),
+            bytes_in: Family::default(),
+            bytes_out: Family::default(),
+            errors: Family::default(),
+            auth_rejections: Family::default(),
+            rate_limit_rejections: Family::default(),
+            cache: Family::default(),
+            aborted: Family::default(),
+            retries: Family::default(),
+            applications: AppBound::new(options.max_applications),
+            empty: Arc::from(""),
+        };
+        if options.count_requests {
+            registry.register(
+                "turnpike_http_requests",
+                "Requests answered, by service, route, method and status class.",
+                m.requests.clone(),
+            );
+            registry.register(
+                "turnpike_http_request_duration_seconds",
+                "Time from a request's arrival to the end of its response body.",
+                m.duration.clone(),
+            );
+            registry.register(
+                "turnpike_upstream_duration_seconds",
+                "Time from sending to the upstream to its response headers (last attempt).",
+                m.upstream_duration.clone(),
+            );
+            registry.register(
+                "turnpike_http_request_bytes",
+                "Request body bytes received from clients.",
+                m.bytes_in.clone(),
+            );
+            registry.register(
+                "turnpike_http_response_bytes",
+                "Response body bytes sent to clients.",
+                m.bytes_out.clone(),
+            );
+            registry.register(
+                "turnpike_gateway_errors",
+                "Responses the gateway answered with an error, by error code.",
+                m.errors.clone(),
+            );
+            registry.register(
+                "turnpike_auth_rejections",
+                "Requests refused by authentication or authorization, by error code.",
+                m.auth_rejections.clone(),
+            );
+            registry.register(
+                "turnpike_rate_limit_rejections",
+                "Requests refused by a rate limit or a quota, by error code.",
+                m.rate_limit_rejections.clone(),
+            );
+            registry.register(
+                "turnpike_cache_requests",
+                "Response cache lookups, by result (hit, miss, stale, bypass).",
+                m.cache.clone(),
+            );
+            registry.register(
+                "turnpike_http_responses_aborted",
+                "Responses whose body was not sent to the end (client gone, stream failed).",
+                m.aborted.clone(),
+            );
+            registry.register(
+                "turnpike_upstream_retries",
+                "Upstream attempts beyond the first.",
+                m.retries.clone(),
+            );
+        }
+        let info = BuildInfo::current();
+        let build: Family<Vec<(&'static str, &'static str)>, Gauge> = Family::default();
+        let mut labels = vec![("version", info.version)];
+        labels.extend(info.commit.map(|c| ("commit", c)));
+        labels.extend(info.rustc.map(|r| ("rustc", r)));
+        build.get_or_create(&labels).set(1);
+        registry.register(
+            "turnpike_build_info",
+            "Always 1; the labels describe the build.",
+            build,
+        );
+        registry.register_collector(Box::new(process::ProcessCollector));
+        for c in collectors {
+            registry.register_collector(c);
+        }
+        Self { registry, ..m }
+    }
+
+    /// The exposition text of every metric (OpenMetrics, see [`CONTENT_TYPE`]).
+    pub fn render(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::with_capacity(16 * 1024);
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+
+    fn label(&self, v: Option<&Arc<str>>) -> Arc<str> {
+        v.cloned().unwrap_or_else(|| Arc::clone(&self.empty))
+    }
+}
+
+impl CallSink for Metrics {
+    fn offer(&self, e: &Arc<CallEvent>) {
+        let service = self.label(e.service.as_ref());
+        let route = self.label(e.route.as_ref());
+        let application = self
+            .per_application
+            .then(|| self.applications.label(e.application.as_ref(), &self.empty));
+        self.requests
+            .get_or_create(&RequestLabels {
+                service: service.clone(),
+                route: route.clone(),
+                method: method_label(&e.method),
+                status_class: status_class(e.status),
+                application: application.clone(),
+            })
+            .inc();
+        let at = RouteLabels {
+            service: service.clone(),
+            route: route.clone(),
+        };
+        self.duration
+            .get_or_create(&at)
+            .observe(e.duration_us as f64 / 1e6);
+        let traffic = TrafficLabels {
+            service: service.clone(),
+            route: route.clone(),
+            application,
+        };
+        if e.bytes_in > 0 {
+            self.bytes_in.get_or_create(&traffic).inc_by(e.bytes_in);
+        }
+        if e.bytes_out > 0 {
+            self.bytes_out.get_or_create(&traffic).inc_by(e.bytes_out);
+        }
+        if let Some(upstream) = &e.upstream {
+            if let Some(us) = e.upstream_us {
+                self.upstream_duration
+                    .get_or_create(&UpstreamLabels {
+                        service: service.clone(),
+                        route: route.clone(),
+                        upstream: upstream.clone(),
+                    })
+                    .observe(us as f64 / 1e6);
+            }
+            if e.attempts > 1 {
+                self.retries
+                    .get_or_create(&UpstreamOnly {
+                        upstream: upstream.clone(),
+                    })
+                    .inc_by(u64::from(e.attempts - 1));
+            }
+        }
+        if let Some(code) = e.error {
+            let labels = CodeLabels {
+                service: service.clone(),
+                route: route.clone(),
+                code,
+            };
+            match rejection_kind(code) {
+                Some(Rejection::Auth) => {
+                    self.auth_rejections.get_or_create(&labels).inc();
+                }
+                Some(Rejection::RateLimit) => {
+                    self.rate_limit_rejections.get_or_create(&labels).inc();
+                }
+                None => {}
+            }
+            self.errors.get_or_create(&labels).inc();
+        }
+        if let Some(result) = e.cache {
+            self.cache
+                .get_or_create(&CacheLabels {
+                    service: service.clone(),
+                    route: route.clone(),
+                    result: cache_label(result),
+                })
+                .inc();
+        }
+        if !e.completed {
+            self.aborted.get_or_create(&at).inc();
+        }
+    }
+}
+
+/// Which rejection counter an error code also goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// Authentication or authorization refused the request.
+    Auth,
+    /// A rate limit or quota refused it.
+    RateLimit,
+}
+
+/// The rejection family of a gateway error code, if it is one.
+pub fn rejection_kind(code: &str) -> Option<Rejection> {
+    match code {
+        "credential_missing"
+        | "credential_invalid"
+        | "subscription_required"
+        | "access_denied"
+        | "insufficient_scope"
+        | "auth_unavailable" => Some(Rejection::Auth),
+        "rate_limited" | "quota_exceeded" | "rate_limiter_unavailable" => {
+            Some(Rejection::RateLimit)
+        }
+        _ => None,
+    }
+}
+
+/// The `method` label: the standard methods, anything else `other` (methods are client
+/// input and would otherwise be unbounded).
+pub fn method_label(m: &str) -> &'static str {
+    match m {
+        "GET" => "GET",
+        "HEAD" => "HEAD",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        "PATCH" => "PATCH",
+        "OPTIONS" => "OPTIONS",
+        "CONNECT" => "CONNECT",
+        "TRACE" => "TRACE",
+        _ => OTHER,
+    }
+}
+
+/// The `status_class` label: `1xx` to `5xx`.
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        500..=599 => "5xx",
+        _ => OTHER,
+    }
+}
+
+fn cache_label(v: &str) -> &'static str {
+    match v {
+        "HIT" => "hit",
+        "MISS" => "miss",
+        "STALE" => "stale",
+        "BYPASS" => "bypass",
+        _ => OTHER,
+    }
+}
+
+/// The application label values handed out so far, at most `max`.
+struct AppBound {
+    max: usize,
+    seen: RwLock<HashSet<Arc<str>>>,
+    other: Arc<str>,
+}
+
+impl AppBound {
+    fn new(max: usize) -> Self {
+        Self {
+            max,
+            seen: RwLock::new(HashSet::new()),
+            other: Arc::from(OTHER),
+        }
+    }
+
+    fn label(&self, app: Option<&Arc<str>>, none: &Arc<str>) -> Arc<str> {
+        let Some(app) = app else {
+            return Arc::clone(none);
+        };
+        {
+            let seen = self.seen.read().unwrap_or_else(|e| e.into_inner());
+            if let Some(known) = seen.get(app) {
+                return Arc::clone(known);
+            }
+            if seen.len() >= self.max {
+                return Arc::clone(&self.other);
+            }
+        }
+        let mut seen = self.seen.write().unwrap_or_else(|e| e.into_inner());
+        if seen.len() < self.max {
+            seen.insert(Arc::clone(app));
+            Arc::clone(app)
+        } else if seen.contains(app) {
+            Arc::clone(app)
+        } else {
+            Arc::clone(&self.other)
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Buckets(Arc<[f64]>);
+
+impl MetricConstructor<Histogram> for Buckets {
+    fn new_metric(&self) -> Histogram {
+        Histogram::new(self.0.iter().copied())
+    }
+}
+
+fn put(enc: &mut LabelSetEncoder, key: &str, value: &str) -> Result<(), std::fmt::Error> {
+    (key, value).encode(enc.encode_label())
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct RequestLabels {
+    service: Arc<str>,
+    route: Arc<str>,
+    method: &'static str,
+    status_class: &'static str,
+    application: Option<Arc<str>>,
+}
+
+impl EncodeLabelSet for RequestLabels {
+    fn encode(&self, enc: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        put(enc, "service", &self.service)?;
+        put(enc, "route", &self.route)?;
+        put(enc, "method", self.method)?;
+        put(enc, "status_class", self.status_class)?;
+        if let Some(a) = &self.application {
+            put(enc, "application", a)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct RouteLabels {
+    service: Arc<str>,
+    route: Arc<str>,
+}
+
+impl EncodeLabelSet for RouteLabels {
+    fn encode(&self, enc: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        put(enc, "service", &self.service)?;
+        put(enc, "route", &self.route)
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct TrafficLabels {
+    service: Arc<str>,
+    route: Arc<str>,
+    application: Option<Arc<str>>,
+}
+
+impl EncodeLabelSet for TrafficLabels {
+    fn encode(&self, enc: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        put(enc, "service", &self.service)?;
+        put(enc, "route", &self.route)?;
+        if let Some(a) = &self.application {
+            put(enc, "application", a)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct UpstreamLabels {
+    service: Arc<str>,
+    route: Arc<str>,
+    upstream: Arc<str>,
+}
+
+impl EncodeLabelSet for UpstreamLabels {
+    fn encode(&self, enc: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        put(enc, "service", &self.service)?;
+        put(enc, "route", &self.route)?;
+        put(enc, "upstream", &self.upstream)
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct UpstreamOnly {
+    upstream: Arc<str>,
+}
+
+impl EncodeLabelSet for UpstreamOnly {
+    fn encode(&self, enc: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        put(enc, "upstream", &self.upstream)
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct CodeLabels {
+    service: Arc<str>,
+    route: Arc<str>,
+    code: &'static str,
+}
+
+impl EncodeLabelSet for CodeLabels {
+    fn encode(&self, enc: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        put(enc, "service", &self.service)?;
+        put(enc, "route", &self.route)?;
+        put(enc, "code", self.code)
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct CacheLabels {
+    service: Arc<str>,
+    route: Arc<str>,
+    result: &'static str,
+}
+
+impl EncodeLabelSet for CacheLabels {
+    fn encode(&self, enc: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        put(enc, "service", &self.service)?;
+        put(enc, "route", &self.route)?;
+        put(enc, "result", self.result)
+    }
+}
+
+/// Reads one sample from exposition text: the value of the line for `name` whose labels
+/// include every `labels` pair. For tests and tools that check a scrape.
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let rest = line.strip_prefix(name)?;
+        let (labels_part, value) = match rest.strip_prefix('{') {
+            Some(r) => {
+                let (l, v) = r.split_once("} ")?;
+                (l, v)
+            }
+            None => ("", rest.strip_prefix(' ')?),
+        };
+        let all = labels
+            .iter()
+            .all(|(k, v)| labels_part.contains(&format!("{k}=\"{v}\"")));
+        if !all {
+            return None;
+        }
+        value.split_whitespace().next()?.parse().ok()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+    use std::net::IpAddr;
+
+    fn event(status: u16, app: Option<&str>) -> Arc<CallEvent> {
+        Arc::new(CallEvent {
+            time_unix_ms: 0,
+            request_id: "r".into(),
+            trace_id: None,
+            span_id: None,
+            client_ip: IpAddr::from([127, 0, 0, 1]),
+            listener: None,
+            protocol: "HTTP/1.1",
+            method: "BREW".into(),
+            host: None,
+            path: "/".into(),
+            query: None,
+            route: Some(Arc::from("r1")),
+            service: None,
+            application: app.map(Arc::from),
+            application_name: None,
+            team: None,
+            status,
+            bytes_in: 3,
+            bytes_out: 5,
+            duration_us: 20_000,
+            upstream_us: Some(7_000),
+            upstream: Some(Arc::from("up")),
+            upstream_target: None,
+            attempts: 2,
+            cache: Some("HIT"),
+            error: (status == 429).then_some("rate_limited"),
+            user_agent: None,
+            completed: status != 499,
+        })
+    }
+
+    #[test]
+    fn events_become_bounded_series() {
+        let m = Metrics::new(
+            &MetricsOptions {
+                per_application: true,
+                max_applications: 2,
+                ..MetricsOptions::default()
+            },
+            Vec::new(),
+        );
+        for app in ["a", "b", "c", "d", "a"] {
+            m.offer(&event(200, Some(app)));
+        }
+        m.offer(&event(429, None));
+        m.offer(&event(499, Some("a")));
+        let text = m.render().unwrap();
+        let req = |app: &str, class: &str| {
+            sample(
+                &text,
+                "turnpike_http_requests_total",
+                &[
+                    ("application", app),
+                    ("status_class", class),
+                    ("method", "other"),
+                ],
+            )
+        };
+        assert_eq!(req("a", "2xx"), Some(2.0));
+        assert_eq!(req("b", "2xx"), Some(1.0));
+        assert_eq!(req("other", "2xx"), Some(2.0), "c and d past the cap");
+        assert_eq!(req("", "4xx"), Some(1.0), "the 429 was unidentified");
+        assert_eq!(req("a", "4xx"), Some(1.0));
+        assert_eq!(
+            sample(
+                &text,
+                "turnpike_rate_limit_rejections_total",
+                &[("code", "rate_limited")]
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "turnpike_gateway_errors_total",
+                &[("code", "rate_limited")]
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "turnpike_http_request_duration_seconds_count",
+                &[("route", "r1")]
+            ),
+            Some(7.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "turnpike_http_request_duration_seconds_bucket",
+                &[("route", "r1"), ("le", "0.01")]
+            ),
+            Some(0.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "turnpike_http_request_duration_seconds_bucket",
+                &[("route", "r1"), ("le", "0.025")]
+            ),
+            Some(7.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "turnpike_upstream_duration_seconds_bucket",
+                &[("upstream", "up"), ("le", "0.01")]
+            ),
+            Some(7.0)
+        );
+        assert_eq!(
+            sample(&text, "turnpike_cache_requests_total", &[("result", "hit")]),
+            Some(7.0)
+        );
+        assert_eq!(
+            sample(&text, "turnpike_upstream_retries_total", &[]),
+            Some(7.0)
+        );
+        assert_eq!(
+            sample(&text, "turnpike_http_responses_aborted_total", &[]),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "turnpike_http_response_bytes_total",
+                &[("application", "a")]
+            ),
+            Some(15.0)
+        );
+        assert!(text.contains("turnpike_build_info{version=\""));
+        assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn without_request_counting_only_state_is_exported() {
+        let m = Metrics::new(
+            &MetricsOptions {
+                count_requests: false,
+                ..MetricsOptions::default()
+            },
+            Vec::new(),
+        );
+        let text = m.render().unwrap();
+        assert!(!text.contains("turnpike_http_requests"));
+        assert!(text.contains("turnpike_build_info"));
+        #[cfg(target_os = "linux")]
+        assert!(sample(&text, "process_resident_memory_bytes", &[]).unwrap() > 0.0);
+    }
+
+    #[test]
+    fn labels_are_bounded() {
+        assert_eq!(method_label("GET"), "GET");
+        assert_eq!(method_label("get"), "other");
+        assert_eq!(status_class(503), "5xx");
+        assert_eq!(status_class(999), "other");
+        assert_eq!(rejection_kind("credential_missing"), Some(Rejection::Auth));
+        assert_eq!(rejection_kind("quota_exceeded"), Some(Rejection::RateLimit));
+        assert_eq!(rejection_kind("upstream_error"), None);
+    }
+}
