@@ -455,6 +455,10 @@ pub fn validate(config: &Config) -> Result<(), ConfigErrors> {
         }
     }
 
+    for (path, msg) in config.observability.access_log.problems() {
+        err(format!("observability.access_log.{path}"), msg);
+    }
+
     if errs.is_empty() {
         Ok(())
     } else {
