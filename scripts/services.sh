@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Makes sure the services the test suite talks to are up on this machine:
 #   PostgreSQL on 127.0.0.1:5432, trust auth, roles postgres and root, databases test and root;
-#   Redis on 127.0.0.1:6379, keeping nothing on disk.
+#   Redis on 127.0.0.1:6379, keeping nothing on disk;
+#   NATS (with JetStream) on 127.0.0.1:4222, for the access-log NATS sink.
 # Starts what is down, installs what is missing from Debian's packages (as root), and waits
 # until each answers. Prints nothing when everything already runs; exits non-zero with a
 # message naming the service when one cannot be brought up.
@@ -12,6 +13,8 @@ PG_HOST=127.0.0.1
 PG_PORT=5432
 REDIS_HOST=127.0.0.1
 REDIS_PORT=6379
+NATS_HOST=127.0.0.1
+NATS_PORT=4222
 WAIT_SECONDS=${SERVICES_WAIT_SECONDS:-60}
 
 say() { printf 'services: %s\n' "$*" >&2; }
@@ -130,5 +133,24 @@ ensure_redis() {
   wait_for "Redis on $REDIS_HOST:$REDIS_PORT" redis_ready
 }
 
+# ---- NATS -------------------------------------------------------------------------------------
+
+# A NATS server greets every client with an `INFO {...}` line.
+nats_ready() { timeout 2 bash -c "exec 3<>/dev/tcp/$NATS_HOST/$NATS_PORT && head -c 4 <&3" 2>/dev/null | grep -q INFO; }
+
+ensure_nats() {
+  if nats_ready; then return 0; fi
+  if ! command -v nats-server >/dev/null; then
+    apt_install nats-server
+  fi
+  if nats_ready; then return 0; fi # the package's own service may have started it
+  say "starting NATS on $NATS_HOST:$NATS_PORT"
+  mkdir -p /var/lib/nats-server
+  setsid nohup nats-server -a "$NATS_HOST" -p "$NATS_PORT" -js -sd /var/lib/nats-server \
+    -l /var/log/nats-server.log >/dev/null 2>&1 </dev/null &
+  wait_for "NATS on $NATS_HOST:$NATS_PORT" nats_ready
+}
+
 ensure_postgres
 ensure_redis
+ensure_nats

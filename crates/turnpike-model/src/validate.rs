@@ -455,6 +455,9 @@ pub fn validate(config: &Config) -> Result<(), ConfigErrors> {
         }
     }
 
+    for (path, msg) in config.observability.access_log.problems() {
+        err(format!("observability.access_log.{path}"), msg);
+    }
     errs.extend(config.observability.metrics.validate());
 
     if errs.is_empty() {

@@ -13,8 +13,12 @@ pub mod metrics;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use serde::Serialize;
+
+pub mod access_log;
+
+pub use access_log::capture::{Capture, CapturedBody};
 
 /// One request through the gateway, as seen when its response finished.
 #[derive(Debug, Clone, Serialize)]
@@ -76,6 +80,19 @@ pub struct CallEvent {
     /// Whether the response body was sent to the end (false: the client went away or the
     /// stream failed).
     pub completed: bool,
+    /// Request headers (sensitive ones masked), only when capture asks for them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_headers: Option<Vec<(String, String)>>,
+    /// Response headers (sensitive ones masked), only when capture asks for them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response_headers: Option<Vec<(String, String)>>,
+    /// The start of the request body as sent upstream, only when capture asks for it (and
+    /// an upstream was called).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_body: Option<CapturedBody>,
+    /// The start of the response body, only when capture asks for it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response_body: Option<CapturedBody>,
 }
 
 /// Something that consumes call events. Runs on the request path: never block.
@@ -89,6 +106,10 @@ pub trait CallSink: Send + Sync + 'static {
 #[derive(Default)]
 pub struct Observer {
     sinks: ArcSwap<Vec<Arc<dyn CallSink>>>,
+    /// What the data plane copies of headers and bodies into each event. Kept here (not in
+    /// the snapshot) because sinks, not routes, decide it, and one atomic load per request
+    /// tells the proxy whether to pay for it.
+    capture: ArcSwapOption<Capture>,
 }
 
 impl std::fmt::Debug for Observer {
@@ -116,6 +137,28 @@ impl Observer {
             let mut next = Vec::clone(current);
             next.push(Arc::clone(&sink));
             next
+        });
+    }
+
+    /// What events should carry of headers and bodies; `None` (the default) captures
+    /// nothing and costs nothing.
+    pub fn capture(&self) -> Option<Arc<Capture>> {
+        self.capture.load_full()
+    }
+
+    /// Sets (or with `None` stops) header and body capture.
+    pub fn set_capture(&self, capture: Option<Arc<Capture>>) {
+        self.capture.store(capture);
+    }
+
+    /// Removes one sink (compared by identity), e.g. the access log before it is rebuilt.
+    pub fn remove(&self, sink: &Arc<dyn CallSink>) {
+        self.sinks.rcu(|current| {
+            current
+                .iter()
+                .filter(|s| !Arc::ptr_eq(s, sink))
+                .cloned()
+                .collect::<Vec<_>>()
         });
     }
 
@@ -151,7 +194,7 @@ mod tests {
         }
     }
 
-    fn event() -> CallEvent {
+    pub(crate) fn event() -> CallEvent {
         CallEvent {
             time_unix_ms: 0,
             request_id: "r".into(),
@@ -181,6 +224,10 @@ mod tests {
             error: None,
             user_agent: None,
             completed: true,
+            request_headers: None,
+            response_headers: None,
+            request_body: None,
+            response_body: None,
         }
     }
 

@@ -4,7 +4,7 @@
 //! Nothing here runs unless a sink is registered ([`Observer::is_active`]), so a gateway
 //! without metrics or logs pays one atomic load per request.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::SystemTime;
 
@@ -13,7 +13,7 @@ use http::{Request, Response, StatusCode, Version, header};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use tokio::time::Instant;
-use turnpike_observe::{CallEvent, Observer};
+use turnpike_observe::{CallEvent, Capture, CapturedBody, Observer};
 
 use crate::body::{BoxError, ProxyBody};
 use crate::proxy::{ClientConn, LogFacts};
@@ -32,12 +32,22 @@ pub(crate) struct Pending {
     query: Option<String>,
     user_agent: Option<String>,
     bytes_in: BytesIn,
+    /// Header and body capture, when the access log asks for it.
+    capture: Option<Arc<Capture>>,
+    request_headers: Option<Vec<(String, String)>>,
+    /// Filled by the upstream attempt as it sends the body; read when the event is emitted.
+    request_body: Option<Arc<Mutex<CapturedBody>>>,
 }
 
 impl Pending {
     /// Copies what the event needs from the request before the pipeline consumes it, and
     /// leaves a [`BytesIn`] counter in its extensions for the body wrappers to feed.
-    pub(crate) fn new<B>(req: &mut Request<B>, conn: &ClientConn, request_id: &str) -> Self {
+    pub(crate) fn new<B>(
+        req: &mut Request<B>,
+        conn: &ClientConn,
+        request_id: &str,
+        capture: Option<Arc<Capture>>,
+    ) -> Self {
         let bytes_in = BytesIn::default();
         req.extensions_mut().insert(bytes_in.clone());
         let time_unix_ms = SystemTime::now()
@@ -66,7 +76,21 @@ impl Pending {
             query: req.uri().query().map(str::to_owned),
             user_agent: text(header::USER_AGENT),
             bytes_in,
+            request_headers: capture
+                .as_ref()
+                .filter(|c| c.request_headers)
+                .map(|c| c.headers(headers)),
+            request_body: capture
+                .as_ref()
+                .filter(|c| c.request_body)
+                .map(|c| Arc::new(Mutex::new(c.body()))),
+            capture,
         }
+    }
+
+    /// Where the upstream attempt copies the start of the request body, when captured.
+    pub(crate) fn request_body_capture(&self) -> Option<Arc<Mutex<CapturedBody>>> {
+        self.request_body.clone()
     }
 
     /// The event as the log phase knows it; byte counts and the total time are filled in
@@ -109,9 +133,27 @@ impl Pending {
             error: facts.error,
             user_agent: self.user_agent,
             completed: false,
+            request_headers: self.request_headers,
+            response_headers: None,
+            request_body: None,
+            response_body: None,
         };
         (event, self.bytes_in)
     }
+
+    /// Splits off the capture state the response wrapper needs.
+    pub(crate) fn take_capture(&mut self) -> Captured {
+        Captured {
+            capture: self.capture.take(),
+            request_body: self.request_body.take(),
+        }
+    }
+}
+
+/// Capture state carried from the request to the end of the response.
+pub(crate) struct Captured {
+    capture: Option<Arc<Capture>>,
+    request_body: Option<Arc<Mutex<CapturedBody>>>,
 }
 
 fn protocol(v: Version) -> &'static str {
@@ -135,10 +177,16 @@ fn strip_port(h: &str) -> &str {
 /// Wraps the response body so the event is emitted when it ends, fails or is dropped.
 pub(crate) fn wrap(
     resp: Response<ProxyBody>,
-    (event, bytes_in): (CallEvent, BytesIn),
+    (mut event, bytes_in): (CallEvent, BytesIn),
+    captured: Captured,
     started: Instant,
     observer: Arc<Observer>,
 ) -> Response<ProxyBody> {
+    let capture = captured.capture.as_deref();
+    if let Some(c) = capture.filter(|c| c.response_headers) {
+        event.response_headers = Some(c.headers(resp.headers()));
+    }
+    let response_body = capture.filter(|c| c.response_body).map(Capture::body);
     resp.map(|inner| {
         Observed {
             inner,
@@ -146,9 +194,58 @@ pub(crate) fn wrap(
             started,
             bytes: 0,
             bytes_in,
+            request_body: captured.request_body,
+            response_body,
         }
         .boxed_unsync()
     })
+}
+
+pin_project_lite::pin_project! {
+    /// The request body on its way upstream, keeping its first bytes for the access log.
+    /// Each attempt starts the copy again (a retry resends the same body).
+    pub(crate) struct CaptureRequestBody<B> {
+        #[pin]
+        inner: B,
+        into: Arc<Mutex<CapturedBody>>,
+    }
+}
+
+impl<B> CaptureRequestBody<B> {
+    pub(crate) fn new(inner: B, into: Arc<Mutex<CapturedBody>>) -> Self {
+        if let Ok(mut b) = into.lock() {
+            b.clear();
+        }
+        Self { inner, into }
+    }
+}
+
+impl<B: Body<Data = Bytes>> Body for CaptureRequestBody<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+            && let Ok(mut b) = this.into.lock()
+        {
+            b.push(data);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// A response body that counts what it sends and emits the call event once.
@@ -158,11 +255,21 @@ struct Observed {
     started: Instant,
     bytes: u64,
     bytes_in: BytesIn,
+    /// Captured as the upstream attempt sent it.
+    request_body: Option<Arc<Mutex<CapturedBody>>>,
+    /// The start of the response body, when captured.
+    response_body: Option<CapturedBody>,
 }
 
 impl Observed {
     fn emit(&mut self, completed: bool) {
         if let Some((mut event, observer)) = self.pending.take() {
+            event.request_body = self
+                .request_body
+                .take()
+                .and_then(|b| b.lock().ok().map(|b| b.clone()))
+                .filter(|b| !b.data.is_empty() || b.truncated);
+            event.response_body = self.response_body.take();
             event.bytes_out = self.bytes;
             event.bytes_in = self.bytes_in.get();
             event.duration_us =
@@ -187,6 +294,9 @@ impl Body for Observed {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     this.bytes += data.len() as u64;
+                    if let Some(b) = &mut this.response_body {
+                        b.push(data);
+                    }
                 }
                 if this.inner.is_end_stream() {
                     this.emit(true);

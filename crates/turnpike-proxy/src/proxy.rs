@@ -104,11 +104,16 @@ pub async fn handle(
     let observed = shared
         .observer
         .is_active()
-        .then(|| observe::Pending::new(&mut req, conn, request_id));
+        .then(|| observe::Pending::new(&mut req, conn, request_id, shared.observer.capture()));
 
     let grpc = crate::error::is_grpc(req.headers());
 
-    let mut outcome = LogFacts::default();
+    let mut outcome = LogFacts {
+        request_body: observed
+            .as_ref()
+            .and_then(observe::Pending::request_body_capture),
+        ..LogFacts::default()
+    };
     let mut resp = match proxy(&snap, &shared.quotas, conn, req, &rid, &mut outcome).await {
         Ok(r) => r,
         Err(e) => {
@@ -155,9 +160,10 @@ pub async fn handle(
         "request"
     );
     match observed {
-        Some(pending) => {
+        Some(mut pending) => {
+            let captured = pending.take_capture();
             let event = pending.finish(&snap, &outcome, resp.status());
-            observe::wrap(resp, event, started, Arc::clone(&shared.observer))
+            observe::wrap(resp, event, captured, started, Arc::clone(&shared.observer))
         }
         None => resp,
     }
@@ -180,6 +186,9 @@ pub(crate) struct LogFacts {
     pub(crate) target: Option<SocketAddr>,
     pub(crate) attempts: u32,
     pub(crate) error: Option<&'static str>,
+    /// Where the upstream attempt copies the start of the request body (access-log
+    /// capture); `None` unless capture asks for it.
+    pub(crate) request_body: Option<Arc<std::sync::Mutex<turnpike_observe::CapturedBody>>>,
     /// Headers policies add to whatever response the client gets (CORS, `RateLimit`,
     /// `WWW-Authenticate`), error responses included.
     response_headers: HeaderMap,
@@ -803,6 +812,9 @@ async fn send_with_retries(
                 GatewayError::new(ErrorKind::BadRequest, "request target cannot be forwarded")
             })?;
         let mut req_body = slot.attempt().boxed_unsync();
+        if let Some(into) = &log.request_body {
+            req_body = observe::CaptureRequestBody::new(req_body, Arc::clone(into)).boxed_unsync();
+        }
         for (tx, max) in tees {
             req_body = traffic::Tee::new(req_body, tx.clone(), *max).boxed_unsync();
         }

@@ -547,6 +547,16 @@ async fn serve(args: ServeArgs) -> ExitCode {
         gateway.shutdown().await;
         return ExitCode::FAILURE;
     }
+    // Access-log sinks hang off the gateway's observer; a reload that changes them
+    // rebuilds them, shutdown flushes them.
+    let access_logs = std::sync::Arc::new(turnpike_observe::access_log::AccessLogs::new(
+        gateway.observer(),
+    ));
+    if let Err(e) = access_logs.apply(&config.observability.access_log) {
+        eprintln!("error: {e}");
+        gateway.shutdown().await;
+        return ExitCode::FAILURE;
+    }
     if let Some(state) = &state
         && store.is_some()
         && let Err(e) = turnpike_control::save_state(&data_dir, state)
@@ -618,6 +628,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
 
     let reloader = {
         let control = control.clone();
+        let access_logs = access_logs.clone();
         tokio::spawn(async move {
             while let Some(why) = reload_rx.recv().await {
                 // Coalesce bursts of file events (editors write several times).
@@ -627,6 +638,9 @@ async fn serve(args: ServeArgs) -> ExitCode {
                     Ok((config, source)) => match control.set_file(config.clone()).await {
                         Ok(v) => {
                             tracing::info!(version = v, trigger = why, "reload applied");
+                            if let Err(e) = access_logs.apply(&config.observability.access_log) {
+                                tracing::warn!(error = %e, "the access log keeps its previous sinks");
+                            }
                             if let Err(e) = save_last_good(&config, &source) {
                                 tracing::warn!(error = %e, "cannot record the applied configuration");
                             }
@@ -646,6 +660,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
         task.abort();
     }
     gateway.shutdown().await;
+    access_logs.shutdown().await;
     // Drained: the last counts can be flushed.
     let _ = quota_stop.send(true);
     let quota_tasks = match quotas.tasks.lock() {

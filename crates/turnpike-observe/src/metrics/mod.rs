@@ -583,6 +583,10 @@ mod tests {
             error: (status == 429).then_some("rate_limited"),
             user_agent: None,
             completed: status != 499,
+            request_headers: None,
+            response_headers: None,
+            request_body: None,
+            response_body: None,
         })
     }
 

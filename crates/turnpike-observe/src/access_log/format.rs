@@ -1,0 +1,189 @@
+//! One [`CallEvent`] as one JSON record, with the configured fields.
+
+use serde_json::{Map, Value};
+use turnpike_model::observe::access_log::AccessField;
+
+use super::capture::Capture;
+use crate::CallEvent;
+
+/// Turns events into records. Built once per access-log configuration and shared by the
+/// sinks' background tasks: formatting never runs on the request path.
+#[derive(Debug, Clone)]
+pub struct Formatter {
+    fields: Vec<AccessField>,
+    mask_fields: Vec<String>,
+}
+
+impl Formatter {
+    /// A formatter writing `fields`, masking `capture`'s JSON fields in captured bodies.
+    pub fn new(fields: &[AccessField], capture: Option<&Capture>) -> Self {
+        Self {
+            fields: fields.to_vec(),
+            mask_fields: capture.map(|c| c.mask_fields.clone()).unwrap_or_default(),
+        }
+    }
+
+    /// The record for `e`. Absent values are left out rather than written as `null`, so
+    /// records stay small and sinks that index keys are not fed empty ones.
+    pub fn record(&self, e: &CallEvent) -> Map<String, Value> {
+        let mut m = Map::new();
+        let mut put = |k: &str, v: Value| {
+            if !v.is_null() {
+                m.insert(k.to_owned(), v);
+            }
+        };
+        fn opt<T: Into<Value>>(v: Option<T>) -> Value {
+            v.map_or(Value::Null, Into::into)
+        }
+        fn text(v: Option<&str>) -> Value {
+            v.map_or(Value::Null, |s| Value::String(s.to_owned()))
+        }
+        for f in &self.fields {
+            let v = match f {
+                AccessField::Time => Value::String(rfc3339_ms(e.time_unix_ms)),
+                AccessField::RequestId => Value::String(e.request_id.clone()),
+                AccessField::TraceId => text(e.trace_id.as_deref()),
+                AccessField::SpanId => text(e.span_id.as_deref()),
+                AccessField::ClientIp => Value::String(e.client_ip.to_string()),
+                AccessField::Listener => text(e.listener.as_deref()),
+                AccessField::Protocol => Value::String(e.protocol.to_owned()),
+                AccessField::Method => Value::String(e.method.clone()),
+                AccessField::Host => text(e.host.as_deref()),
+                AccessField::Path => Value::String(e.path.clone()),
+                AccessField::Query => text(e.query.as_deref()),
+                AccessField::Route => text(e.route.as_deref()),
+                AccessField::Service => text(e.service.as_deref()),
+                AccessField::Application => text(e.application.as_deref()),
+                AccessField::ApplicationName => text(e.application_name.as_deref()),
+                AccessField::Team => text(e.team.as_deref()),
+                AccessField::Status => Value::from(e.status),
+                AccessField::BytesIn => Value::from(e.bytes_in),
+                AccessField::BytesOut => Value::from(e.bytes_out),
+                AccessField::DurationMs => ms(e.duration_us),
+                AccessField::UpstreamMs => e.upstream_us.map_or(Value::Null, ms),
+                AccessField::Upstream => text(e.upstream.as_deref()),
+                AccessField::UpstreamTarget => opt(e.upstream_target.map(|t| t.to_string())),
+                AccessField::Attempts => Value::from(e.attempts),
+                AccessField::Cache => text(e.cache),
+                AccessField::Error => text(e.error),
+                AccessField::UserAgent => text(e.user_agent.as_deref()),
+                AccessField::Completed => Value::Bool(e.completed),
+            };
+            put(f.key(), v);
+        }
+        // Captured parts appear whenever the event carries them: capture is its own opt-in.
+        if let Some(h) = &e.request_headers {
+            put("request_headers", headers(h));
+        }
+        if let Some(h) = &e.response_headers {
+            put("response_headers", headers(h));
+        }
+        for (key, body) in [
+            ("request_body", &e.request_body),
+            ("response_body", &e.response_body),
+        ] {
+            if let Some(b) = body {
+                put(key, b.to_value(&self.mask_fields));
+                if b.truncated {
+                    put(&format!("{key}_truncated"), Value::Bool(true));
+                }
+            }
+        }
+        m
+    }
+
+    /// The record as one line of JSON (no trailing newline).
+    pub fn line(&self, e: &CallEvent) -> String {
+        Value::Object(self.record(e)).to_string()
+    }
+}
+
+/// Repeated headers become an array, so nothing is lost and single ones stay plain.
+fn headers(h: &[(String, String)]) -> Value {
+    let mut m = Map::new();
+    for (k, v) in h {
+        match m.get_mut(k) {
+            Some(Value::Array(a)) => a.push(Value::String(v.clone())),
+            Some(prev) => {
+                let first = prev.take();
+                *prev = Value::Array(vec![first, Value::String(v.clone())]);
+            }
+            None => {
+                m.insert(k.clone(), Value::String(v.clone()));
+            }
+        }
+    }
+    Value::Object(m)
+}
+
+/// Microseconds as fractional milliseconds (three decimals).
+fn ms(us: u64) -> Value {
+    serde_json::Number::from_f64(us as f64 / 1000.0).map_or(Value::Null, Value::Number)
+}
+
+/// `2026-01-02T03:04:05.678Z`.
+pub fn rfc3339_ms(unix_ms: i64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(unix_ms) * 1_000_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.millisecond()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    #[test]
+    fn time_is_rfc3339_utc_with_millis() {
+        assert_eq!(rfc3339_ms(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339_ms(1_767_322_245_678), "2026-01-02T02:50:45.678Z");
+    }
+
+    #[test]
+    fn only_selected_fields_in_order() {
+        let mut e = crate::tests::event();
+        e.upstream_us = Some(1500);
+        let f = Formatter::new(
+            &[
+                AccessField::Status,
+                AccessField::Route,
+                AccessField::UpstreamMs,
+                AccessField::Host,
+            ],
+            None,
+        );
+        let line: Value = serde_json::from_str(&f.line(&e)).unwrap();
+        assert_eq!(
+            line,
+            serde_json::json!({"status": 200, "route": "r1", "upstream_ms": 1.5})
+        );
+    }
+
+    #[test]
+    fn basic_fields_and_captured_parts() {
+        let mut e = crate::tests::event();
+        e.request_headers = Some(vec![
+            ("accept".into(), "a".into()),
+            ("accept".into(), "b".into()),
+        ]);
+        let f = Formatter::new(AccessField::BASIC, None);
+        let r = f.record(&e);
+        assert_eq!(r["time"], "1970-01-01T00:00:00.000Z");
+        assert_eq!(r["client_ip"], "127.0.0.1");
+        assert_eq!(r["duration_ms"], 0.01);
+        assert_eq!(
+            r["request_headers"]["accept"],
+            serde_json::json!(["a", "b"])
+        );
+        assert!(!r.contains_key("trace_id"));
+    }
+}
