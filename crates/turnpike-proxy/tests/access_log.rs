@@ -13,7 +13,6 @@ use common::*;
 use http_body_util::{BodyExt, Full};
 use serde_json::Value;
 use tokio::sync::mpsc;
-use turnpike_model::observe::access_log::AccessLogConfig;
 use turnpike_observe::access_log::{AccessLog, AccessLogs};
 
 /// The access-log section of a full gateway config (so it goes through parsing and

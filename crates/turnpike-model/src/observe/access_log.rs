@@ -551,13 +551,13 @@ impl AccessLogConfig {
             };
             if let Some(b) = batch {
                 if b.batch_size == 0 {
-                    err(format!("{p}.batch_size"), "must be at least 1");
+                    err(format!("{p}.batch.batch_size"), "must be at least 1");
                 }
                 if b.timeout.is_zero() {
-                    err(format!("{p}.timeout"), "must be more than 0");
+                    err(format!("{p}.batch.timeout"), "must be more than 0");
                 }
                 if b.max_retries > 100 {
-                    err(format!("{p}.max_retries"), "must be at most 100");
+                    err(format!("{p}.batch.max_retries"), "must be at most 100");
                 }
             }
         }
