@@ -461,7 +461,8 @@ async fn retention_scenario(url: &str) {
     }
     until(&writer, "3 calls written", |s| s.written == 3).await;
     // Two past the retention, then one past the cap of three.
-    assert_eq!(writer.prune().await.unwrap(), 3);
+    // The periodic task may already have run once; together they delete three.
+    writer.prune().await.unwrap();
     assert_eq!(writer.stats().pruned, 3);
     assert_eq!(
         sorted(ids(&env.search("").await)),
