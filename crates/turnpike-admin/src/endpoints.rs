@@ -62,6 +62,10 @@ pub(crate) enum Op {
     PolicySchema,
     /// An application's plan quota usage.
     ApplicationUsage,
+    /// Search the call logs.
+    CallLogs,
+    /// One call log, by request id.
+    CallLog,
 }
 
 /// The request body an endpoint takes.
@@ -91,6 +95,9 @@ pub(crate) enum QuerySpec {
     Filtered,
     /// `kind`, `team`, `object_id`, `limit`, `cursor`.
     Audit,
+    /// `from`, `to`, `service`, `route`, `application`, `status`, `status_class`,
+    /// `request_id`, `limit`, `cursor`.
+    CallLogs,
 }
 
 /// One endpoint of the Admin API.
@@ -191,6 +198,7 @@ fn build() -> Vec<Endpoint> {
             Op::List(_) => QuerySpec::List,
             Op::SubscriptionRequests | Op::Catalog => QuerySpec::Filtered,
             Op::Audit => QuerySpec::Audit,
+            Op::CallLogs => QuerySpec::CallLogs,
             _ => QuerySpec::None,
         };
         let description = match op {
@@ -221,6 +229,17 @@ fn build() -> Vec<Endpoint> {
                  current period, the limit, the requests counted, what remains and when the \
                  period resets. Counts are those the gateway nodes have flushed to the \
                  store, so they lag by up to one quota flush interval.",
+            ),
+            Op::CallLogs => Some(
+                "Calls the gateway nodes wrote to the store, newest first (time, then id). \
+                 Super admins see every call; other users see the calls to their teams' \
+                 services and those made by their teams' applications. `service` and \
+                 `application` take a store id or `team/name`. Calls reach the store in \
+                 batches, so the newest may lag by up to the call-log flush interval.",
+            ),
+            Op::CallLog => Some(
+                "The newest call with this request id that the caller may see (see \
+                 `searchCallLogs` for who sees what).",
             ),
             _ => None,
         };
@@ -447,6 +466,29 @@ fn build() -> Vec<Endpoint> {
         Some("ApplicationUsage".into()),
     );
 
+    add(
+        Method::GET,
+        format!("{PREFIX}/call-logs"),
+        "searchCallLogs".into(),
+        "Search the call logs, newest first".into(),
+        "call-logs",
+        Op::CallLogs,
+        BodySpec::None,
+        200,
+        Some("CallLogPage".into()),
+    );
+    add(
+        Method::GET,
+        format!("{PREFIX}/call-logs/{{request_id}}"),
+        "getCallLog".into(),
+        "One call, by request id".into(),
+        "call-logs",
+        Op::CallLog,
+        BodySpec::None,
+        200,
+        Some("CallLog".into()),
+    );
+
     let tokens = format!("{PREFIX}/users/{{user}}/tokens");
     add(
         Method::POST,
@@ -584,6 +626,8 @@ fn errors_for(op: Op, path: &str, body: &BodySpec) -> Vec<u16> {
             | Op::PolicyTypes
             | Op::PolicySchema
             | Op::ApplicationUsage
+            | Op::CallLogs
+            | Op::CallLog
     );
     if !reads_team_scoped {
         e.push(403);
@@ -611,7 +655,7 @@ fn errors_for(op: Op, path: &str, body: &BodySpec) -> Vec<u16> {
     if !matches!(body, BodySpec::None)
         || matches!(
             op,
-            Op::List(_) | Op::SubscriptionRequests | Op::Catalog | Op::Audit
+            Op::List(_) | Op::SubscriptionRequests | Op::Catalog | Op::Audit | Op::CallLogs
         )
     {
         e.push(422);

@@ -304,6 +304,8 @@ async fn dispatch(ctx: Ctx) -> AdminResult<Response> {
         Op::PolicyTypes => Ok(account::policy_types()),
         Op::PolicySchema => account::policy_schema(&ctx),
         Op::ApplicationUsage => crate::usage::application_usage(&ctx).await,
+        Op::CallLogs => crate::calllogs::search(&ctx).await,
+        Op::CallLog => crate::calllogs::get(&ctx).await,
         Op::OpenApi => Ok(axum::Json(openapi::document().clone()).into_response()),
     }
 }

@@ -28,6 +28,7 @@
 mod account;
 mod actions;
 mod auth;
+mod calllogs;
 mod endpoints;
 mod error;
 pub mod gitops;

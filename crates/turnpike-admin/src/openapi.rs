@@ -472,11 +472,54 @@ fn components() -> Map<String, Value> {
             "OpenApiDocument",
             json!({ "type": "object", "description": "An OpenAPI 3 document." }),
         ),
+        ("CallLog", call_log_schema()),
+        ("CallLogPage", page_of(schema_ref("CallLog"))),
     ];
     for (name, schema) in extra {
         schemas.insert(name.to_owned(), schema);
     }
     schemas
+}
+
+/// One call as `GET /call-logs` shows it.
+fn call_log_schema() -> Value {
+    let text = |d: &str| json!({ "type": "string", "description": d });
+    let maybe = |d: &str| json!({ "type": ["string", "null"], "description": d });
+    let int = |d: &str| json!({ "type": "integer", "minimum": 0, "description": d });
+    let properties = json!({
+        "id": int("Row id; increases as calls are written."),
+        "time": { "type": "string", "format": "date-time", "description": "When the request arrived." },
+        "request_id": text("The request id (`X-Request-Id`)."),
+        "trace_id": maybe("W3C trace id, when traced."),
+        "client_ip": text("The client's IP (after trusted proxies)."),
+        "protocol": text("`HTTP/1.1`, `HTTP/2`, ..."),
+        "method": text("Request method."),
+        "host": maybe("Requested host."),
+        "path": text("Request path, without the query."),
+        "route": maybe("The matched route's name."),
+        "service": maybe("The service's store id."),
+        "service_name": maybe("`team/name` of the service, while it exists."),
+        "application": maybe("The identified application's store id."),
+        "application_name": maybe("The application's name."),
+        "team": maybe("The application's team."),
+        "status": { "type": "integer", "minimum": 100, "maximum": 599, "description": "Response status." },
+        "bytes_in": int("Request body bytes."),
+        "bytes_out": int("Response body bytes sent."),
+        "duration_us": int("From arrival to the end of the response body, microseconds."),
+        "upstream_us": { "type": ["integer", "null"], "minimum": 0, "description": "Upstream time to response headers, microseconds." },
+        "upstream": maybe("The upstream pool."),
+        "upstream_target": maybe("The upstream target that answered."),
+        "attempts": int("Upstream attempts."),
+        "cache": maybe("Response cache outcome."),
+        "error": maybe("The gateway's error code, when it answered with an error."),
+        "user_agent": maybe("The client's User-Agent."),
+        "completed": { "type": "boolean", "description": "Whether the response body was sent to the end." }
+    });
+    let required: Vec<String> = properties
+        .as_object()
+        .map(|p| p.keys().cloned().collect())
+        .unwrap_or_default();
+    json!({ "type": "object", "required": required, "properties": properties })
 }
 
 fn path_params(path: &str) -> Vec<Value> {
@@ -488,6 +531,7 @@ fn path_params(path: &str) -> Vec<Value> {
                 "team" => (json!({ "type": "string", "pattern": NAME_PATTERN }), "Team name."),
                 "user" => (json!({ "type": "string", "pattern": NAME_PATTERN }), "User name."),
                 "id" => (json!({ "type": "string" }), "Token id."),
+                "request_id" => (json!({ "type": "string" }), "Request id."),
                 "kind" => (
                     json!({ "type": "string", "enum": Kind::ALL.iter().map(|k| k.as_str()).collect::<Vec<_>>() }),
                     "Kind name.",
@@ -542,6 +586,54 @@ fn query_params(spec: QuerySpec) -> Vec<Value> {
             ),
         ],
         QuerySpec::Filtered => vec![limit(), cursor(), state()],
+        QuerySpec::CallLogs => vec![
+            query_param(
+                "from",
+                json!({ "type": "string" }),
+                "Calls that arrived at or after this: an RFC 3339 date-time or epoch milliseconds.",
+            ),
+            query_param(
+                "to",
+                json!({ "type": "string" }),
+                "Calls that arrived before this: an RFC 3339 date-time or epoch milliseconds.",
+            ),
+            query_param(
+                "service",
+                json!({ "type": "string" }),
+                "Only calls to this service: a store id or `team/name`.",
+            ),
+            query_param(
+                "route",
+                json!({ "type": "string" }),
+                "Only calls matched by this route (its gateway name, `team/service/route` for managed routes).",
+            ),
+            query_param(
+                "application",
+                json!({ "type": "string" }),
+                "Only calls by this application: a store id or `team/name`.",
+            ),
+            query_param(
+                "status",
+                json!({ "type": "integer", "minimum": 100, "maximum": 599 }),
+                "Only calls answered with this status.",
+            ),
+            query_param(
+                "status_class",
+                json!({ "type": "string", "enum": ["1xx", "2xx", "3xx", "4xx", "5xx"] }),
+                "Only calls answered with a status of this class.",
+            ),
+            query_param(
+                "request_id",
+                json!({ "type": "string" }),
+                "Only calls with this request id.",
+            ),
+            limit(),
+            query_param(
+                "cursor",
+                json!({ "type": "string", "pattern": "^[0-9]+\\.[0-9]+$" }),
+                "`next_cursor` of the previous page.",
+            ),
+        ],
         QuerySpec::Audit => vec![
             query_param(
                 "kind",

@@ -14,6 +14,7 @@
 //! again, and a rollback is a new release with old content. Upstreams, credentials and
 //! subscriptions are read live: they are operations, not API design.
 
+pub mod calllog;
 pub mod quota;
 
 use std::collections::{HashMap, HashSet};

@@ -37,6 +37,7 @@
 
 #![warn(missing_docs, missing_debug_implementations)]
 
+mod calllog;
 mod db;
 mod error;
 mod model;
@@ -52,6 +53,7 @@ use std::time::Duration;
 
 use tokio::sync::watch as channel;
 
+pub use calllog::{CallLogQuery, CallLogRecord, CallLogScope, valid_call_log_cursor};
 pub use error::{BoxError, Result, StoreError};
 pub use model::{
     AuditEntry, AuditQuery, AuditRecord, DEFAULT_LIMIT, ListQuery, Loaded, MAX_LIMIT, NewObject,

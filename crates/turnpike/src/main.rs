@@ -563,6 +563,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
     {
         tracing::warn!(error = %e, "cannot save the store state");
     }
+    let call_log = config.observability.call_log.clone();
     let control = ControlPlane::new(gateway.clone(), config, part, Some(data_dir));
     // Reload triggers are in place before we announce that we serve, so an edit made right
     // after start-up is never missed; one made while starting is caught by the comparison.
@@ -602,6 +603,8 @@ async fn serve(args: ServeArgs) -> ExitCode {
         retention: args.quota_retention,
         stop: quota_stop_rx,
         tasks: std::sync::Arc::default(),
+        gateway: gateway.clone(),
+        call_log,
     };
     match (store, store_url) {
         (Some(store), _) => {
@@ -806,6 +809,9 @@ struct QuotaWiring {
     retention: Duration,
     stop: tokio::sync::watch::Receiver<bool>,
     tasks: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    /// The call-log writer starts with the store and stops (flushing) with the quota sync.
+    gateway: std::sync::Arc<Gateway>,
+    call_log: turnpike_model::observe::CallLogConfig,
 }
 
 fn parse_quota_retention(s: &str) -> Result<Duration, String> {
@@ -843,8 +849,15 @@ fn start_management(
         quotas.retention,
     );
     let task = sync.spawn(quotas.interval, quotas.stop.clone());
+    let call_log = turnpike_control::calllog::spawn(
+        store.clone(),
+        &quotas.call_log,
+        &quotas.gateway.observer(),
+        quotas.stop.clone(),
+    );
     if let Ok(mut tasks) = quotas.tasks.lock() {
         tasks.push(task);
+        tasks.extend(call_log.map(|(_, task)| task));
     }
     turnpike_control::spawn_sync(control.clone(), store, poll)
 }
