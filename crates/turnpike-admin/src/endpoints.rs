@@ -62,6 +62,12 @@ pub(crate) enum Op {
     PolicySchema,
     /// An application's plan quota usage.
     ApplicationUsage,
+    /// Analytics time series.
+    AnalyticsTimeseries,
+    /// Analytics top-N.
+    AnalyticsTop,
+    /// Alert transitions.
+    AlertHistory,
 }
 
 /// The request body an endpoint takes.
@@ -91,6 +97,12 @@ pub(crate) enum QuerySpec {
     Filtered,
     /// `kind`, `team`, `object_id`, `limit`, `cursor`.
     Audit,
+    /// `metric`, `from`, `to`, `step`, `service`, `route`, `application`, `group_by`, `team`.
+    Timeseries,
+    /// `by`, `order`, `from`, `to`, `limit`, `service`, `route`, `application`, `team`.
+    Top,
+    /// `rule`, `from`, `to`, `limit`, `cursor`.
+    AlertHistory,
 }
 
 /// One endpoint of the Admin API.
@@ -191,6 +203,9 @@ fn build() -> Vec<Endpoint> {
             Op::List(_) => QuerySpec::List,
             Op::SubscriptionRequests | Op::Catalog => QuerySpec::Filtered,
             Op::Audit => QuerySpec::Audit,
+            Op::AnalyticsTimeseries => QuerySpec::Timeseries,
+            Op::AnalyticsTop => QuerySpec::Top,
+            Op::AlertHistory => QuerySpec::AlertHistory,
             _ => QuerySpec::None,
         };
         let description = match op {
@@ -221,6 +236,26 @@ fn build() -> Vec<Endpoint> {
                  current period, the limit, the requests counted, what remains and when the \
                  period resets. Counts are those the gateway nodes have flushed to the \
                  store, so they lag by up to one quota flush interval.",
+            ),
+            Op::AnalyticsTimeseries => Some(
+                "Points of one metric per step over `[from, to)` (aligned to the step), from \
+                 the per-minute rollups every gateway node writes, downsampled to hours and \
+                 days. One series, or one per value of `group_by`. Times are epoch \
+                 milliseconds; latencies (p50, p95, p99) are milliseconds of total latency, \
+                 within 1 % of the exact value; `error_rate` and latencies are null where a \
+                 bucket has no requests. Super admins see every team's traffic; others pass \
+                 `team` and see its services' and applications' traffic.",
+            ),
+            Op::AnalyticsTop => Some(
+                "The busiest, most failing or slowest applications, routes or services over \
+                 `[from, to)` (default: the last 24 hours). The range is read at minute \
+                 resolution up to 6 hours, hours up to 62 days, days beyond, and aligned to \
+                 it. Scoping as for the time series.",
+            ),
+            Op::AlertHistory => Some(
+                "Alert transitions (firing, resolved), newest first, with the measured value \
+                 and whether a notification was sent (not within a rule's cooldown). Super \
+                 admins only: alert rules are gateway configuration.",
             ),
             _ => None,
         };
@@ -447,6 +482,40 @@ fn build() -> Vec<Endpoint> {
         Some("ApplicationUsage".into()),
     );
 
+    add(
+        Method::GET,
+        format!("{PREFIX}/analytics/timeseries"),
+        "getAnalyticsTimeseries".into(),
+        "A time series of requests, errors, latency or bytes, shaped for charts".into(),
+        "analytics",
+        Op::AnalyticsTimeseries,
+        BodySpec::None,
+        200,
+        Some("AnalyticsTimeseries".into()),
+    );
+    add(
+        Method::GET,
+        format!("{PREFIX}/analytics/top"),
+        "getAnalyticsTop".into(),
+        "Top applications, routes or services by requests, errors or p99 latency".into(),
+        "analytics",
+        Op::AnalyticsTop,
+        BodySpec::None,
+        200,
+        Some("AnalyticsTop".into()),
+    );
+    add(
+        Method::GET,
+        format!("{PREFIX}/alerts/history"),
+        "listAlertHistory".into(),
+        "Alert transitions, newest first".into(),
+        "analytics",
+        Op::AlertHistory,
+        BodySpec::None,
+        200,
+        Some("AlertHistoryPage".into()),
+    );
+
     let tokens = format!("{PREFIX}/users/{{user}}/tokens");
     add(
         Method::POST,
@@ -567,7 +636,7 @@ fn errors_for(op: Op, path: &str, body: &BodySpec) -> Vec<u16> {
         return Vec::new();
     }
     let mut e = vec![401, 503];
-    if path.contains('{') || op == Op::Audit {
+    if path.contains('{') || matches!(op, Op::Audit | Op::AnalyticsTimeseries | Op::AnalyticsTop) {
         e.push(404);
     }
     let reads_team_scoped = matches!(
@@ -611,7 +680,13 @@ fn errors_for(op: Op, path: &str, body: &BodySpec) -> Vec<u16> {
     if !matches!(body, BodySpec::None)
         || matches!(
             op,
-            Op::List(_) | Op::SubscriptionRequests | Op::Catalog | Op::Audit
+            Op::List(_)
+                | Op::SubscriptionRequests
+                | Op::Catalog
+                | Op::Audit
+                | Op::AnalyticsTimeseries
+                | Op::AnalyticsTop
+                | Op::AlertHistory
         )
     {
         e.push(422);

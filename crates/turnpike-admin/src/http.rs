@@ -304,6 +304,9 @@ async fn dispatch(ctx: Ctx) -> AdminResult<Response> {
         Op::PolicyTypes => Ok(account::policy_types()),
         Op::PolicySchema => account::policy_schema(&ctx),
         Op::ApplicationUsage => crate::usage::application_usage(&ctx).await,
+        Op::AnalyticsTimeseries => crate::analytics::timeseries(&ctx).await,
+        Op::AnalyticsTop => crate::analytics::top(&ctx).await,
+        Op::AlertHistory => crate::analytics::alert_history(&ctx).await,
         Op::OpenApi => Ok(axum::Json(openapi::document().clone()).into_response()),
     }
 }

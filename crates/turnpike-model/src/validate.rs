@@ -455,6 +455,8 @@ pub fn validate(config: &Config) -> Result<(), ConfigErrors> {
         }
     }
 
+    crate::observe::analytics::validate(&config.observability.analytics, &mut errs);
+
     if errs.is_empty() {
         Ok(())
     } else {

@@ -37,9 +37,11 @@
 
 #![warn(missing_docs, missing_debug_implementations)]
 
+mod analytics;
 mod db;
 mod error;
 mod model;
+pub mod sketch;
 mod sql;
 mod token;
 mod tx;
@@ -52,6 +54,9 @@ use std::time::Duration;
 
 use tokio::sync::watch as channel;
 
+pub use analytics::{
+    AlertEvent, AlertState, HistoryQuery, RollupFilter, RollupRow, Step, fold_rows, merge_row,
+};
 pub use error::{BoxError, Result, StoreError};
 pub use model::{
     AuditEntry, AuditQuery, AuditRecord, DEFAULT_LIMIT, ListQuery, Loaded, MAX_LIMIT, NewObject,

@@ -580,6 +580,8 @@ async fn serve(args: ServeArgs) -> ExitCode {
     }
     let (quota_stop, quota_stop_rx) = tokio::sync::watch::channel(false);
     let quotas = QuotaWiring {
+        gateway: gateway.clone(),
+        analytics: served.observability.analytics.clone(),
         tracker: gateway.quotas(),
         interval: args.quota_flush_interval,
         retention: args.quota_retention,
@@ -735,6 +737,10 @@ fn store_unavailable(
 /// What starts the quota sync once the store is open, and what stops it at shutdown.
 #[derive(Clone)]
 struct QuotaWiring {
+    /// The gateway whose calls analytics count (and whose upstreams alerts watch).
+    gateway: std::sync::Arc<Gateway>,
+    /// Analytics and alerts; read at start (changing them needs a restart).
+    analytics: turnpike_model::observe::AnalyticsConfig,
     tracker: std::sync::Arc<turnpike_proxy::quota::QuotaTracker>,
     interval: Duration,
     retention: Duration,
@@ -776,8 +782,17 @@ fn start_management(
         quotas.retention,
     );
     let task = sync.spawn(quotas.interval, quotas.stop.clone());
+    // Analytics rollups, downsampling and alerts; their flusher writes the last minutes when
+    // `stop` turns true, so their tasks are awaited with the quota sync at shutdown.
+    let analytics = turnpike_control::analytics::start(
+        &store,
+        &quotas.gateway,
+        &quotas.analytics,
+        &quotas.stop,
+    );
     if let Ok(mut tasks) = quotas.tasks.lock() {
         tasks.push(task);
+        tasks.extend(analytics.into_iter().flat_map(|a| a.tasks));
     }
     turnpike_control::spawn_sync(control.clone(), store, poll)
 }
