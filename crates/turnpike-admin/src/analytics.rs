@@ -113,6 +113,9 @@ fn range(ctx: &Ctx, step: Step, default_points: i64) -> AdminResult<(i64, i64)> 
     let to = parse_time(ctx, "to")?.unwrap_or_else(now_ms);
     let from = parse_time(ctx, "from")?
         .unwrap_or_else(|| to.saturating_sub(default_points * step.millis()).max(0));
+    if from >= to {
+        return Err(AdminError::validation("from", "from must be before to"));
+    }
     let from = step.floor(from);
     let to = step.floor(to.saturating_add(step.millis() - 1));
     if from >= to {
@@ -307,6 +310,9 @@ pub(crate) async fn top(ctx: &Ctx) -> AdminResult<Response> {
     let to_raw = parse_time(ctx, "to")?.unwrap_or_else(now_ms);
     let from_raw =
         parse_time(ctx, "from")?.unwrap_or_else(|| to_raw.saturating_sub(86_400_000).max(0));
+    if from_raw >= to_raw {
+        return Err(AdminError::validation("from", "from must be before to"));
+    }
     let span = to_raw.saturating_sub(from_raw);
     // The finest resolution that is kept for the range and reads few rows.
     let step = if span <= 6 * 3_600_000 {
