@@ -66,6 +66,12 @@ pub(crate) enum Op {
     CallLogs,
     /// One call log, by request id.
     CallLog,
+    /// Analytics time series.
+    AnalyticsTimeseries,
+    /// Analytics top-N.
+    AnalyticsTop,
+    /// Alert transitions.
+    AlertHistory,
 }
 
 /// The request body an endpoint takes.
@@ -98,6 +104,12 @@ pub(crate) enum QuerySpec {
     /// `from`, `to`, `service`, `route`, `application`, `status`, `status_class`,
     /// `request_id`, `limit`, `cursor`.
     CallLogs,
+    /// `metric`, `from`, `to`, `step`, `service`, `route`, `application`, `group_by`, `team`.
+    Timeseries,
+    /// `by`, `order`, `from`, `to`, `limit`, `service`, `route`, `application`, `team`.
+    Top,
+    /// `rule`, `from`, `to`, `limit`, `cursor`.
+    AlertHistory,
 }
 
 /// One endpoint of the Admin API.
@@ -199,6 +211,9 @@ fn build() -> Vec<Endpoint> {
             Op::SubscriptionRequests | Op::Catalog => QuerySpec::Filtered,
             Op::Audit => QuerySpec::Audit,
             Op::CallLogs => QuerySpec::CallLogs,
+            Op::AnalyticsTimeseries => QuerySpec::Timeseries,
+            Op::AnalyticsTop => QuerySpec::Top,
+            Op::AlertHistory => QuerySpec::AlertHistory,
             _ => QuerySpec::None,
         };
         let description = match op {
@@ -240,6 +255,26 @@ fn build() -> Vec<Endpoint> {
             Op::CallLog => Some(
                 "The newest call with this request id that the caller may see (see \
                  `searchCallLogs` for who sees what).",
+            ),
+            Op::AnalyticsTimeseries => Some(
+                "Points of one metric per step over `[from, to)` (aligned to the step), from \
+                 the per-minute rollups every gateway node writes, downsampled to hours and \
+                 days. One series, or one per value of `group_by`. Times are epoch \
+                 milliseconds; latencies (p50, p95, p99) are milliseconds of total latency, \
+                 within 1 % of the exact value; `error_rate` and latencies are null where a \
+                 bucket has no requests. Super admins see every team's traffic; others pass \
+                 `team` and see its services' and applications' traffic.",
+            ),
+            Op::AnalyticsTop => Some(
+                "The busiest, most failing or slowest applications, routes or services over \
+                 `[from, to)` (default: the last 24 hours). The range is read at minute \
+                 resolution up to 6 hours, hours up to 62 days, days beyond, and aligned to \
+                 it. Scoping as for the time series.",
+            ),
+            Op::AlertHistory => Some(
+                "Alert transitions (firing, resolved), newest first, with the measured value \
+                 and whether a notification was sent (not within a rule's cooldown). Super \
+                 admins only: alert rules are gateway configuration.",
             ),
             _ => None,
         };
@@ -488,6 +523,39 @@ fn build() -> Vec<Endpoint> {
         200,
         Some("CallLog".into()),
     );
+    add(
+        Method::GET,
+        format!("{PREFIX}/analytics/timeseries"),
+        "getAnalyticsTimeseries".into(),
+        "A time series of requests, errors, latency or bytes, shaped for charts".into(),
+        "analytics",
+        Op::AnalyticsTimeseries,
+        BodySpec::None,
+        200,
+        Some("AnalyticsTimeseries".into()),
+    );
+    add(
+        Method::GET,
+        format!("{PREFIX}/analytics/top"),
+        "getAnalyticsTop".into(),
+        "Top applications, routes or services by requests, errors or p99 latency".into(),
+        "analytics",
+        Op::AnalyticsTop,
+        BodySpec::None,
+        200,
+        Some("AnalyticsTop".into()),
+    );
+    add(
+        Method::GET,
+        format!("{PREFIX}/alerts/history"),
+        "listAlertHistory".into(),
+        "Alert transitions, newest first".into(),
+        "analytics",
+        Op::AlertHistory,
+        BodySpec::None,
+        200,
+        Some("AlertHistoryPage".into()),
+    );
 
     let tokens = format!("{PREFIX}/users/{{user}}/tokens");
     add(
@@ -609,7 +677,7 @@ fn errors_for(op: Op, path: &str, body: &BodySpec) -> Vec<u16> {
         return Vec::new();
     }
     let mut e = vec![401, 503];
-    if path.contains('{') || op == Op::Audit {
+    if path.contains('{') || matches!(op, Op::Audit | Op::AnalyticsTimeseries | Op::AnalyticsTop) {
         e.push(404);
     }
     let reads_team_scoped = matches!(
@@ -655,7 +723,14 @@ fn errors_for(op: Op, path: &str, body: &BodySpec) -> Vec<u16> {
     if !matches!(body, BodySpec::None)
         || matches!(
             op,
-            Op::List(_) | Op::SubscriptionRequests | Op::Catalog | Op::Audit | Op::CallLogs
+            Op::List(_)
+                | Op::SubscriptionRequests
+                | Op::Catalog
+                | Op::Audit
+                | Op::CallLogs
+                | Op::AnalyticsTimeseries
+                | Op::AnalyticsTop
+                | Op::AlertHistory
         )
     {
         e.push(422);

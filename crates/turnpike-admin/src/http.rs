@@ -306,6 +306,9 @@ async fn dispatch(ctx: Ctx) -> AdminResult<Response> {
         Op::ApplicationUsage => crate::usage::application_usage(&ctx).await,
         Op::CallLogs => crate::calllogs::search(&ctx).await,
         Op::CallLog => crate::calllogs::get(&ctx).await,
+        Op::AnalyticsTimeseries => crate::analytics::timeseries(&ctx).await,
+        Op::AnalyticsTop => crate::analytics::top(&ctx).await,
+        Op::AlertHistory => crate::analytics::alert_history(&ctx).await,
         Op::OpenApi => Ok(axum::Json(openapi::document().clone()).into_response()),
     }
 }

@@ -27,6 +27,7 @@
 
 mod account;
 mod actions;
+mod analytics;
 mod auth;
 mod calllogs;
 mod endpoints;

@@ -469,6 +469,103 @@ fn components() -> Map<String, Value> {
             }),
         ),
         (
+            "AnalyticsTimeseries",
+            json!({
+                "type": "object",
+                "required": ["metric", "step", "from", "to", "series"],
+                "properties": {
+                    "metric": { "type": "string", "enum": crate::analytics::METRICS },
+                    "step": { "type": "string", "enum": ["minute", "hour", "day"] },
+                    "from": { "type": "integer", "description": "Epoch milliseconds, aligned to the step." },
+                    "to": { "type": "integer", "description": "Epoch milliseconds, exclusive." },
+                    "series": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["labels", "points"],
+                            "properties": {
+                                "labels": {
+                                    "type": "object",
+                                    "description": "The filters given and the `group_by` label (null: none).",
+                                    "additionalProperties": { "type": ["string", "integer", "null"] }
+                                },
+                                "points": {
+                                    "type": "array",
+                                    "description": "`[time, value]` per step; value null where a ratio or latency has no requests.",
+                                    "items": {
+                                        "type": "array",
+                                        "prefixItems": [{ "type": "integer" }, { "type": ["number", "null"] }],
+                                        "minItems": 2,
+                                        "maxItems": 2
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }),
+        ),
+        (
+            "AnalyticsTop",
+            json!({
+                "type": "object",
+                "required": ["by", "order", "step", "from", "to", "items"],
+                "properties": {
+                    "by": { "type": "string", "enum": ["application", "route", "service"] },
+                    "order": { "type": "string", "enum": ["requests", "errors", "p99"] },
+                    "step": { "type": "string", "enum": ["minute", "hour", "day"] },
+                    "from": { "type": "integer" },
+                    "to": { "type": "integer" },
+                    "items": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["key", "requests", "errors", "error_rate", "p50", "p95",
+                                         "p99", "bytes_in", "bytes_out"],
+                            "properties": {
+                                "key": { "type": ["string", "null"], "description": "null: calls without one." },
+                                "requests": { "type": "integer", "minimum": 0 },
+                                "errors": { "type": "integer", "minimum": 0, "description": "4xx and 5xx." },
+                                "error_rate": { "type": ["number", "null"] },
+                                "p50": { "type": ["number", "null"], "description": "Milliseconds." },
+                                "p95": { "type": ["number", "null"] },
+                                "p99": { "type": ["number", "null"] },
+                                "bytes_in": { "type": "integer", "minimum": 0 },
+                                "bytes_out": { "type": "integer", "minimum": 0 }
+                            }
+                        }
+                    }
+                }
+            }),
+        ),
+        (
+            "AlertHistoryPage",
+            json!({
+                "type": "object",
+                "required": ["items", "next_cursor"],
+                "properties": {
+                    "items": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["id", "rule", "kind", "state", "value", "threshold", "at", "notified"],
+                            "properties": {
+                                "id": { "type": "string" },
+                                "rule": { "type": "string" },
+                                "kind": { "type": "string" },
+                                "state": { "type": "string", "enum": ["firing", "resolved"] },
+                                "value": { "type": ["number", "null"] },
+                                "threshold": { "type": ["number", "null"] },
+                                "at": { "type": "string", "format": "date-time" },
+                                "notified": { "type": "boolean" }
+                            }
+                        }
+                    },
+                    "next_cursor": nullable("string")
+                }
+            }),
+        ),
+        (
             "OpenApiDocument",
             json!({ "type": "object", "description": "An OpenAPI 3 document." }),
         ),
@@ -573,8 +670,90 @@ fn query_params(spec: QuerySpec) -> Vec<Value> {
             "Only objects in this state.",
         )
     };
+    let time = |name: &str, what: &str| {
+        query_param(
+            name,
+            json!({ "type": "string" }),
+            &format!("{what}: epoch milliseconds or an RFC 3339 time."),
+        )
+    };
+    let label = |name: &str, what: &str| {
+        query_param(name, json!({ "type": "string", "maxLength": 512 }), what)
+    };
+    let team = || {
+        query_param(
+            "team",
+            json!({ "type": "string" }),
+            "Only this team's services and applications (required unless super admin).",
+        )
+    };
+    let labels = || {
+        vec![
+            label("service", "Only this service (store id)."),
+            label(
+                "route",
+                "Only this route (gateway route name, `team/service/route`).",
+            ),
+            label("application", "Only this application (store id)."),
+        ]
+    };
     match spec {
         QuerySpec::None => Vec::new(),
+        QuerySpec::Timeseries => {
+            let mut v = vec![
+                json!({
+                    "name": "metric", "in": "query", "required": true,
+                    "schema": { "type": "string", "enum": crate::analytics::METRICS },
+                    "description": "What each point measures."
+                }),
+                time("from", "Start (default: 60 steps before `to`)"),
+                time("to", "End, exclusive (default: now)"),
+                query_param(
+                    "step",
+                    json!({ "type": "string", "enum": ["minute", "hour", "day"] }),
+                    "Bucket width (default minute).",
+                ),
+                query_param(
+                    "group_by",
+                    json!({ "type": "string", "enum": crate::analytics::GROUP_BY }),
+                    "One series per value of this label.",
+                ),
+            ];
+            v.extend(labels());
+            v.push(team());
+            v
+        }
+        QuerySpec::Top => {
+            let mut v = vec![
+                json!({
+                    "name": "by", "in": "query", "required": true,
+                    "schema": { "type": "string", "enum": ["application", "route", "service"] },
+                    "description": "What is ranked."
+                }),
+                query_param(
+                    "order",
+                    json!({ "type": "string", "enum": ["requests", "errors", "p99"] }),
+                    "Ranked by (default requests), highest first.",
+                ),
+                time("from", "Start (default: 24 hours before `to`)"),
+                time("to", "End, exclusive (default: now)"),
+                query_param(
+                    "limit",
+                    json!({ "type": "integer", "minimum": 1, "maximum": 100 }),
+                    "How many (default 10).",
+                ),
+            ];
+            v.extend(labels());
+            v.push(team());
+            v
+        }
+        QuerySpec::AlertHistory => vec![
+            query_param("rule", json!({ "type": "string" }), "Only this rule."),
+            time("from", "Only transitions at or after"),
+            time("to", "Only transitions before"),
+            limit(),
+            cursor(),
+        ],
         QuerySpec::List => vec![
             limit(),
             cursor(),

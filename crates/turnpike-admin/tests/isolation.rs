@@ -194,8 +194,11 @@ async fn a_team_admin_cannot_see_or_touch_another_team() {
                 || (path == "/admin/v1/teams" && method == Method::POST)
             {
                 r.expect_error(403, "forbidden");
-            } else if path == "/admin/v1/audit" {
-                // Without `team` only super admins may read it.
+            } else if path == "/admin/v1/audit"
+                || path.starts_with("/admin/v1/analytics/")
+                || path == "/admin/v1/alerts/history"
+            {
+                // Without `team` only super admins may read them (alert history: only they).
                 r.expect_error(403, "forbidden");
             } else {
                 assert!(r.status.is_success(), "{what}: {:#}", r.body);

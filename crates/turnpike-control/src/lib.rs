@@ -14,6 +14,8 @@
 //! again, and a rollback is a new release with old content. Upstreams, credentials and
 //! subscriptions are read live: they are operations, not API design.
 
+pub mod alerts;
+pub mod analytics;
 pub mod calllog;
 pub mod quota;
 

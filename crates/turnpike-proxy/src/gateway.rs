@@ -164,6 +164,21 @@ impl Gateway {
         self.shared.observer.clone()
     }
 
+    /// Targets of upstream `name` that may receive traffic now (healthy, not ejected), and
+    /// all its targets; `None` when the live snapshot has no such upstream. For alerts.
+    pub fn upstream_health(&self, name: &str) -> Option<(usize, usize)> {
+        let snapshot = self.shared.snapshot.load();
+        let (upstream, _) = snapshot.upstreams.get(name)?;
+        let targets = upstream.targets();
+        let available = targets.iter().filter(|t| t.is_available()).count();
+        Some((available, targets.len()))
+    }
+
+    /// The live snapshot's store-managed index (subscriptions, plan quotas), for alerts.
+    pub fn managed(&self) -> Arc<turnpike_model::managed::Managed> {
+        self.shared.snapshot.load().managed.clone()
+    }
+
     /// Version of the live snapshot.
     pub fn version(&self) -> u64 {
         self.shared.snapshot.load().version

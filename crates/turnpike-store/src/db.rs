@@ -90,6 +90,7 @@ pub(crate) enum Arg<'a> {
     Text(Option<&'a str>),
     Int(Option<i64>),
     Bool(bool),
+    Float(f64),
     Json(Option<&'a Value>),
 }
 
@@ -109,6 +110,7 @@ arg_from! {
     i64 => |v| Self::Int(Some(v));
     Option<i64> => |v| Self::Int(v);
     bool => |v| Self::Bool(v);
+    f64 => |v| Self::Float(v);
     &'a Value => |v| Self::Json(Some(v));
     Option<&'a Value> => |v| Self::Json(v);
 }
@@ -143,6 +145,7 @@ macro_rules! bind_all {
                 Arg::Text(v) => query.bind(v),
                 Arg::Int(v) => query.bind(v),
                 Arg::Bool(v) => query.bind(v),
+                Arg::Float(v) => query.bind(v),
                 Arg::Json(v) => query.bind(v.map(Json)),
             };
         }

@@ -37,10 +37,12 @@
 
 #![warn(missing_docs, missing_debug_implementations)]
 
+mod analytics;
 mod calllog;
 mod db;
 mod error;
 mod model;
+pub mod sketch;
 mod sql;
 mod token;
 mod tx;
@@ -53,6 +55,9 @@ use std::time::Duration;
 
 use tokio::sync::watch as channel;
 
+pub use analytics::{
+    AlertEvent, AlertState, HistoryQuery, RollupFilter, RollupRow, Step, fold_rows, merge_row,
+};
 pub use calllog::{CallLogQuery, CallLogRecord, CallLogScope, valid_call_log_cursor};
 pub use error::{BoxError, Result, StoreError};
 pub use model::{

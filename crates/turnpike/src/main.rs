@@ -598,12 +598,13 @@ async fn serve(args: ServeArgs) -> ExitCode {
     }
     let (quota_stop, quota_stop_rx) = tokio::sync::watch::channel(false);
     let quotas = QuotaWiring {
+        gateway: gateway.clone(),
+        analytics: served.observability.analytics.clone(),
         tracker: gateway.quotas(),
         interval: args.quota_flush_interval,
         retention: args.quota_retention,
         stop: quota_stop_rx,
         tasks: std::sync::Arc::default(),
-        gateway: gateway.clone(),
         call_log,
     };
     match (store, store_url) {
@@ -804,13 +805,17 @@ fn store_unavailable(
 /// What starts the quota sync once the store is open, and what stops it at shutdown.
 #[derive(Clone)]
 struct QuotaWiring {
+    /// The gateway whose calls analytics and the call log record (and whose upstreams
+    /// alerts watch).
+    gateway: std::sync::Arc<Gateway>,
+    /// Analytics and alerts; read at start (changing them needs a restart).
+    analytics: turnpike_model::observe::AnalyticsConfig,
     tracker: std::sync::Arc<turnpike_proxy::quota::QuotaTracker>,
     interval: Duration,
     retention: Duration,
     stop: tokio::sync::watch::Receiver<bool>,
     tasks: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
     /// The call-log writer starts with the store and stops (flushing) with the quota sync.
-    gateway: std::sync::Arc<Gateway>,
     call_log: turnpike_model::observe::CallLogConfig,
 }
 
@@ -855,9 +860,18 @@ fn start_management(
         &quotas.gateway.observer(),
         quotas.stop.clone(),
     );
+    // Analytics rollups, downsampling and alerts; their flusher writes the last minutes when
+    // `stop` turns true, so their tasks are awaited with the quota sync at shutdown.
+    let analytics = turnpike_control::analytics::start(
+        &store,
+        &quotas.gateway,
+        &quotas.analytics,
+        &quotas.stop,
+    );
     if let Ok(mut tasks) = quotas.tasks.lock() {
         tasks.push(task);
         tasks.extend(call_log.map(|(_, task)| task));
+        tasks.extend(analytics.into_iter().flat_map(|a| a.tasks));
     }
     turnpike_control::spawn_sync(control.clone(), store, poll)
 }

@@ -43,6 +43,7 @@ use serde_json::{Map, Value};
 
 pub use keys::Algorithm;
 use keys::{JwksRules, Key};
+pub use remote::JsonPoster;
 use remote::{Fetcher, KeySet, Location, RemoteJwks};
 
 /// Default for [`KeySource::JwksUrl`]'s `cache_ttl`.

@@ -344,6 +344,16 @@ impl Fetcher {
         self.send(request).await
     }
 
+    /// POSTs a JSON body to `url`; the body of a successful answer.
+    pub(crate) async fn post_json(&self, url: &Uri, body: String) -> Result<String, String> {
+        let request = Request::post(url.clone())
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::USER_AGENT, "turnpike")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| format!("cannot build request: {e}"))?;
+        self.send(request).await
+    }
+
     /// Sends `request` under the timeout and body cap.
     async fn send(&self, request: Request<Full<Bytes>>) -> Result<String, String> {
         let work = async {
@@ -464,5 +474,30 @@ impl AsyncWrite for JwksStream {
             JwksStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             JwksStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
+    }
+}
+
+/// An HTTP(S) client for small JSON POSTs made off the request path (alert webhooks): the
+/// same connector, webpki roots, timeout and answer cap as the JWKS fetcher, so the
+/// workspace keeps one outbound HTTP stack.
+#[derive(Clone)]
+pub struct JsonPoster(Fetcher);
+
+impl std::fmt::Debug for JsonPoster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JsonPoster")
+    }
+}
+
+impl JsonPoster {
+    /// A poster whose calls give up after `timeout`; answers over 64 KiB are an error.
+    pub fn new(timeout: Duration) -> Result<Self, String> {
+        Fetcher::new(timeout, 64 * 1024).map(Self)
+    }
+
+    /// POSTs `body` (JSON) to `url`; `Ok` on a 2xx answer.
+    pub async fn post(&self, url: &str, body: String) -> Result<(), String> {
+        let uri: Uri = url.parse().map_err(|e| format!("bad URL {url:?}: {e}"))?;
+        self.0.post_json(&uri, body).await.map(|_| ())
     }
 }
