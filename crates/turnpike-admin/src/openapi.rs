@@ -491,10 +491,10 @@ fn components() -> Map<String, Value> {
                                 },
                                 "points": {
                                     "type": "array",
-                                    "description": "`[time, value]` per step; value null where a ratio or latency has no requests.",
+                                    "description": "`[time, value]` per step: time in epoch milliseconds (an integer), value null where a ratio or latency has no requests.",
                                     "items": {
                                         "type": "array",
-                                        "prefixItems": [{ "type": "integer" }, { "type": ["number", "null"] }],
+                                        "items": { "type": ["number", "null"] },
                                         "minItems": 2,
                                         "maxItems": 2
                                     }

@@ -34,6 +34,9 @@ pub struct Alerts {
     poster: JsonPoster,
     clock: Mutex<SharedClock>,
     gateway: Mutex<Weak<Gateway>>,
+    /// How long after a minute closes its rows are surely in the store (the nodes'
+    /// flush interval and a margin); rules read only minutes older than that.
+    settle_ms: std::sync::atomic::AtomicI64,
 }
 
 fn millis(d: std::time::Duration) -> i64 {
@@ -79,7 +82,16 @@ impl Alerts {
             poster,
             clock: Mutex::new(Arc::new(SystemClock)),
             gateway: Mutex::new(Weak::new()),
+            settle_ms: std::sync::atomic::AtomicI64::new(0),
         }))
+    }
+
+    /// Reads only minutes that closed at least `settle` ago: a minute is written by each
+    /// node at its next flush, so a younger one may still be missing rows and would look
+    /// like a traffic drop.
+    pub fn set_settle(&self, settle: std::time::Duration) {
+        self.settle_ms
+            .store(millis(settle), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Replaces the clock (tests).
@@ -110,8 +122,10 @@ impl Alerts {
     /// Measures one rule now. `Ok(None)`: nothing to judge (no such upstream yet).
     pub async fn measure(&self, rule: &AlertRule) -> Result<Option<Measure>, String> {
         let now = self.now_ms();
-        // Closed minutes only: the current one is still being counted.
-        let end = Step::Minute.floor(now);
+        // Closed and flushed minutes only: the current one is still being counted, and a
+        // just-closed one may not be in the store yet.
+        let settle = self.settle_ms.load(std::sync::atomic::Ordering::Relaxed);
+        let end = Step::Minute.floor(now.saturating_sub(settle));
         let window = millis(rule.window);
         let filter = RollupFilter {
             service: rule.service.clone(),
@@ -322,7 +336,9 @@ impl Alerts {
             .to_string();
             for url in &rule.webhooks {
                 if let Err(e) = self.poster.post(url, body.clone()).await {
-                    tracing::warn!(rule = %rule.name, webhook = %url, error = %e, "alert webhook failed");
+                    // Webhook URLs often carry their secret in the path: log the origin only.
+                    let origin = url.split('/').take(3).collect::<Vec<_>>().join("/");
+                    tracing::warn!(rule = %rule.name, webhook = %origin, error = %e, "alert webhook failed");
                 }
             }
         }

@@ -511,6 +511,7 @@ pub fn start(
         match crate::alerts::Alerts::new(store.clone(), config.alerts.clone()) {
             Ok(a) => {
                 a.set_gateway(gateway);
+                a.set_settle(config.flush_interval + std::time::Duration::from_secs(5));
                 tasks.push(spawn_every(
                     config.alerts.evaluate_interval,
                     stop.clone(),

@@ -189,12 +189,16 @@ impl Status {
                 "name": "draining", "ok": false, "detail": "the gateway is shutting down",
             }));
         }
+        // A dependency check (the store) never makes the node unready: the gateway keeps
+        // serving its last snapshot without it, and a store outage must not take every node
+        // out of a load balancer at once. It shows as `degraded`.
+        let mut degraded = false;
         let check = self.readiness.read().ok().and_then(|c| c.clone());
         if let Some(check) = check {
             match check.check().await {
                 Ok(()) => checks.push(serde_json::json!({"name": check.name(), "ok": true})),
                 Err(e) => {
-                    failing.push(format!("{}: {e}", check.name()));
+                    degraded = true;
                     checks
                         .push(serde_json::json!({"name": check.name(), "ok": false, "detail": e}));
                 }
@@ -203,7 +207,10 @@ impl Status {
         if failing.is_empty() {
             json(
                 StatusCode::OK,
-                &serde_json::json!({"status": "ready", "checks": checks}),
+                &serde_json::json!({
+                    "status": if degraded { "degraded" } else { "ready" },
+                    "checks": checks,
+                }),
                 rid,
             )
         } else {

@@ -13,6 +13,10 @@ use serde::{Deserialize, Serialize};
 pub struct AccessLogConfig {
     /// The fields each record carries. Default: [`AccessField::BASIC`].
     pub fields: Vec<AccessField>,
+    /// Query parameters whose values are written as `***` in the `query` field (compared
+    /// without regard to case). Credentials sent in the query (`key_auth` with
+    /// `in: query`, tokens) must be listed here.
+    pub mask_query_params: Vec<String>,
     /// Opt-in capture of request and response headers and bodies.
     pub capture: CaptureConfig,
     /// Where records go; several sinks may run at once, each with its own queue.
@@ -27,12 +31,34 @@ impl Default for AccessLogConfig {
     fn default() -> Self {
         Self {
             fields: AccessField::BASIC.to_vec(),
+            mask_query_params: DEFAULT_MASK_QUERY_PARAMS
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect(),
             capture: CaptureConfig::default(),
             sinks: Vec::new(),
             flush_timeout: Duration::from_secs(5),
         }
     }
 }
+
+/// Query parameters masked in access logs unless configured otherwise: the names API keys
+/// and tokens are usually sent under.
+pub const DEFAULT_MASK_QUERY_PARAMS: &[&str] = &[
+    "apikey",
+    "api_key",
+    "api-key",
+    "key",
+    "access_token",
+    "token",
+    "id_token",
+    "refresh_token",
+    "client_secret",
+    "password",
+    "secret",
+    "sig",
+    "signature",
+];
 
 /// One field of an access-log record.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash, JsonSchema)]

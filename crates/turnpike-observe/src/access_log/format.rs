@@ -12,6 +12,8 @@ use crate::CallEvent;
 pub struct Formatter {
     fields: Vec<AccessField>,
     mask_fields: Vec<String>,
+    /// Lower-case names of query parameters whose values are masked.
+    mask_query: Vec<String>,
 }
 
 impl Formatter {
@@ -20,7 +22,39 @@ impl Formatter {
         Self {
             fields: fields.to_vec(),
             mask_fields: capture.map(|c| c.mask_fields.clone()).unwrap_or_default(),
+            mask_query: turnpike_model::observe::access_log::DEFAULT_MASK_QUERY_PARAMS
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect(),
         }
+    }
+
+    /// The same formatter, masking the values of these query parameters instead of the
+    /// default ones.
+    pub fn with_query_mask(mut self, names: &[String]) -> Self {
+        self.mask_query = names.iter().map(|n| n.to_ascii_lowercase()).collect();
+        self
+    }
+
+    /// `query` with the values of the masked parameters replaced by `***`.
+    fn masked_query(&self, query: &str) -> String {
+        if self.mask_query.is_empty() {
+            return query.to_owned();
+        }
+        let mut out = String::with_capacity(query.len());
+        for (i, pair) in query.split('&').enumerate() {
+            if i > 0 {
+                out.push('&');
+            }
+            let name = pair.split_once('=').map_or(pair, |(n, _)| n);
+            if self.mask_query.iter().any(|m| m.eq_ignore_ascii_case(name)) {
+                out.push_str(name);
+                out.push_str("=***");
+            } else {
+                out.push_str(pair);
+            }
+        }
+        out
     }
 
     /// The record for `e`. Absent values are left out rather than written as `null`, so
@@ -50,7 +84,10 @@ impl Formatter {
                 AccessField::Method => Value::String(e.method.clone()),
                 AccessField::Host => text(e.host.as_deref()),
                 AccessField::Path => Value::String(e.path.clone()),
-                AccessField::Query => text(e.query.as_deref()),
+                AccessField::Query => e
+                    .query
+                    .as_deref()
+                    .map_or(Value::Null, |q| Value::String(self.masked_query(q))),
                 AccessField::Route => text(e.route.as_deref()),
                 AccessField::Service => text(e.service.as_deref()),
                 AccessField::Application => text(e.application.as_deref()),
@@ -146,6 +183,22 @@ mod tests {
     fn time_is_rfc3339_utc_with_millis() {
         assert_eq!(rfc3339_ms(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(rfc3339_ms(1_767_322_245_678), "2026-01-02T02:50:45.678Z");
+    }
+
+    #[test]
+    fn credentials_in_the_query_are_masked() {
+        let mut e = crate::tests::event();
+        e.query = Some("page=2&APIKEY=s3cret&access_token=t&flag&keyless=1".into());
+        let f = Formatter::new(&[AccessField::Query], None);
+        assert_eq!(
+            f.record(&e)["query"],
+            "page=2&APIKEY=***&access_token=***&flag&keyless=1"
+        );
+        let f = Formatter::new(&[AccessField::Query], None).with_query_mask(&["page".into()]);
+        assert_eq!(
+            f.record(&e)["query"],
+            "page=***&APIKEY=s3cret&access_token=t&flag&keyless=1"
+        );
     }
 
     #[test]

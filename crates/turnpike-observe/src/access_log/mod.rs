@@ -143,7 +143,9 @@ impl AccessLog {
             return Ok(None);
         }
         let capture = Capture::from_config(&cfg.capture).map(Arc::new);
-        let formatter = Arc::new(Formatter::new(&cfg.fields, capture.as_deref()));
+        let formatter = Arc::new(
+            Formatter::new(&cfg.fields, capture.as_deref()).with_query_mask(&cfg.mask_query_params),
+        );
         let (stop, stop_rx) = watch::channel(false);
         let mut sinks = Vec::new();
         let mut tasks = Vec::new();
