@@ -5,13 +5,13 @@
 //! the traffic of that team's services (as provider) and of its applications (as
 //! consumer). Alert rules are gateway configuration, so their history is for super admins.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use turnpike_model::mgmt::{Kind, Role};
 use turnpike_store::sketch::LatencySketch;
-use turnpike_store::{HistoryQuery, RollupFilter, RollupRow, Step, now_ms};
+use turnpike_store::{HistoryQuery, RollupFilter, RollupRow, RollupScope, Step, now_ms};
 
 use crate::auth::team_access;
 use crate::error::{AdminError, AdminResult};
@@ -32,8 +32,6 @@ pub(crate) const METRICS: [&str; 8] = [
 ];
 /// The labels series can be split by.
 pub(crate) const GROUP_BY: [&str; 4] = ["service", "route", "application", "status"];
-/// The most points one series may have.
-const MAX_POINTS: i64 = 10_000;
 /// Latest time accepted (the year 9999), so arithmetic on times cannot overflow.
 const MAX_TIME: i64 = 253_402_300_799_999;
 
@@ -78,13 +76,9 @@ fn filter_of(ctx: &Ctx) -> AdminResult<RollupFilter> {
     Ok(f)
 }
 
-/// Which rows the caller may see: `None` for everything (super admin without `team`).
-struct Scope {
-    services: HashSet<String>,
-    applications: HashSet<String>,
-}
-
-async fn scope(ctx: &Ctx) -> AdminResult<Option<Scope>> {
+/// Which rows the caller may see: `None` for everything (super admin without `team`). Applied
+/// by the store, so rows of other teams are never read (nor count against `max_rows`).
+async fn scope(ctx: &Ctx) -> AdminResult<Option<RollupScope>> {
     let caller = ctx.caller()?;
     let team = match ctx.query_text("team") {
         Some(name) => team_access(ctx.store(), caller, &name, Role::Viewer).await?,
@@ -96,16 +90,10 @@ async fn scope(ctx: &Ctx) -> AdminResult<Option<Scope>> {
         }
     };
     let ids = |objs: Vec<turnpike_store::Object>| objs.into_iter().map(|o| o.id).collect();
-    Ok(Some(Scope {
+    Ok(Some(RollupScope {
         services: ids(all_of(ctx.store(), Kind::Service, Some(&team.id)).await?),
         applications: ids(all_of(ctx.store(), Kind::Application, Some(&team.id)).await?),
     }))
-}
-
-fn in_scope(scope: Option<&Scope>, row: &RollupRow) -> bool {
-    scope.is_none_or(|s| {
-        s.services.contains(&row.service) || s.applications.contains(&row.application)
-    })
 }
 
 /// The range `[from, to)` aligned to `step`, with defaults and bounds.
@@ -192,6 +180,32 @@ fn label_of(row: &RollupRow, by: &str) -> Value {
     }
 }
 
+/// The rollup rows of a query, or `too_many_rows` past the configured bound (the store stops
+/// reading there, so a wide query costs at most that many rows).
+async fn bounded_rows(
+    ctx: &Ctx,
+    step: Step,
+    from: i64,
+    to: i64,
+    filter: &RollupFilter,
+) -> AdminResult<Vec<RollupRow>> {
+    let max_rows = ctx.analytics_limits().max_rows;
+    ctx.store()
+        .rollups_at_bounded(step, from, to, filter, max_rows)
+        .await?
+        .ok_or_else(|| {
+            AdminError::too_large(
+                "too_many_rows",
+                "from",
+                format!(
+                    "the range holds more than {max_rows} rollup rows \
+                     (observability.analytics.query.max_rows): narrow it, filter it, \
+                     or use a coarser step"
+                ),
+            )
+        })
+}
+
 /// `GET /analytics/timeseries`.
 pub(crate) async fn timeseries(ctx: &Ctx) -> AdminResult<Response> {
     let metric = ctx
@@ -215,19 +229,26 @@ pub(crate) async fn timeseries(ctx: &Ctx) -> AdminResult<Response> {
             format!("group_by must be one of {}", GROUP_BY.join(", ")),
         ));
     }
-    let filter = filter_of(ctx)?;
+    let mut filter = filter_of(ctx)?;
     let (from, to) = range(ctx, step, 60)?;
-    if (to - from) / step.millis() > MAX_POINTS {
-        return Err(AdminError::validation(
+    let limits = ctx.analytics_limits();
+    let points = u64::try_from((to - from) / step.millis()).unwrap_or(u64::MAX);
+    if points > limits.max_points {
+        return Err(AdminError::too_large(
+            "too_many_points",
             "from",
-            format!("at most {MAX_POINTS} points per series: use a coarser step"),
+            format!(
+                "{points} points per series, at most {} (observability.analytics.query.max_points): \
+                 use a coarser step or a shorter range",
+                limits.max_points
+            ),
         ));
     }
-    let scope = scope(ctx).await?;
-    let rows = ctx.store().rollups_at(step, from, to, &filter).await?;
+    filter.scope = scope(ctx).await?;
+    let rows = bounded_rows(ctx, step, from, to, &filter).await?;
     // Series key (label value) → bucket → accumulated traffic.
     let mut series: BTreeMap<String, (Value, BTreeMap<i64, Acc>)> = BTreeMap::new();
-    for row in rows.iter().filter(|r| in_scope(scope.as_ref(), r)) {
+    for row in &rows {
         let label = group_by
             .as_deref()
             .map_or(Value::Null, |g| label_of(row, g));
@@ -235,6 +256,18 @@ pub(crate) async fn timeseries(ctx: &Ctx) -> AdminResult<Response> {
             .entry(label.to_string())
             .or_insert_with(|| (label, BTreeMap::new()));
         entry.1.entry(row.bucket).or_default().add(row);
+    }
+    if series.len() > limits.max_series {
+        return Err(AdminError::too_large(
+            "too_many_series",
+            "group_by",
+            format!(
+                "{} series, at most {} (observability.analytics.query.max_series): \
+                 filter by service, route or application, or group by another label",
+                series.len(),
+                limits.max_series
+            ),
+        ));
     }
     if group_by.is_none() && series.is_empty() {
         series.insert(String::new(), (Value::Null, BTreeMap::new()));
@@ -306,7 +339,7 @@ pub(crate) async fn top(ctx: &Ctx) -> AdminResult<Response> {
             }
         },
     };
-    let filter = filter_of(ctx)?;
+    let mut filter = filter_of(ctx)?;
     let to_raw = parse_time(ctx, "to")?.unwrap_or_else(now_ms);
     let from_raw =
         parse_time(ctx, "from")?.unwrap_or_else(|| to_raw.saturating_sub(86_400_000).max(0));
@@ -327,10 +360,10 @@ pub(crate) async fn top(ctx: &Ctx) -> AdminResult<Response> {
     if from >= to {
         return Err(AdminError::validation("from", "from must be before to"));
     }
-    let scope = scope(ctx).await?;
-    let rows = ctx.store().rollups_at(step, from, to, &filter).await?;
+    filter.scope = scope(ctx).await?;
+    let rows = bounded_rows(ctx, step, from, to, &filter).await?;
     let mut groups: BTreeMap<String, (Value, Acc)> = BTreeMap::new();
-    for row in rows.iter().filter(|r| in_scope(scope.as_ref(), r)) {
+    for row in &rows {
         let key = label_of(row, &by);
         groups
             .entry(key.to_string())

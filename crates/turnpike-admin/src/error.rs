@@ -132,6 +132,14 @@ impl AdminError {
         e
     }
 
+    /// 422 with `code` (`too_many_points`, ...): a well-formed query whose answer would pass
+    /// a configured bound; `field` names the parameter to narrow.
+    pub fn too_large(code: &'static str, field: &str, message: impl Into<String>) -> Self {
+        let mut e = Self::new(StatusCode::UNPROCESSABLE_ENTITY, code, message);
+        e.field = Some(field.to_owned());
+        e
+    }
+
     /// 503 `store_unavailable`: retry later.
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::new(

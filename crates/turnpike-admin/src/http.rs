@@ -143,6 +143,11 @@ impl Ctx {
         &self.state.inner.store
     }
 
+    /// Bounds on analytics queries.
+    pub fn analytics_limits(&self) -> turnpike_model::observe::analytics::AnalyticsQueryLimits {
+        self.state.inner.analytics_limits
+    }
+
     /// A query parameter.
     pub fn query_text(&self, name: &str) -> Option<String> {
         self.query.get(name).cloned()

@@ -66,6 +66,7 @@ pub struct AdminState {
 struct StateInner {
     store: Store,
     max_body_bytes: usize,
+    analytics_limits: turnpike_model::observe::analytics::AnalyticsQueryLimits,
 }
 
 impl AdminState {
@@ -75,6 +76,7 @@ impl AdminState {
             inner: Arc::new(StateInner {
                 store,
                 max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+                analytics_limits: Default::default(),
             }),
         }
     }
@@ -86,6 +88,23 @@ impl AdminState {
             inner: Arc::new(StateInner {
                 store: self.inner.store.clone(),
                 max_body_bytes,
+                analytics_limits: self.inner.analytics_limits,
+            }),
+        }
+    }
+
+    /// The same state with other bounds on analytics queries
+    /// (`observability.analytics.query`).
+    #[must_use]
+    pub fn with_analytics_limits(
+        self,
+        analytics_limits: turnpike_model::observe::analytics::AnalyticsQueryLimits,
+    ) -> Self {
+        Self {
+            inner: Arc::new(StateInner {
+                store: self.inner.store.clone(),
+                max_body_bytes: self.inner.max_body_bytes,
+                analytics_limits,
             }),
         }
     }

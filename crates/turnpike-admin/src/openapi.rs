@@ -196,11 +196,12 @@ fn error_schema() -> Value {
                         "description": "Stable: bad_request, unauthorized, forbidden, not_found, \
                             route_not_found, method_not_allowed, conflict, precondition_failed, \
                             payload_too_large, unsupported_media_type, validation_failed, \
+                            too_many_points, too_many_series, too_many_rows, \
                             store_unavailable, internal."
                     },
                     "message": { "type": "string" },
                     "request_id": { "type": "string" },
-                    "field": { "type": "string", "description": "For validation_failed: the offending field's path." }
+                    "field": { "type": "string", "description": "For validation_failed and the too_many_* codes: the offending field or parameter." }
                 }
             }
         }

@@ -383,3 +383,101 @@ async fn only_a_super_admin_sets_a_team_route_space() {
     .await
     .expect(200);
 }
+
+/// One stored minute row of `route` at `bucket`.
+fn minute_row(bucket: i64, route: &str) -> turnpike_store::RollupRow {
+    let mut sketch = turnpike_store::sketch::LatencySketch::new();
+    sketch.add(1_000);
+    turnpike_store::RollupRow {
+        resolution: "minute".into(),
+        node: "n1".into(),
+        bucket,
+        service: "t/svc".into(),
+        route: route.into(),
+        application: String::new(),
+        status: 200,
+        requests: 1,
+        errors_4xx: 0,
+        errors_5xx: 0,
+        bytes_in: 0,
+        bytes_out: 0,
+        latency_sum_us: 1_000,
+        sketch: sketch.to_text(),
+    }
+}
+
+/// Each configured bound on an analytics query answers 422 with its own code and names the
+/// parameter to narrow; a query inside the bounds is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn analytics_queries_are_bounded_by_configured_limits() {
+    let s = Server::sqlite_with(|state| {
+        state.with_analytics_limits(turnpike_model::observe::analytics::AnalyticsQueryLimits {
+            max_points: 60,
+            max_series: 3,
+            max_rows: 9,
+        })
+    })
+    .await;
+    let t0: i64 = 1_700_000_040_000; // a minute boundary
+    // Five routes in the first minute, one more row in each of the next four minutes, and a
+    // tenth row after them.
+    let mut rows: Vec<_> = (0..5)
+        .map(|i| minute_row(t0, &format!("t/svc/r{i}")))
+        .collect();
+    rows.extend((1..5).map(|m| minute_row(t0 + m * 60_000, "t/svc/r0")));
+    rows.push(minute_row(t0 + 7 * 60_000, "t/svc/r0"));
+    s.store.put_rollups(&rows).await.unwrap();
+    let ts = "/admin/v1/analytics/timeseries?metric=requests";
+
+    let ok = s
+        .get(&format!("{ts}&from={t0}&to={}", t0 + 5 * 60_000), &s.admin)
+        .await
+        .expect(200);
+    let points = ok.body["series"][0]["points"].as_array().unwrap();
+    let total: u64 = points.iter().map(|p| p[1].as_u64().unwrap()).sum();
+    assert_eq!((points.len(), total), (5, 9));
+
+    let r = s
+        .get(&format!("{ts}&from={t0}&to={}", t0 + 61 * 60_000), &s.admin)
+        .await
+        .expect_error(422, "too_many_points");
+    assert_eq!(r.body["error"]["field"], "from", "{:#}", r.body);
+    assert!(
+        r.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_points")
+    );
+
+    s.get(
+        &format!("{ts}&from={t0}&to={}&group_by=route", t0 + 60_000),
+        &s.admin,
+    )
+    .await
+    .expect_error(422, "too_many_series");
+    // Filtered to fewer series, the same grouping is answered.
+    s.get(
+        &format!(
+            "{ts}&from={t0}&to={}&group_by=route&route=t/svc/r0",
+            t0 + 60_000
+        ),
+        &s.admin,
+    )
+    .await
+    .expect(200);
+
+    // Ten rows in the range, nine allowed: time series and top-N both refuse.
+    s.get(&format!("{ts}&from={t0}&to={}", t0 + 10 * 60_000), &s.admin)
+        .await
+        .expect_error(422, "too_many_rows");
+    s.get(
+        &format!(
+            "/admin/v1/analytics/top?by=route&from={t0}&to={}",
+            t0 + 10 * 60_000
+        ),
+        &s.admin,
+    )
+    .await
+    .expect_error(422, "too_many_rows");
+    s.close().await;
+}

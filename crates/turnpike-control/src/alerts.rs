@@ -131,6 +131,7 @@ impl Alerts {
             service: rule.service.clone(),
             route: rule.route.clone(),
             application: rule.application.clone(),
+            scope: None,
         };
         let read = |from: i64, to: i64| {
             let filter = filter.clone();

@@ -8,8 +8,11 @@
 //! `_other`, and [`Rollups::overflowed`] counts them), and at most [`MAX_PENDING_MINUTES`]
 //! unflushed minutes (older ones are dropped and counted when the store stays down).
 //!
-//! Minute rows are per node (`node` column, a random id per process): a node merges only
-//! into its own rows, so nodes sharing a PostgreSQL never race on a row. Hours and days are
+//! Minute rows are per flush batch: the `node` column is `<node>.<batch>`, a random id per
+//! process and a number that moves on only after a batch was written. A failed flush puts
+//! its minutes back and the next attempt writes them under the same batch id, setting (not
+//! adding to) those rows; so a flush whose commit landed but whose answer was lost is never
+//! counted twice, and nodes sharing a PostgreSQL never race on a row. Hours and days are
 //! recomputed from the finer rows of every node and replaced, so the downsampler is
 //! idempotent and any number of nodes may run it.
 
@@ -98,7 +101,14 @@ pub struct Rollups {
     keys_per_shard: usize,
     overflowed: AtomicU64,
     dropped: AtomicU64,
+    /// Calls whose minute rows reached the store.
+    flushed: AtomicU64,
     node: String,
+    /// The batch number of the next flush; held for the whole flush, so flushes never
+    /// overlap.
+    batch: tokio::sync::Mutex<u64>,
+    /// Tests: the next successful write reports a failure, as if the store's answer was lost.
+    lose_next_ack: std::sync::atomic::AtomicBool,
     clock: Mutex<SharedClock>,
     other: Arc<str>,
 }
@@ -124,7 +134,10 @@ impl Rollups {
             keys_per_shard: max_keys_per_minute.div_ceil(SHARDS).max(1),
             overflowed: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
+            flushed: AtomicU64::new(0),
             node: node.into(),
+            batch: tokio::sync::Mutex::new(0),
+            lose_next_ack: std::sync::atomic::AtomicBool::new(false),
             clock: Mutex::new(Arc::new(SystemClock)),
             other: Arc::from(OTHER),
         })
@@ -143,9 +156,16 @@ impl Rollups {
             .now_ms()
     }
 
-    /// The node id minute rows are written under.
+    /// The node id minute rows are written under (as `<node>.<batch>`).
     pub fn node(&self) -> &str {
         &self.node
+    }
+
+    /// Makes the next write that succeeds report a failure anyway, like a commit whose
+    /// answer never arrived (tests of the idempotent retry).
+    #[doc(hidden)]
+    pub fn lose_next_ack(&self) {
+        self.lose_next_ack.store(true, Ordering::Relaxed);
     }
 
     /// Calls counted under `_other` because their minute had too many keys.
@@ -225,12 +245,30 @@ impl Rollups {
     }
 
     async fn flush_before(&self, store: &Store, before: i64) -> Result<usize, String> {
+        let mut batch = self.batch.lock().await;
         let taken = self.take(before);
         if taken.is_empty() {
             return Ok(0);
         }
-        match tokio::time::timeout(STORE_TIMEOUT, self.write(store, &taken)).await {
-            Ok(Ok(n)) => Ok(n),
+        let node = format!("{}.{}", self.node, *batch);
+        let written = tokio::time::timeout(STORE_TIMEOUT, self.write(store, &node, &taken))
+            .await
+            .map(|r| {
+                r.and_then(|n| {
+                    if self.lose_next_ack.swap(false, Ordering::Relaxed) {
+                        Err("the store's answer was lost (test)".into())
+                    } else {
+                        Ok(n)
+                    }
+                })
+            });
+        match written {
+            Ok(Ok(n)) => {
+                *batch += 1;
+                let calls: u64 = taken.iter().map(|(_, a)| a.requests).sum();
+                self.flushed.fetch_add(calls, Ordering::Relaxed);
+                Ok(n)
+            }
             Ok(Err(e)) => {
                 self.put_back(taken);
                 Err(format!("cannot write analytics rollups: {e}"))
@@ -242,14 +280,19 @@ impl Rollups {
         }
     }
 
-    /// Merges the taken minutes into this node's rows (a late event can reach a minute
-    /// already written: its row is read and merged, never overwritten).
-    async fn write(&self, store: &Store, taken: &[(Key, Agg)]) -> Result<usize, String> {
+    /// Writes the taken minutes as the rows of batch `node`. Rows of the same batch are set,
+    /// not added to: a retry carries everything the failed attempt did (and maybe more).
+    async fn write(
+        &self,
+        store: &Store,
+        node: &str,
+        taken: &[(Key, Agg)],
+    ) -> Result<usize, String> {
         let mut rows: HashMap<(i64, String, String, String, i64), RollupRow> = HashMap::new();
         for (k, a) in taken {
             let row = RollupRow {
                 resolution: Step::Minute.as_str().to_owned(),
-                node: self.node.clone(),
+                node: node.to_owned(),
                 bucket: k.minute,
                 service: label(k.service.as_ref()),
                 route: label(k.route.as_ref()),
@@ -279,37 +322,28 @@ impl Rollups {
                 }
             }
         }
-        let mut minutes: Vec<i64> = rows.keys().map(|k| k.0).collect();
-        minutes.sort_unstable();
-        minutes.dedup();
-        let first = minutes.first().copied().unwrap_or(0);
-        let last = minutes.last().copied().unwrap_or(0);
-        // One read covers the range; rows of minutes not being flushed are ignored.
-        let existing = store
-            .rollups(
-                Step::Minute.as_str(),
-                first,
-                last.saturating_add(60_000),
-                Some(&self.node),
-                &RollupFilter::default(),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        for old in existing {
-            let key = (
-                old.bucket,
-                old.service.clone(),
-                old.route.clone(),
-                old.application.clone(),
-                old.status,
-            );
-            if let Some(row) = rows.get_mut(&key) {
-                turnpike_store::merge_row(row, &old);
-            }
-        }
         let rows: Vec<RollupRow> = rows.into_values().collect();
         store.put_rollups(&rows).await.map_err(|e| e.to_string())?;
         Ok(rows.len())
+    }
+}
+
+impl turnpike_observe::StatsSource for Rollups {
+    /// `sent` counts calls whose minute reached the store, `dropped` calls lost because the
+    /// store stayed down, `queued` calls held in memory for minutes not yet written. Calls
+    /// over the key cap are not lost (they count under `_other`), so they are not here.
+    fn sink_stats(&self) -> Vec<turnpike_observe::SinkStats> {
+        let queued: u64 = (0..SHARDS)
+            .map(|i| self.lock(i).aggs.values().map(|a| a.requests).sum::<u64>())
+            .sum();
+        vec![turnpike_observe::SinkStats {
+            name: "analytics".into(),
+            kind: "rollups",
+            sent: self.flushed.load(Ordering::Relaxed),
+            dropped: self.dropped.load(Ordering::Relaxed),
+            failed: 0,
+            queued: usize::try_from(queued).unwrap_or(usize::MAX),
+        }]
     }
 }
 
@@ -485,6 +519,9 @@ pub fn start(
     let node = format!("{:016x}", rand_id());
     let rollups = Rollups::new(config.max_keys_per_minute, node);
     gateway.observer().add(rollups.clone());
+    // Held weakly by the observer: the metrics stop when `Analytics` is dropped.
+    let source: Arc<dyn turnpike_observe::StatsSource> = rollups.clone();
+    gateway.observer().add_stats(&source);
     let downsampler = Downsampler::new(store.clone(), config.clone());
     let mut tasks = vec![
         spawn_flusher(

@@ -17,7 +17,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use turnpike_model::observe::CallLogConfig;
-use turnpike_observe::{CallEvent, CallSink, Observer};
+use turnpike_observe::{CallEvent, CallSink, Observer, WarnGate};
 use turnpike_store::{CallLogRecord, Store};
 
 /// How long one store call (a batch insert, a prune) may take before it counts as failed.
@@ -54,6 +54,8 @@ struct Counters {
     failed: AtomicU64,
     sampled_out: AtomicU64,
     pruned: AtomicU64,
+    /// Queue-full warnings, at most one per interval.
+    drop_warning: WarnGate,
 }
 
 /// Writes calls to the store in batches. Register it on the gateway's
@@ -85,7 +87,17 @@ impl CallSink for CallLogWriter {
         }
         match self.queue.try_send(Arc::clone(event)) {
             Ok(()) => self.counters.queued.fetch_add(1, Ordering::Relaxed),
-            Err(_) => self.counters.dropped.fetch_add(1, Ordering::Relaxed),
+            Err(_) => {
+                let total = self.counters.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                if self.counters.drop_warning.allow() {
+                    tracing::warn!(
+                        dropped_total = total,
+                        "call log queue full: dropping calls (the store is slower than the traffic; \
+                         see observability.call_log.queue_size and sample)"
+                    );
+                }
+                total
+            }
         };
     }
 }
@@ -309,6 +321,20 @@ fn record(e: &CallEvent) -> CallLogRecord {
     }
 }
 
+impl turnpike_observe::StatsSource for CallLogWriter {
+    fn sink_stats(&self) -> Vec<turnpike_observe::SinkStats> {
+        let s = self.stats();
+        vec![turnpike_observe::SinkStats {
+            name: "call_log".into(),
+            kind: "call_log",
+            sent: s.written,
+            dropped: s.dropped,
+            failed: s.failed,
+            queued: usize::try_from(s.queue_len).unwrap_or(usize::MAX),
+        }]
+    }
+}
+
 /// A running call-log writer, as [`start`] returns it.
 #[derive(Debug)]
 pub struct CallLogHandle {
@@ -351,5 +377,7 @@ pub fn spawn(
     let writer = CallLogWriter::new(store, config);
     let task = writer.spawn(stop);
     observer.add(writer.clone());
+    let source: Arc<dyn turnpike_observe::StatsSource> = writer.clone();
+    observer.add_stats(&source);
     Some((writer, task))
 }

@@ -62,6 +62,7 @@ fn event(t: i64, service: &str, route: &str, app: Option<&str>, status: u16, us:
         response_headers: None,
         request_body: None,
         response_body: None,
+        trace: None,
     }
 }
 
@@ -169,6 +170,12 @@ async fn rollups_match_raw_events(url: &str) {
     sink.set_clock(Arc::new(clock.clone()));
     // Minutes 0 and 1 are closed; minute 2 stays in memory.
     assert!(sink.flush(&store).await.unwrap() > 0);
+    // The metrics see what reached the store and what still waits in memory.
+    let stats = &turnpike_observe::StatsSource::sink_stats(&*sink)[0];
+    assert_eq!(
+        (stats.sent, stats.queued, stats.dropped),
+        (400 + 50, 200, 0)
+    );
     let rows = store
         .rollups_at(Step::Minute, T0, T0 + 3 * MIN, &RollupFilter::default())
         .await
@@ -271,6 +278,47 @@ async fn rollups_match_raw_events_on_sqlite() {
 async fn rollups_match_raw_events_on_postgres() {
     let schema = Schema::create();
     rollups_match_raw_events(&schema.url()).await;
+}
+
+/// A flush whose rows were committed but whose answer was lost is retried under the same
+/// batch id and sets the rows again: nothing is counted twice, and calls that arrived in
+/// between are added once.
+#[tokio::test]
+async fn a_lost_flush_acknowledgement_does_not_count_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&sqlite(&dir)).await.unwrap();
+    let sink = Rollups::new(1000, "node-x");
+    for i in 0..30u64 {
+        offer(&sink, event(T0 + 10, "svc", "t/s/r", None, 200, 1000 + i));
+    }
+    sink.lose_next_ack();
+    assert!(sink.flush_all(&store).await.is_err());
+    offer(&sink, event(T0 + 20, "svc", "t/s/r", None, 500, 5000));
+    offer(&sink, event(T0 + MIN, "svc", "t/s/r", None, 200, 2000));
+    sink.flush_all(&store).await.unwrap();
+    // Nothing new: the next flush writes nothing, and a later call gets a new batch.
+    assert_eq!(sink.flush_all(&store).await.unwrap(), 0);
+    offer(&sink, event(T0 + 30, "svc", "t/s/r", None, 200, 1000));
+    sink.flush_all(&store).await.unwrap();
+    let rows = store
+        .rollups_at(Step::Minute, T0, T0 + 2 * MIN, &RollupFilter::default())
+        .await
+        .unwrap();
+    let first: Vec<_> = rows.iter().filter(|r| r.bucket == T0).collect();
+    assert_eq!(
+        first.iter().map(|r| r.requests).sum::<i64>(),
+        32,
+        "{rows:?}"
+    );
+    assert_eq!(first.iter().map(|r| r.errors_5xx).sum::<i64>(), 1);
+    let second: i64 = rows
+        .iter()
+        .filter(|r| r.bucket == T0 + MIN)
+        .map(|r| r.requests)
+        .sum();
+    assert_eq!(second, 1);
+    let stats = &turnpike_observe::StatsSource::sink_stats(&*sink)[0];
+    assert_eq!((stats.sent, stats.queued), (33, 0));
 }
 
 /// Two nodes' minutes over two and a half days, downsampled; hours and days equal the direct

@@ -459,6 +459,7 @@ pub fn validate(config: &Config) -> Result<(), ConfigErrors> {
         err(format!("observability.access_log.{path}"), msg);
     }
     errs.extend(config.observability.metrics.validate());
+    errs.extend(config.observability.tracing.validate());
     crate::observe::analytics::validate(&config.observability.analytics, &mut errs);
 
     if errs.is_empty() {

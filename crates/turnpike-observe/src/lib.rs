@@ -17,6 +17,7 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use serde::Serialize;
 
 pub mod access_log;
+pub mod trace;
 
 pub use access_log::capture::{Capture, CapturedBody};
 
@@ -93,6 +94,63 @@ pub struct CallEvent {
     /// The start of the response body, only when capture asks for it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub response_body: Option<CapturedBody>,
+    /// The gateway's spans, when tracing is on (exported by the trace exporter; logs carry
+    /// `trace_id` and `span_id` instead).
+    #[serde(skip)]
+    pub trace: Option<Box<trace::TraceFacts>>,
+}
+
+/// What one sink (an access-log destination, the call-log writer, the trace exporter, ...)
+/// has done since it started.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SinkStats {
+    /// The sink's name (configured, or `<type>-<index>`).
+    pub name: String,
+    /// The kind of sink (`file`, `http`, `call_log`, `otlp_traces`, ...).
+    pub kind: &'static str,
+    /// Records written or accepted by the destination.
+    pub sent: u64,
+    /// Records dropped because the queue was full (never waited on).
+    pub dropped: u64,
+    /// Records lost because the destination failed (after retries).
+    pub failed: u64,
+    /// Records waiting in the queue now.
+    pub queued: usize,
+}
+
+/// Lets a warning through at most once per interval, so a sink that drops or fails on every
+/// request logs one line now and then instead of one per request. Lock-free: it runs on the
+/// request path.
+#[derive(Debug, Default)]
+pub struct WarnGate {
+    /// Unix seconds of the last warning let through; 0 before the first.
+    last: std::sync::atomic::AtomicU64,
+}
+
+impl WarnGate {
+    /// How often (seconds) a gated warning may repeat.
+    pub const EVERY_SECS: u64 = 10;
+
+    /// True when the caller should log now: the first time, then once per
+    /// [`Self::EVERY_SECS`]. Racing callers agree on one winner.
+    pub fn allow(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let last = self.last.load(Ordering::Relaxed);
+        (last == 0 || now.saturating_sub(last) >= Self::EVERY_SECS)
+            && self
+                .last
+                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+}
+
+/// Something whose [`SinkStats`] the metrics endpoint exports at every scrape.
+pub trait StatsSource: Send + Sync + 'static {
+    /// The current counters of each sink this source runs.
+    fn sink_stats(&self) -> Vec<SinkStats>;
 }
 
 /// Something that consumes call events. Runs on the request path: never block.
@@ -110,6 +168,11 @@ pub struct Observer {
     /// the snapshot) because sinks, not routes, decide it, and one atomic load per request
     /// tells the proxy whether to pay for it.
     capture: ArcSwapOption<Capture>,
+    /// Trace sampling and propagation; `None` when tracing is off.
+    tracing: ArcSwapOption<trace::TraceSettings>,
+    /// Sinks whose counters are exported as metrics.
+    /// Weak, so a sink that is replaced (a store reconnect, a reload) leaves no stale series.
+    stats: ArcSwap<Vec<std::sync::Weak<dyn StatsSource>>>,
 }
 
 impl std::fmt::Debug for Observer {
@@ -149,6 +212,41 @@ impl Observer {
     /// Sets (or with `None` stops) header and body capture.
     pub fn set_capture(&self, capture: Option<Arc<Capture>>) {
         self.capture.store(capture);
+    }
+
+    /// How requests take part in traces; `None` (the default) leaves trace headers alone.
+    pub fn tracing(&self) -> Option<Arc<trace::TraceSettings>> {
+        self.tracing.load_full()
+    }
+
+    /// Turns tracing on (with these settings) or off.
+    pub fn set_tracing(&self, settings: Option<Arc<trace::TraceSettings>>) {
+        self.tracing.store(settings);
+    }
+
+    /// Registers a source of sink counters for the metrics endpoint, for as long as the
+    /// source lives.
+    pub fn add_stats(&self, source: &Arc<dyn StatsSource>) {
+        let weak = Arc::downgrade(source);
+        self.stats.rcu(|current| {
+            let mut next: Vec<_> = current
+                .iter()
+                .filter(|s| s.strong_count() > 0)
+                .cloned()
+                .collect();
+            next.push(weak.clone());
+            next
+        });
+    }
+
+    /// The counters of every registered sink that is still running.
+    pub fn sink_stats(&self) -> Vec<SinkStats> {
+        self.stats
+            .load()
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .flat_map(|s| s.sink_stats())
+            .collect()
     }
 
     /// Removes one sink (compared by identity), e.g. the access log before it is rebuilt.
@@ -228,6 +326,7 @@ mod tests {
             response_headers: None,
             request_body: None,
             response_body: None,
+            trace: None,
         }
     }
 

@@ -90,10 +90,13 @@ impl Gateway {
         let mut listeners = Vec::new();
         let mut tasks = Vec::new();
         for (name, listener) in bound {
+            let listener_name: Arc<str> = Arc::from(name.as_str());
             listeners.push((name, listener.local_addr()));
             let shared = shared.clone();
             let make = move |info: ConnInfo| {
-                let conn = ClientConn::new(info.peer, info.tls).with_client_cert(info.client_cert);
+                let conn = ClientConn::new(info.peer, info.tls)
+                    .with_client_cert(info.client_cert)
+                    .with_listener(listener_name.clone());
                 crate::proxy::service(shared.clone(), conn)
             };
             tasks.push(tokio::spawn(listener.serve(

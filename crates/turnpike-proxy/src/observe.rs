@@ -13,6 +13,8 @@ use http::{Request, Response, StatusCode, Version, header};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use tokio::time::Instant;
+use turnpike_observe::trace::TraceFacts;
+use turnpike_observe::trace::context::hex;
 use turnpike_observe::{CallEvent, Capture, CapturedBody, Observer};
 
 use crate::body::{BoxError, ProxyBody};
@@ -25,12 +27,15 @@ pub(crate) struct Pending {
     time_unix_ms: i64,
     request_id: String,
     peer: std::net::IpAddr,
+    listener: Option<Arc<str>>,
     protocol: &'static str,
     method: String,
     host: Option<String>,
     path: String,
     query: Option<String>,
     user_agent: Option<String>,
+    /// The caller's trace context, so logs carry its trace id even with tracing off.
+    parent: Option<turnpike_observe::trace::Parent>,
     bytes_in: BytesIn,
     /// Header and body capture, when the access log asks for it.
     capture: Option<Arc<Capture>>,
@@ -69,12 +74,14 @@ impl Pending {
             time_unix_ms,
             request_id: request_id.to_owned(),
             peer: conn.peer.ip(),
+            listener: conn.listener.clone(),
             protocol: protocol(req.version()),
             method: req.method().as_str().to_owned(),
             host,
             path: req.uri().path().to_owned(),
             query: req.uri().query().map(str::to_owned),
             user_agent: text(header::USER_AGENT),
+            parent: turnpike_observe::trace::context::parent(headers),
             bytes_in,
             request_headers: capture
                 .as_ref()
@@ -99,16 +106,22 @@ impl Pending {
         self,
         _snap: &Snapshot,
         facts: &LogFacts,
+        trace: Option<Box<TraceFacts>>,
         status: StatusCode,
     ) -> (CallEvent, BytesIn) {
         let consumer = facts.consumer.as_deref();
+        let (trace_id, span_id) = match (&trace, &self.parent) {
+            (Some(t), _) => (Some(hex(&t.trace_id)), Some(hex(&t.span_id))),
+            (None, Some(p)) => (Some(hex(&p.trace_id)), None),
+            (None, None) => (None, None),
+        };
         let event = CallEvent {
             time_unix_ms: self.time_unix_ms,
             request_id: self.request_id,
-            trace_id: None,
-            span_id: None,
+            trace_id,
+            span_id,
             client_ip: facts.client_ip.unwrap_or(self.peer),
-            listener: None,
+            listener: self.listener,
             protocol: self.protocol,
             method: self.method,
             host: self.host,
@@ -137,6 +150,7 @@ impl Pending {
             response_headers: None,
             request_body: None,
             response_body: None,
+            trace,
         };
         (event, self.bytes_in)
     }

@@ -56,6 +56,8 @@ pub struct ClientConn {
     forwarded_base: Arc<str>,
     /// The client certificate the listener verified, if any (mTLS).
     pub client_cert: Option<Arc<ClientCert>>,
+    /// The name of the listener that accepted the connection (for logs).
+    pub listener: Option<Arc<str>>,
 }
 
 impl ClientConn {
@@ -77,7 +79,14 @@ impl ClientConn {
             peer_ip: HeaderValue::from_str(&ip_text).unwrap_or(HeaderValue::from_static("unknown")),
             forwarded_base: Arc::from(forwarded_base),
             client_cert: None,
+            listener: None,
         }
+    }
+
+    /// The same connection, accepted by the listener called `name`.
+    pub fn with_listener(mut self, name: Arc<str>) -> Self {
+        self.listener = Some(name);
+        self
     }
 
     /// The same connection, with the client certificate its listener verified.
@@ -112,6 +121,10 @@ pub async fn handle(
         request_body: observed
             .as_ref()
             .and_then(observe::Pending::request_body_capture),
+        trace: shared
+            .observer
+            .tracing()
+            .map(|t| Box::new(t.start(req.headers()))),
         ..LogFacts::default()
     };
     let mut resp = match proxy(&snap, &shared.quotas, conn, req, &rid, &mut outcome).await {
@@ -162,7 +175,8 @@ pub async fn handle(
     match observed {
         Some(mut pending) => {
             let captured = pending.take_capture();
-            let event = pending.finish(&snap, &outcome, resp.status());
+            let trace = outcome.trace.take();
+            let event = pending.finish(&snap, &outcome, trace, resp.status());
             observe::wrap(resp, event, captured, started, Arc::clone(&shared.observer))
         }
         None => resp,
@@ -189,6 +203,9 @@ pub(crate) struct LogFacts {
     /// Where the upstream attempt copies the start of the request body (access-log
     /// capture); `None` unless capture asks for it.
     pub(crate) request_body: Option<Arc<std::sync::Mutex<turnpike_observe::CapturedBody>>>,
+    /// The request's part of a trace, when tracing is on: the server span and a client span
+    /// per upstream attempt.
+    pub(crate) trace: Option<Box<turnpike_observe::trace::TraceFacts>>,
     /// Headers policies add to whatever response the client gets (CORS, `RateLimit`,
     /// `WWW-Authenticate`), error responses included.
     response_headers: HeaderMap,
@@ -441,6 +458,11 @@ async fn proxy(
         request_id,
     );
     access::identify(&mut headers, &identity);
+    if let Some(t) = &log.trace {
+        // Copies (mirrors, a fallback) carry the server span as their parent; each attempt
+        // below replaces it with its own span.
+        t.write_headers(&mut headers);
+    }
 
     let slot = body.into_slot(
         route.max_body_bytes,
@@ -835,6 +857,12 @@ async fn send_with_retries(
         if let Some(h) = host {
             req.headers_mut().insert(header::HOST, h);
         }
+        let traced = log.trace.as_mut().map(|t| {
+            let (index, parent) = t.begin_attempt(&upstream.name, target.addr);
+            req.headers_mut()
+                .insert(&turnpike_observe::trace::TRACEPARENT, parent);
+            index
+        });
 
         let mut attempt = upstream.begin(target);
         let start = Instant::now();
@@ -863,6 +891,7 @@ async fn send_with_retries(
                     && cfg.retries.on_status.contains(&status.as_u16())
                     && can_retry(true)
                 {
+                    end_attempt(log, traced, Some(status.as_u16()), None, true);
                     attempt.finish(Outcome::Failure);
                     drop(resp);
                     tokio::time::sleep(backoff(
@@ -878,12 +907,15 @@ async fn send_with_retries(
                 } else {
                     Outcome::Success(start.elapsed())
                 });
+                // Its body streams on to the client: the span ends with the request's.
+                end_attempt(log, traced, Some(status.as_u16()), None, false);
                 return Ok((resp, (attempt, permit, None)));
             }
             Ok(Err(e)) => {
                 if let Some(kind) = client_body_error(&e) {
                     // The client's body broke the exchange; the target is not to blame.
                     drop(attempt);
+                    end_attempt(log, traced, None, Some(kind.code()), true);
                     return Err(match kind {
                         ErrorKind::BodyTooLarge => {
                             GatewayError::new(kind, "request body is too large")
@@ -893,6 +925,12 @@ async fn send_with_retries(
                 }
                 attempt.finish(Outcome::Failure);
                 let connect = e.is_connect();
+                let why = if connect {
+                    ErrorKind::UpstreamUnreachable
+                } else {
+                    ErrorKind::UpstreamError
+                };
+                end_attempt(log, traced, None, Some(why.code()), true);
                 // A connect failure sent nothing, so any request may be retried; otherwise
                 // the head may have reached the upstream, and only idempotent ones may.
                 if can_retry(connect || idempotent) {
@@ -919,6 +957,13 @@ async fn send_with_retries(
             }
             Err(_elapsed) => {
                 attempt.finish(Outcome::Failure);
+                end_attempt(
+                    log,
+                    traced,
+                    None,
+                    Some(ErrorKind::UpstreamTimeout.code()),
+                    true,
+                );
                 return Err(GatewayError::new(
                     ErrorKind::UpstreamTimeout,
                     format!("upstream `{}` did not answer in time", upstream.name),
@@ -930,6 +975,19 @@ async fn send_with_retries(
         ErrorKind::UpstreamError,
         "retries exhausted",
     ))
+}
+
+/// Closes an attempt's client span, when the request is traced.
+fn end_attempt(
+    log: &mut LogFacts,
+    index: Option<usize>,
+    status: Option<u16>,
+    error: Option<&'static str>,
+    ended: bool,
+) {
+    if let (Some(t), Some(i)) = (log.trace.as_deref_mut(), index) {
+        t.end_attempt(i, status, error, ended);
+    }
 }
 
 fn finish_response(

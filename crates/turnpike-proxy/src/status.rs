@@ -361,6 +361,48 @@ fn family<M: EncodeMetric>(
     Ok(())
 }
 
+/// The observability sinks' own counters: what each delivered, dropped (queue full) and
+/// lost (destination failed), and its queue now. A sink is named by `sink` and `kind`.
+fn sink_metrics(
+    encoder: &mut DescriptorEncoder,
+    stats: &[turnpike_observe::SinkStats],
+) -> Result<(), std::fmt::Error> {
+    if stats.is_empty() {
+        return Ok(());
+    }
+    let mut events = Vec::new();
+    let mut queued = Vec::new();
+    for s in stats {
+        let labels = |outcome: Option<&str>| {
+            let mut l = vec![("sink", s.name.clone()), ("kind", s.kind.to_owned())];
+            l.extend(outcome.map(|o| ("outcome", o.to_owned())));
+            l
+        };
+        for (outcome, n) in [
+            ("sent", s.sent),
+            ("dropped", s.dropped),
+            ("failed", s.failed),
+        ] {
+            events.push((labels(Some(outcome)), ConstCounter::new(n)));
+        }
+        queued.push((labels(None), ConstGauge::new(gauge_of(s.queued))));
+    }
+    family(
+        encoder,
+        "turnpike_observability_sink_records",
+        "Records each observability sink delivered (sent), dropped because its queue was full, or lost because its destination failed.",
+        MetricType::Counter,
+        &events,
+    )?;
+    family(
+        encoder,
+        "turnpike_observability_sink_queued",
+        "Records waiting in each observability sink's queue.",
+        MetricType::Gauge,
+        &queued,
+    )
+}
+
 impl Collector for DataPlaneCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let (ok, failed) = self.reloads.counts();
@@ -393,6 +435,7 @@ impl Collector for DataPlaneCollector {
         let Some(shared) = self.shared.upgrade() else {
             return Ok(());
         };
+        sink_metrics(&mut encoder, &shared.observer.sink_stats())?;
         let snap = shared.snapshot.load_full();
         let version = ConstGauge::new(i64::try_from(snap.version).unwrap_or(i64::MAX));
         version.encode(encoder.encode_descriptor(

@@ -420,28 +420,10 @@ async fn nats_sink_publishes_to_the_subject() {
     assert_eq!(rec["path"], "/api/n");
 }
 
-/// Times `n` sequential requests.
-async fn timed(gw: &Gw, n: usize) -> Duration {
-    let start = tokio::time::Instant::now();
-    for _ in 0..n {
-        let r = call(gw, "GET", "/api/t", &[]).await;
-        assert_eq!(r.status, 200);
-    }
-    start.elapsed()
-}
-
 #[tokio::test]
 async fn a_sink_that_never_answers_costs_requests_nothing_and_drops_are_counted() {
     let up = echo().await;
-    // Accepts connections and never reads or answers.
-    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let silent_addr = silent.local_addr().unwrap();
-    let (hold_tx, mut hold_rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = silent.accept().await {
-            let _ = hold_tx.send(s);
-        }
-    });
+    let (silent_addr, mut hold_rx) = silent_server().await;
 
     let baseline_gw = Gw::start(&yaml(up.addr, "")).await;
     timed(&baseline_gw, 5).await; // warm up connections

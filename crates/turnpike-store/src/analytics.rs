@@ -96,6 +96,18 @@ pub struct RollupFilter {
     pub route: Option<String>,
     /// Only this application id.
     pub application: Option<String>,
+    /// Only rows of one of these services or one of these applications (a team's view);
+    /// `None` for every row. An empty scope matches nothing.
+    pub scope: Option<RollupScope>,
+}
+
+/// The services and applications whose rows a [`RollupFilter`] keeps.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RollupScope {
+    /// Service ids.
+    pub services: Vec<String>,
+    /// Application ids.
+    pub applications: Vec<String>,
 }
 
 /// The shared state of one alert rule.
@@ -249,6 +261,20 @@ impl Store {
         node: Option<&str>,
         filter: &RollupFilter,
     ) -> Result<Vec<RollupRow>> {
+        self.rollups_limited(resolution, from, to, node, filter, None)
+            .await
+    }
+
+    /// [`Self::rollups`], reading at most `limit` rows when one is given.
+    async fn rollups_limited(
+        &self,
+        resolution: &str,
+        from: i64,
+        to: i64,
+        node: Option<&str>,
+        filter: &RollupFilter,
+        limit: Option<usize>,
+    ) -> Result<Vec<RollupRow>> {
         let mut sql = format!(
             "SELECT {COLUMNS} FROM analytics_rollup WHERE resolution = $1 AND bucket >= $2 \
              AND bucket < $3"
@@ -265,7 +291,34 @@ impl Store {
                 sql.push_str(&format!(" AND {column} = ${}", args.len()));
             }
         }
+        if let Some(scope) = &filter.scope {
+            let mut any = Vec::new();
+            for (column, values) in [
+                ("service", &scope.services),
+                ("application", &scope.applications),
+            ] {
+                if values.is_empty() {
+                    continue;
+                }
+                let mut list = Vec::with_capacity(values.len());
+                for v in values {
+                    args.push(v.as_str().into());
+                    list.push(format!("${}", args.len()));
+                }
+                any.push(format!("{column} IN ({})", list.join(", ")));
+            }
+            if any.is_empty() {
+                return Ok(Vec::new());
+            }
+            sql.push_str(&format!(" AND ({})", any.join(" OR ")));
+        }
         sql.push_str(" ORDER BY bucket");
+        if let Some(limit) = limit {
+            sql.push_str(&format!(
+                " LIMIT {}",
+                i64::try_from(limit).unwrap_or(i64::MAX)
+            ));
+        }
         Ok(self.inner.pool.exec().fetch_all(&sql, &args).await?)
     }
 
@@ -535,7 +588,43 @@ impl Store {
         to: i64,
         filter: &RollupFilter,
     ) -> Result<Vec<RollupRow>> {
+        Ok(self
+            .rollups_at_bounded(step, from, to, filter, usize::MAX)
+            .await?
+            .unwrap_or_default())
+    }
+
+    /// [`Self::rollups_at`] reading at most `max_rows` stored rows: `None` when the range
+    /// holds more (the caller asks for a narrower query instead of reading them all).
+    pub async fn rollups_at_bounded(
+        &self,
+        step: Step,
+        from: i64,
+        to: i64,
+        filter: &RollupFilter,
+        max_rows: usize,
+    ) -> Result<Option<Vec<RollupRow>>> {
         let mut rows = Vec::new();
+        let mut left = max_rows;
+        // One row more than is left tells "too many" from "exactly enough".
+        let mut read =
+            async |resolution: &str, at: i64, until: i64| -> Result<Option<Vec<RollupRow>>> {
+                let got = self
+                    .rollups_limited(
+                        resolution,
+                        at,
+                        until,
+                        None,
+                        filter,
+                        Some(left.saturating_add(1)),
+                    )
+                    .await?;
+                if got.len() > left {
+                    return Ok(None);
+                }
+                left -= got.len();
+                Ok(Some(got))
+            };
         let mut at = from;
         let mut chain = step;
         loop {
@@ -544,7 +633,9 @@ impl Store {
             }
             let finer = match chain {
                 Step::Minute => {
-                    let minute = self.rollups("minute", at, to, None, filter).await?;
+                    let Some(minute) = read("minute", at, to).await? else {
+                        return Ok(None);
+                    };
                     rows.extend(fold_rows(minute, step));
                     break;
                 }
@@ -557,12 +648,14 @@ impl Store {
                 .unwrap_or(i64::MIN)
                 .min(to);
             if done > at {
-                let coarse = self.rollups(chain.as_str(), at, done, None, filter).await?;
+                let Some(coarse) = read(chain.as_str(), at, done).await? else {
+                    return Ok(None);
+                };
                 rows.extend(fold_rows(coarse, step));
                 at = done;
             }
             chain = finer;
         }
-        Ok(fold_rows(rows, step))
+        Ok(Some(fold_rows(rows, step)))
     }
 }

@@ -56,7 +56,8 @@ use std::time::Duration;
 use tokio::sync::watch as channel;
 
 pub use analytics::{
-    AlertEvent, AlertState, HistoryQuery, RollupFilter, RollupRow, Step, fold_rows, merge_row,
+    AlertEvent, AlertState, HistoryQuery, RollupFilter, RollupRow, RollupScope, Step, fold_rows,
+    merge_row,
 };
 pub use calllog::{CallLogQuery, CallLogRecord, CallLogScope, valid_call_log_cursor};
 pub use error::{BoxError, Result, StoreError};

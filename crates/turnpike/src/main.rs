@@ -557,6 +557,16 @@ async fn serve(args: ServeArgs) -> ExitCode {
         gateway.shutdown().await;
         return ExitCode::FAILURE;
     }
+    {
+        let source: std::sync::Arc<dyn turnpike_observe::StatsSource> = access_logs.clone();
+        gateway.observer().add_stats(&source);
+    }
+    let tracing_state = turnpike_observe::trace::Tracing::new(gateway.observer());
+    if let Err(e) = tracing_state.apply(&config.observability.tracing) {
+        eprintln!("error: observability.tracing: {e}");
+        gateway.shutdown().await;
+        return ExitCode::FAILURE;
+    }
     if let Some(state) = &state
         && store.is_some()
         && let Err(e) = turnpike_control::save_state(&data_dir, state)
@@ -633,6 +643,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
     let reloader = {
         let control = control.clone();
         let access_logs = access_logs.clone();
+        let tracing_state = tracing_state.clone();
         tokio::spawn(async move {
             while let Some(why) = reload_rx.recv().await {
                 // Coalesce bursts of file events (editors write several times).
@@ -644,6 +655,9 @@ async fn serve(args: ServeArgs) -> ExitCode {
                             tracing::info!(version = v, trigger = why, "reload applied");
                             if let Err(e) = access_logs.apply(&config.observability.access_log) {
                                 tracing::warn!(error = %e, "the access log keeps its previous sinks");
+                            }
+                            if let Err(e) = tracing_state.apply(&config.observability.tracing) {
+                                tracing::warn!(error = %e, "tracing keeps its previous settings");
                             }
                             if let Err(e) = save_last_good(&config, &source) {
                                 tracing::warn!(error = %e, "cannot record the applied configuration");
@@ -665,6 +679,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
     }
     gateway.shutdown().await;
     access_logs.shutdown().await;
+    tracing_state.shutdown().await;
     // Drained: the last counts can be flushed.
     let _ = quota_stop.send(true);
     let quota_tasks = match quotas.tasks.lock() {
@@ -848,9 +863,10 @@ fn start_management(
     quotas: &QuotaWiring,
 ) -> tokio::task::JoinHandle<()> {
     let _ = opened.set(store.clone());
-    let _ = admin.set(turnpike_admin::router(turnpike_admin::AdminState::new(
-        store.clone(),
-    )));
+    let _ = admin.set(turnpike_admin::router(
+        turnpike_admin::AdminState::new(store.clone())
+            .with_analytics_limits(quotas.analytics.query),
+    ));
     let sync = turnpike_control::quota::QuotaSync::with_retention(
         store.clone(),
         quotas.tracker.clone(),

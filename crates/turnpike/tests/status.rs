@@ -108,3 +108,45 @@ fn the_admin_listener_serves_status_and_readyz_follows_the_store() {
     let (code, _) = http_get(admin, "/admin/v1/services").unwrap();
     assert_eq!(code, 503);
 }
+
+#[test]
+fn tracing_and_access_log_sinks_report_their_counters_as_metrics() {
+    let rt = runtime();
+    let up = rt
+        .block_on(DemoServer::start("127.0.0.1:0".parse().unwrap(), "up"))
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("turnpike.yaml");
+    let log = dir.path().join("access.log");
+    // The demo upstream stands in for the collector: it answers the export POST with 200.
+    let yaml = format!(
+        "{}observability:\n  metrics:\n    listen: \"127.0.0.1:0\"\n  tracing:\n    enabled: true\n    otlp:\n      endpoint: \"http://{}/status/200\"\n      batch: {{batch_size: 1, max_delay: 10ms}}\n  access_log:\n    sinks:\n      - {{type: file, path: \"{}\"}}\n",
+        config(up.local_addr()),
+        up.local_addr(),
+        log.display()
+    );
+    std::fs::write(&path, yaml).unwrap();
+    let mut gw = Gateway::start(&path);
+    let status = listener_addr(&mut gw, "status");
+    let (code, text) = http_get(gw.addr, "/").unwrap();
+    assert_eq!(code, 200, "{text}");
+    let sent = |kind: &str, sink: &str, want: f64| {
+        poll_until(Duration::from_secs(10), || {
+            let (_, text) = http_get(status, "/metrics").unwrap();
+            turnpike_observe::metrics::sample(
+                body(&text),
+                "turnpike_observability_sink_records_total",
+                &[("sink", sink), ("kind", kind), ("outcome", "sent")],
+            ) == Some(want)
+        })
+    };
+    // One call: a server span and one attempt span exported, one access-log record written.
+    assert!(
+        sent("otlp_traces", "otlp-traces", 2.0),
+        "spans never counted"
+    );
+    assert!(sent("file", "file-0", 1.0), "the access log never counted");
+    let record = std::fs::read_to_string(&log).unwrap();
+    let v: serde_json::Value = serde_json::from_str(record.lines().next().unwrap()).unwrap();
+    assert_eq!(v["trace_id"].as_str().map(str::len), Some(32), "{record}");
+}

@@ -411,6 +411,16 @@ pub struct SyslogSink {
     /// APP-NAME of each message.
     #[serde(default = "default_app_name")]
     pub app_name: String,
+    /// How long connecting and sending one batch may take (TCP: a receiver that stops
+    /// reading must not stall the sink forever); past it the batch counts as failed and the
+    /// connection is opened again for the next one.
+    #[schemars(with = "String")]
+    #[serde(default = "default_syslog_timeout", with = "humantime_serde")]
+    pub timeout: std::time::Duration,
+}
+
+fn default_syslog_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(5)
 }
 
 fn default_facility() -> u8 {
@@ -537,6 +547,11 @@ impl AccessLogConfig {
                             format!("{p}.app_name"),
                             "must be 1..=48 printable ASCII characters without spaces",
                         );
+                    }
+                    if s.timeout < std::time::Duration::from_millis(10)
+                        || s.timeout > std::time::Duration::from_secs(300)
+                    {
+                        err(format!("{p}.timeout"), "must be between 10ms and 5m");
                     }
                     None
                 }

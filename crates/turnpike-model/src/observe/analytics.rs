@@ -38,6 +38,32 @@ pub struct AnalyticsConfig {
     pub retention: AnalyticsRetention,
     /// Alert rules evaluated over the rollups.
     pub alerts: AlertsConfig,
+    /// Bounds on one Admin API analytics query, so a wide range or grouping cannot make
+    /// the admin listener read or build an unbounded answer.
+    pub query: AnalyticsQueryLimits,
+}
+
+/// Bounds on one analytics query (`observability.analytics.query`); past one, the Admin
+/// API answers 400 with a code naming it.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct AnalyticsQueryLimits {
+    /// Points per time series (range divided by step); past it: `too_many_points`.
+    pub max_points: u64,
+    /// Series in one answer (distinct `group_by` values); past it: `too_many_series`.
+    pub max_series: usize,
+    /// Rollup rows read from the store for one query; past it: `too_many_rows`.
+    pub max_rows: usize,
+}
+
+impl Default for AnalyticsQueryLimits {
+    fn default() -> Self {
+        Self {
+            max_points: 10_000,
+            max_series: 100,
+            max_rows: 200_000,
+        }
+    }
 }
 
 impl Default for AnalyticsConfig {
@@ -50,6 +76,7 @@ impl Default for AnalyticsConfig {
             late_grace: Duration::from_secs(120),
             retention: AnalyticsRetention::default(),
             alerts: AlertsConfig::default(),
+            query: AnalyticsQueryLimits::default(),
         }
     }
 }
@@ -222,6 +249,25 @@ pub fn validate(config: &AnalyticsConfig, errs: &mut Vec<ConfigError>) {
         err(
             format!("{p}.late_grace"),
             "must be at least twice flush_interval and at most 1h",
+        );
+    }
+    let q = &config.query;
+    if !(1..=1_000_000).contains(&q.max_points) {
+        err(
+            format!("{p}.query.max_points"),
+            "must be between 1 and 1000000",
+        );
+    }
+    if !(1..=10_000).contains(&q.max_series) {
+        err(
+            format!("{p}.query.max_series"),
+            "must be between 1 and 10000",
+        );
+    }
+    if !(1..=10_000_000).contains(&q.max_rows) {
+        err(
+            format!("{p}.query.max_rows"),
+            "must be between 1 and 10000000",
         );
     }
     let r = &config.retention;

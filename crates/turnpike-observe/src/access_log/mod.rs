@@ -9,13 +9,13 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use turnpike_model::observe::access_log::{AccessLogConfig, SinkKind};
 
-use crate::{CallEvent, CallSink, Observer};
+use crate::{CallEvent, CallSink, Observer, WarnGate};
 
 pub mod capture;
 pub mod format;
@@ -32,22 +32,7 @@ mod syslog;
 use capture::Capture;
 use format::Formatter;
 
-/// What one sink has done since it started.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct SinkStats {
-    /// The sink's name (configured, or `<type>-<index>`).
-    pub name: String,
-    /// `stdout`, `file`, `http`, `syslog`, `otlp`, `redis` or `nats`.
-    pub kind: &'static str,
-    /// Records written or accepted by the destination.
-    pub sent: u64,
-    /// Records dropped because the queue was full (never waited on).
-    pub dropped: u64,
-    /// Records lost because the destination failed (after retries).
-    pub failed: u64,
-    /// Records waiting in the queue now.
-    pub queued: usize,
-}
+pub use crate::SinkStats;
 
 /// Per-sink counters, shared by the request path (drops) and the sink's task.
 #[derive(Debug, Default)]
@@ -55,30 +40,16 @@ pub(crate) struct Counters {
     pub(crate) sent: AtomicU64,
     pub(crate) dropped: AtomicU64,
     pub(crate) failed: AtomicU64,
-    /// Unix seconds of the last drop / failure warning, so a full queue does not flood the
-    /// log with one line per request.
-    last_drop_warning: AtomicU64,
-    last_fail_warning: AtomicU64,
+    /// Drop and failure warnings are rate-limited, so a full queue does not flood the log
+    /// with one line per request.
+    drop_warning: WarnGate,
+    fail_warning: WarnGate,
 }
 
-/// How often (seconds) drop and failure warnings may repeat.
-const WARN_EVERY_SECS: u64 = 10;
-
 impl Counters {
-    fn may_warn(slot: &AtomicU64) -> bool {
-        let now = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let last = slot.load(Ordering::Relaxed);
-        (last == 0 || now.saturating_sub(last) >= WARN_EVERY_SECS)
-            && slot
-                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-    }
-
     fn dropped_one(&self, sink: &str) {
         let total = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-        if Self::may_warn(&self.last_drop_warning) {
+        if self.drop_warning.allow() {
             tracing::warn!(
                 sink,
                 dropped_total = total,
@@ -89,7 +60,7 @@ impl Counters {
 
     pub(crate) fn failed(&self, sink: &str, n: usize, why: &str) {
         let total = self.failed.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
-        if Self::may_warn(&self.last_fail_warning) {
+        if self.fail_warning.allow() {
             tracing::warn!(
                 sink,
                 failed_total = total,
@@ -258,6 +229,12 @@ pub struct AccessLogs {
 impl std::fmt::Debug for AccessLogs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AccessLogs").finish_non_exhaustive()
+    }
+}
+
+impl crate::StatsSource for AccessLogs {
+    fn sink_stats(&self) -> Vec<SinkStats> {
+        self.stats()
     }
 }
 

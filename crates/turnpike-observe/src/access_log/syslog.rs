@@ -25,6 +25,7 @@ pub(crate) struct SyslogWriter {
     facility: u8,
     app_name: String,
     hostname: String,
+    timeout: std::time::Duration,
     conn: Conn,
 }
 
@@ -46,6 +47,7 @@ impl SyslogWriter {
             facility: cfg.facility,
             app_name: cfg.app_name.clone(),
             hostname: hostname(),
+            timeout: cfg.timeout,
             conn: Conn::None,
         }
     }
@@ -144,9 +146,14 @@ impl SyslogWriter {
 impl Deliver for SyslogWriter {
     async fn deliver(&mut self, events: &[Arc<CallEvent>], fmt: &Formatter) -> Result<(), String> {
         let messages: Vec<String> = events.iter().map(|e| self.message(e, fmt)).collect();
-        let result = self.send_all(&messages).await;
+        let timeout = self.timeout;
+        let result = match tokio::time::timeout(timeout, self.send_all(&messages)).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("{}: no progress in {timeout:?}", self.address)),
+        };
         if result.is_err() {
-            // Connect again next time (the receiver may have restarted).
+            // Connect again next time: the receiver may have restarted, and after a timeout
+            // a TCP stream may hold half a frame.
             self.conn = Conn::None;
         }
         result
@@ -168,6 +175,7 @@ mod tests {
             transport: SyslogTransport::Tcp,
             facility: 1,
             app_name: "tp".into(),
+            timeout: std::time::Duration::from_secs(5),
         });
         let fmt = Formatter::new(&[AccessField::Status], None);
         let mut e = crate::tests::event();
@@ -190,5 +198,42 @@ mod tests {
         assert!(msg.starts_with("<11>1 1970-01-01T00:00:00.000Z "), "{msg}");
         assert!(msg.contains(" tp "), "{msg}");
         assert!(msg.ends_with(r#" access - {"status":503}"#), "{msg}");
+    }
+
+    /// A TCP receiver that accepts but never reads: once the socket buffers are full the
+    /// batch fails after `timeout` instead of stalling the sink, and the next batch connects
+    /// again rather than continuing half a frame.
+    #[tokio::test]
+    async fn tcp_receiver_that_never_reads_times_out() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (accepted_tx, mut accepted) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = listener.accept().await.unwrap();
+                accepted_tx.send(s).unwrap(); // kept open, never read
+            }
+        });
+        let mut w = SyslogWriter::new(&SyslogSink {
+            address: addr.to_string(),
+            transport: SyslogTransport::Tcp,
+            facility: 1,
+            app_name: "tp".into(),
+            timeout: std::time::Duration::from_millis(200),
+        });
+        let fmt = Formatter::new(&[AccessField::Status], None);
+        // Far more than loopback socket buffers hold, in one batch.
+        let mut e = crate::tests::event();
+        e.user_agent = Some("x".repeat(64 * 1024));
+        let fmt_all = Formatter::new(&[AccessField::Status, AccessField::UserAgent], None);
+        let events: Vec<_> = (0..400).map(|_| Arc::new(e.clone())).collect();
+        let err = w.deliver(&events, &fmt_all).await.unwrap_err();
+        assert!(err.contains("no progress"), "{err}");
+        assert!(matches!(w.conn, Conn::None));
+        let _first = accepted.recv().await.unwrap();
+        // The next batch opens a new connection.
+        let small = vec![Arc::new(crate::tests::event())];
+        w.deliver(&small, &fmt).await.unwrap();
+        let _second = accepted.recv().await.unwrap();
     }
 }

@@ -587,6 +587,7 @@ mod tests {
             response_headers: None,
             request_body: None,
             response_body: None,
+            trace: None,
         })
     }
 

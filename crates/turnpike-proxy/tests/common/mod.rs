@@ -270,3 +270,30 @@ pub async fn call(gw: &Gw, method: &str, path: &str, headers: &[(&str, &str)]) -
     }
     send(r.body(Full::new(Bytes::new())).unwrap()).await
 }
+
+/// Times `n` sequential `GET /api/t` requests, each answered 200.
+pub async fn timed(gw: &Gw, n: usize) -> Duration {
+    let start = tokio::time::Instant::now();
+    for _ in 0..n {
+        let r = call(gw, "GET", "/api/t", &[]).await;
+        assert_eq!(r.status, 200);
+    }
+    start.elapsed()
+}
+
+/// A server that accepts connections and never reads or answers: a sink or collector that
+/// hangs. Accepted connections arrive on the receiver (and stay open while it holds them).
+pub async fn silent_server() -> (
+    SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<tokio::net::TcpStream>,
+) {
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = silent.local_addr().unwrap();
+    let (hold_tx, hold_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = silent.accept().await {
+            let _ = hold_tx.send(s);
+        }
+    });
+    (addr, hold_rx)
+}
