@@ -27,6 +27,25 @@ pub const STORE_TIMEOUT: Duration = Duration::from_secs(10);
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
+/// How often a batch that is gathering looks at the queue again.
+const LINGER: Duration = Duration::from_millis(20);
+
+/// Moves queued calls into `batch` until it holds `max`; true when the queue is closed.
+fn drain(
+    receiver: &mut mpsc::Receiver<Arc<CallEvent>>,
+    batch: &mut Vec<Arc<CallEvent>>,
+    max: usize,
+) -> bool {
+    while batch.len() < max {
+        match receiver.try_recv() {
+            Ok(e) => batch.push(e),
+            Err(mpsc::error::TryRecvError::Empty) => return false,
+            Err(mpsc::error::TryRecvError::Disconnected) => return true,
+        }
+    }
+    false
+}
+
 /// What the writer has done since it started, for metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct CallLogStats {
@@ -190,15 +209,18 @@ impl CallLogWriter {
                 },
                 changed = stop.changed() => stopping = changed.is_err() || *stop.borrow(),
             }
-            // ...then for more, until the batch is full or its first call is due.
+            // ...then for more, until the batch is full or its first call is due. The queue
+            // is looked at every LINGER rather than on each call: one timer instead of a
+            // wake-up per request.
             let due = tokio::time::Instant::now() + self.config.flush_interval;
-            while !stopping && !batch.is_empty() && batch.len() < batch_size {
+            while !batch.is_empty() {
+                stopping |= drain(&mut receiver, &mut batch, batch_size);
+                let now = tokio::time::Instant::now();
+                if stopping || batch.len() >= batch_size || now >= due {
+                    break;
+                }
                 tokio::select! {
-                    event = receiver.recv() => match event {
-                        Some(e) => batch.push(e),
-                        None => stopping = true,
-                    },
-                    () = tokio::time::sleep_until(due) => break,
+                    () = tokio::time::sleep_until((now + LINGER).min(due)) => {}
                     changed = stop.changed() => stopping = changed.is_err() || *stop.borrow(),
                 }
             }

@@ -65,8 +65,12 @@ impl Default for CallLogConfig {
     fn default() -> Self {
         Self {
             enabled: true,
-            queue_size: 10_000,
-            batch_size: 500,
+            // Sized for a burst of a few seconds at 10k calls/s: the writer commits a
+            // transaction per batch, and on SQLite the commit's sync, not the rows, is what
+            // bounds it (500-row batches dropped 30 % of calls at 10k/s in the observe
+            // benchmark, 2000-row batches 13 %, 5000-row batches 6 %).
+            queue_size: 20_000,
+            batch_size: 2_000,
             flush_interval: Duration::from_secs(1),
             retries: 3,
             retention: Duration::from_secs(7 * 86_400),

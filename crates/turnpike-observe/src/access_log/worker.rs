@@ -43,16 +43,26 @@ pub(crate) struct Policy {
     timeout: Option<Duration>,
     max_retries: u32,
     backoff: Duration,
+    /// How long a batch that is not full waits for more, without waking per event.
+    linger: Duration,
 }
 
-/// Local writers (stdout, file, syslog): whatever is queued goes at once, no retries.
+/// How long a local writer lets a batch gather. Each batch costs a hand-off to another
+/// thread and a system call; at thousands of requests per second, writing each event as it
+/// comes cost the gateway a quarter of its throughput (`bench/run.sh observe`), while 20 ms
+/// of delay in a log line is invisible.
+pub(crate) const LOCAL_LINGER: Duration = Duration::from_millis(20);
+
+/// Local writers (stdout, file, syslog): what gathers within [`LOCAL_LINGER`] goes at
+/// once, no retries.
 pub(crate) fn local() -> Policy {
     Policy {
-        batch_size: 256,
+        batch_size: 1024,
         max_delay: Duration::ZERO,
         timeout: None,
         max_retries: 0,
         backoff: Duration::ZERO,
+        linger: LOCAL_LINGER,
     }
 }
 
@@ -64,6 +74,7 @@ pub(crate) fn remote(b: &BatchConfig) -> Policy {
         timeout: Some(b.timeout),
         max_retries: b.max_retries,
         backoff: b.retry_backoff,
+        linger: Duration::ZERO,
     }
 }
 
@@ -81,6 +92,15 @@ async fn run<D: Deliver>(mut ctx: Context, policy: Policy, mut writer: D) {
         };
         let Some(first) = first else { break };
         batch.push(first);
+        drain(&mut ctx.rx, &mut batch, policy.batch_size);
+        if batch.len() < policy.batch_size && !policy.linger.is_zero() && !*ctx.stop.borrow() {
+            // One timer instead of a wake-up per event; the queue holds what arrives.
+            tokio::select! {
+                () = tokio::time::sleep(policy.linger) => {}
+                () = stopped(&mut ctx.stop) => {}
+            }
+            drain(&mut ctx.rx, &mut batch, policy.batch_size);
+        }
         let until = Instant::now() + policy.max_delay;
         while batch.len() < policy.batch_size {
             match ctx.rx.try_recv() {
@@ -114,6 +134,16 @@ async fn run<D: Deliver>(mut ctx: Context, policy: Policy, mut writer: D) {
     }
     if !batch.is_empty() {
         send(&mut ctx, &policy, &mut writer, &mut batch).await;
+    }
+}
+
+/// Moves queued events into `batch` until it holds `max`.
+fn drain(rx: &mut mpsc::Receiver<Arc<CallEvent>>, batch: &mut Vec<Arc<CallEvent>>, max: usize) {
+    while batch.len() < max {
+        match rx.try_recv() {
+            Ok(e) => batch.push(e),
+            Err(_) => break,
+        }
     }
 }
 
