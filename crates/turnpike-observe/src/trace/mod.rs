@@ -137,7 +137,8 @@ pub struct AttemptSpan {
     pub target: SocketAddr,
     /// The response status, when the upstream answered.
     pub status: Option<u16>,
-    /// Why the attempt failed, when it did (`connect`, `timeout`, `error`).
+    /// Why the attempt failed, when it did: the gateway error code (`upstream_unreachable`,
+    /// `upstream_error`, `upstream_timeout`, or the client body error).
     pub error: Option<&'static str>,
     /// Attempts before this one.
     pub resend_count: u32,
