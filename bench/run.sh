@@ -371,7 +371,7 @@ report_observe() {
 }
 
 if [[ -n ${TABLE_ONLY:-} ]]; then
-    [[ -s $RESULTS && -s $OUT/params.env ]] || die "no $RESULTS to render"
+    [[ -s $RESULTS && -s $PARAMS ]] || die "no $RESULTS to render"
     # shellcheck source=/dev/null
     source "$PARAMS" # the knobs of the run that produced the results
     if [[ $MODE == observe ]]; then report_observe; else report; fi

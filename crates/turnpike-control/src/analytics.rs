@@ -95,6 +95,17 @@ struct Shard {
     keys: HashMap<i64, usize>,
 }
 
+/// The flush batch being written, and what its retry must cover.
+#[derive(Default)]
+struct Batch {
+    /// Its number (the `<batch>` of `<node>.<batch>`).
+    number: u64,
+    /// After a failed attempt: the attempt's cut-off. The retry takes at least those
+    /// minutes, so it sets every row the failed attempt may have committed; a row it left
+    /// out would be written again under the next batch and counted twice.
+    retry_before: Option<i64>,
+}
+
 /// The in-memory per-minute aggregator (the sink) and its flush to the store.
 pub struct Rollups {
     shards: Vec<Mutex<Shard>>,
@@ -104,9 +115,8 @@ pub struct Rollups {
     /// Calls whose minute rows reached the store.
     flushed: AtomicU64,
     node: String,
-    /// The batch number of the next flush; held for the whole flush, so flushes never
-    /// overlap.
-    batch: tokio::sync::Mutex<u64>,
+    /// The next flush batch; held for the whole flush, so flushes never overlap.
+    batch: tokio::sync::Mutex<Batch>,
     /// Tests: the next successful write reports a failure, as if the store's answer was lost.
     lose_next_ack: std::sync::atomic::AtomicBool,
     clock: Mutex<SharedClock>,
@@ -136,7 +146,7 @@ impl Rollups {
             dropped: AtomicU64::new(0),
             flushed: AtomicU64::new(0),
             node: node.into(),
-            batch: tokio::sync::Mutex::new(0),
+            batch: tokio::sync::Mutex::default(),
             lose_next_ack: std::sync::atomic::AtomicBool::new(false),
             clock: Mutex::new(Arc::new(SystemClock)),
             other: Arc::from(OTHER),
@@ -246,11 +256,12 @@ impl Rollups {
 
     async fn flush_before(&self, store: &Store, before: i64) -> Result<usize, String> {
         let mut batch = self.batch.lock().await;
+        let before = batch.retry_before.map_or(before, |r| before.max(r));
         let taken = self.take(before);
         if taken.is_empty() {
             return Ok(0);
         }
-        let node = format!("{}.{}", self.node, *batch);
+        let node = format!("{}.{}", self.node, batch.number);
         let written = tokio::time::timeout(STORE_TIMEOUT, self.write(store, &node, &taken))
             .await
             .map(|r| {
@@ -264,16 +275,19 @@ impl Rollups {
             });
         match written {
             Ok(Ok(n)) => {
-                *batch += 1;
+                batch.number += 1;
+                batch.retry_before = None;
                 let calls: u64 = taken.iter().map(|(_, a)| a.requests).sum();
                 self.flushed.fetch_add(calls, Ordering::Relaxed);
                 Ok(n)
             }
             Ok(Err(e)) => {
+                batch.retry_before = Some(before);
                 self.put_back(taken);
                 Err(format!("cannot write analytics rollups: {e}"))
             }
             Err(_) => {
+                batch.retry_before = Some(before);
                 self.put_back(taken);
                 Err("cannot write analytics rollups: the store did not answer in time".into())
             }
@@ -519,7 +533,8 @@ pub fn start(
     let node = format!("{:016x}", rand_id());
     let rollups = Rollups::new(config.max_keys_per_minute, node);
     gateway.observer().add(rollups.clone());
-    // Held weakly by the observer: the metrics stop when `Analytics` is dropped.
+    // The observer holds stats sources weakly; the sink registration above keeps the
+    // aggregator (and so its metrics) alive for as long as it counts.
     let source: Arc<dyn turnpike_observe::StatsSource> = rollups.clone();
     gateway.observer().add_stats(&source);
     let downsampler = Downsampler::new(store.clone(), config.clone());

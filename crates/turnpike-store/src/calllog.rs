@@ -44,13 +44,6 @@ const COLUMNS: [&str; 26] = [
     "id",
 ];
 
-/// Rows per INSERT statement. Small on purpose: binding `$N` parameters on SQLite looks each
-/// name up with `sqlite3_bind_parameter_name`, a linear scan, so binding costs grow with the
-/// square of the parameter count. At 200 rows (5 000 parameters) the lookups took about half of
-/// the gateway's CPU under load (measured with `perf` in the observe benchmark); at 10 rows they
-/// vanish from the profile while a batch still needs few statements.
-const ROWS_PER_INSERT: usize = 10;
-
 /// Rows per DELETE when pruning: a long retention backlog goes in steps, so neither backend
 /// holds one huge transaction (or, on SQLite, the write lock) for long.
 const DELETE_STEP: i64 = 5_000;
@@ -252,7 +245,7 @@ impl Store {
         let pool = &self.inner.pool;
         let mut tx = pool.begin(pool.dialect().begin_write).await?;
         let mut written = 0;
-        for chunk in rows.chunks(ROWS_PER_INSERT) {
+        for chunk in rows.chunks(pool.dialect().rows_per_insert) {
             let mut sql = format!("INSERT INTO call_logs ({columns}) VALUES ");
             let mut args = Vec::with_capacity(chunk.len() * 25);
             for (i, row) in chunk.iter().enumerate() {

@@ -411,9 +411,9 @@ pub struct SyslogSink {
     /// APP-NAME of each message.
     #[serde(default = "default_app_name")]
     pub app_name: String,
-    /// How long connecting and sending one batch may take (TCP: a receiver that stops
-    /// reading must not stall the sink forever); past it the batch counts as failed and the
-    /// connection is opened again for the next one.
+    /// How long connecting, or sending 64 KiB of a batch, may make no progress (TCP: a
+    /// receiver that stops reading must not stall the sink forever); past it the batch
+    /// counts as failed and the connection is opened again for the next one.
     #[schemars(with = "String")]
     #[serde(default = "default_syslog_timeout", with = "humantime_serde")]
     pub timeout: std::time::Duration,

@@ -44,7 +44,7 @@ pub struct AnalyticsConfig {
 }
 
 /// Bounds on one analytics query (`observability.analytics.query`); past one, the Admin
-/// API answers 400 with a code naming it.
+/// API answers 422 with a code naming it.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct AnalyticsQueryLimits {

@@ -114,7 +114,10 @@ impl SyslogWriter {
     }
 
     async fn send_all(&mut self, messages: &[String]) -> Result<(), String> {
-        self.connect().await?;
+        let timeout = self.timeout;
+        tokio::time::timeout(timeout, self.connect())
+            .await
+            .map_err(|_| format!("{}: cannot connect in {timeout:?}", self.address))??;
         match &mut self.conn {
             Conn::None => Err("not connected".into()),
             Conn::Udp(s) => {
@@ -136,7 +139,14 @@ impl SyslogWriter {
                     buf.extend_from_slice(format!("{} ", m.len()).as_bytes());
                     buf.extend_from_slice(m.as_bytes());
                 }
-                s.write_all(&buf).await.map_err(|e| e.to_string())?;
+                // The timeout is on progress, not on the whole batch: a slow receiver that
+                // keeps reading is not cut off, one that stops is.
+                for chunk in buf.chunks(64 * 1024) {
+                    tokio::time::timeout(timeout, s.write_all(chunk))
+                        .await
+                        .map_err(|_| format!("{}: no progress in {timeout:?}", self.address))?
+                        .map_err(|e| e.to_string())?;
+                }
                 s.flush().await.map_err(|e| e.to_string())
             }
         }
@@ -146,11 +156,7 @@ impl SyslogWriter {
 impl Deliver for SyslogWriter {
     async fn deliver(&mut self, events: &[Arc<CallEvent>], fmt: &Formatter) -> Result<(), String> {
         let messages: Vec<String> = events.iter().map(|e| self.message(e, fmt)).collect();
-        let timeout = self.timeout;
-        let result = match tokio::time::timeout(timeout, self.send_all(&messages)).await {
-            Ok(r) => r,
-            Err(_) => Err(format!("{}: no progress in {timeout:?}", self.address)),
-        };
+        let result = self.send_all(&messages).await;
         if result.is_err() {
             // Connect again next time: the receiver may have restarted, and after a timeout
             // a TCP stream may hold half a frame.

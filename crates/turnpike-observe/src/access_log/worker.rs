@@ -178,9 +178,11 @@ async fn send<D: Deliver>(
                 break;
             }
             Err(_) => {
+                // Capped, so a long run of failures does not park the sink for hours.
                 let delay = policy
                     .backoff
-                    .saturating_mul(2u32.saturating_pow(attempt.min(16)));
+                    .saturating_mul(2u32.saturating_pow(attempt.min(16)))
+                    .min(Duration::from_secs(30));
                 attempt += 1;
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}

@@ -24,6 +24,9 @@ use turnpike_model::observe::tracing::OtlpTraceExport;
 use super::TraceFacts;
 use crate::{CallEvent, CallSink, SinkStats, WarnGate};
 
+/// The longest pause between two tries of one batch (`Retry-After` is capped the same way).
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
 /// `flags` bit saying whether the parent's remoteness is known (OTLP `SpanFlags`).
 const HAS_IS_REMOTE: u32 = 0x100;
 /// `flags` bit saying the parent came from another process.
@@ -191,22 +194,24 @@ impl Worker {
                     _ = stop.wait_for(|s| *s) => break,
                 }
             }
-            self.export(std::mem::take(&mut batch)).await;
+            self.export(std::mem::take(&mut batch), &mut stop).await;
         }
         // Stopping: what is still queued goes out in full batches.
         rx.close();
         while let Some(e) = rx.recv().await {
             batch.push(e);
             if batch.len() >= size {
-                self.export(std::mem::take(&mut batch)).await;
+                self.export(std::mem::take(&mut batch), &mut stop).await;
             }
         }
         if !batch.is_empty() {
-            self.export(batch).await;
+            self.export(batch, &mut stop).await;
         }
     }
 
-    async fn export(&self, calls: Vec<Arc<CallEvent>>) {
+    /// Sends the spans of `calls`, retrying retryable failures with a capped backoff until
+    /// stop is asked for (then what is left goes out once, within the shutdown deadline).
+    async fn export(&self, calls: Vec<Arc<CallEvent>>, stop: &mut watch::Receiver<bool>) {
         let spans: Vec<Span> = calls.iter().flat_map(|e| spans_of(e)).collect();
         let n = spans.len() as u64;
         if n == 0 {
@@ -234,7 +239,7 @@ impl Worker {
                         .get(http::header::RETRY_AFTER)
                         .and_then(|v| v.to_str().ok())
                         .and_then(|v| v.trim().parse::<u64>().ok())
-                        .map(|s| Duration::from_secs(s.min(30)));
+                        .map(|s| Duration::from_secs(s).min(MAX_BACKOFF));
                     (
                         matches!(s, 429 | 502 | 503 | 504),
                         format!("collector answered {s}"),
@@ -243,11 +248,17 @@ impl Worker {
                 }
                 Err(e) => (true, format!("cannot reach the collector: {e}"), None),
             };
-            if retryable && attempt < b.max_retries {
-                let backoff = b.retry_backoff.saturating_mul(1 << attempt.min(16));
+            if retryable && attempt < b.max_retries && !*stop.borrow() {
+                let backoff = b
+                    .retry_backoff
+                    .saturating_mul(1 << attempt.min(16))
+                    .min(MAX_BACKOFF);
                 attempt += 1;
                 self.counters.retries.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(wait.unwrap_or(backoff)).await;
+                tokio::select! {
+                    () = tokio::time::sleep(wait.unwrap_or(backoff)) => {}
+                    _ = stop.wait_for(|s| *s) => {}
+                }
                 continue;
             }
             let total = self.counters.failed.fetch_add(n, Ordering::Relaxed) + n;
