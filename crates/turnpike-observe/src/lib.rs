@@ -260,6 +260,20 @@ impl Observer {
         });
     }
 
+    /// Removes `old` (when given) and adds `new` (when given) in one step, so an event
+    /// emitted meanwhile reaches exactly one of them.
+    pub fn swap(&self, old: Option<&Arc<dyn CallSink>>, new: Option<Arc<dyn CallSink>>) {
+        self.sinks.rcu(|current| {
+            let mut next: Vec<Arc<dyn CallSink>> = current
+                .iter()
+                .filter(|s| old.is_none_or(|o| !Arc::ptr_eq(s, o)))
+                .cloned()
+                .collect();
+            next.extend(new.clone());
+            next
+        });
+    }
+
     /// Replaces every sink at once.
     pub fn replace(&self, sinks: Vec<Arc<dyn CallSink>>) {
         self.sinks.store(Arc::new(sinks));

@@ -24,6 +24,9 @@ use turnpike_model::observe::tracing::OtlpTraceExport;
 use super::TraceFacts;
 use crate::{CallEvent, CallSink, SinkStats, WarnGate};
 
+/// How often a gathering batch looks at the queue again.
+const LINGER: Duration = Duration::from_millis(20);
+
 /// The longest pause between two tries of one batch (`Retry-After` is capped the same way).
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -183,15 +186,23 @@ impl Worker {
             };
             let Some(first) = first else { break };
             batch.push(first);
+            // Gather until the batch is full or `max_delay` passed, looking at the queue every
+            // LINGER rather than waking for each call.
             let until = tokio::time::Instant::now() + self.cfg.batch.max_delay;
-            while batch.len() < size {
+            loop {
+                while batch.len() < size {
+                    match rx.try_recv() {
+                        Ok(e) => batch.push(e),
+                        Err(_) => break,
+                    }
+                }
+                let now = tokio::time::Instant::now();
+                if batch.len() >= size || now >= until || *stop.borrow() {
+                    break;
+                }
                 tokio::select! {
-                    e = rx.recv() => match e {
-                        Some(e) => batch.push(e),
-                        None => break,
-                    },
-                    () = tokio::time::sleep_until(until) => break,
-                    _ = stop.wait_for(|s| *s) => break,
+                    () = tokio::time::sleep_until((now + LINGER).min(until)) => {}
+                    _ = stop.wait_for(|s| *s) => {}
                 }
             }
             self.export(std::mem::take(&mut batch), &mut stop).await;

@@ -265,12 +265,12 @@ impl Tracing {
                 )?),
                 _ => None,
             };
-            if let Some(n) = &next {
-                self.observer.add(n.clone());
-            }
-            if let Some(old) = std::mem::replace(&mut cur.exporter, next) {
-                let as_sink: Arc<dyn CallSink> = old.clone();
-                self.observer.remove(&as_sink);
+            let old = std::mem::replace(&mut cur.exporter, next.clone());
+            // One step: a call finishing during the swap is exported once, not by both.
+            let old_sink = old.clone().map(|o| o as Arc<dyn CallSink>);
+            self.observer
+                .swap(old_sink.as_ref(), next.map(|n| n as Arc<dyn CallSink>));
+            if let Some(old) = old {
                 let deadline = old.config().batch.timeout;
                 tokio::spawn(async move { old.shutdown(deadline).await });
             }
