@@ -68,6 +68,12 @@ async fn crash_writer_child() {
     }
 }
 
+/// The id an acknowledgement line carries. libtest prints `test crash_writer_child ... `
+/// without a newline before the test runs, so the first acknowledgement shares its line.
+fn ack_of(line: &str) -> Option<&str> {
+    line.split_once(ACK).map(|(_, id)| id)
+}
+
 async fn kill_during_writes(backend: Backend) {
     let db = TestDb::open(backend).await;
     let exe = std::env::current_exe().expect("test binary path");
@@ -97,7 +103,7 @@ async fn kill_during_writes(backend: Backend) {
                     acked.len()
                 );
             };
-            if let Some(id) = line.strip_prefix(ACK) {
+            if let Some(id) = ack_of(&line) {
                 acked.push(id.to_owned());
             }
         }
@@ -110,7 +116,7 @@ async fn kill_during_writes(backend: Backend) {
     child.kill().await.expect("kill writer");
     // Lines written before the kill are acknowledgements too.
     while let Some(line) = lines.next_line().await.expect("drain writer output") {
-        if let Some(id) = line.strip_prefix(ACK) {
+        if let Some(id) = ack_of(&line) {
             acked.push(id.to_owned());
         }
     }
