@@ -245,6 +245,7 @@ impl Store {
         let pool = &self.inner.pool;
         let mut tx = pool.begin(pool.dialect().begin_write).await?;
         let mut written = 0;
+        let positional = pool.dialect().positional_params;
         for chunk in rows.chunks(pool.dialect().rows_per_insert) {
             let mut sql = format!("INSERT INTO call_logs ({columns}) VALUES ");
             let mut args = Vec::with_capacity(chunk.len() * 25);
@@ -257,7 +258,11 @@ impl Store {
                     if j > 0 {
                         sql.push_str(", ");
                     }
-                    sql.push_str(&format!("${}", i * 25 + j + 1));
+                    if positional {
+                        sql.push('?');
+                    } else {
+                        sql.push_str(&format!("${}", i * 25 + j + 1));
+                    }
                 }
                 sql.push(')');
                 args.extend(row.args());
