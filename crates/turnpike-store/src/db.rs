@@ -46,8 +46,9 @@ pub(crate) struct Dialect {
     /// Tells other nodes about a commit; delivered by PostgreSQL only if the transaction
     /// commits.
     pub notify: Option<&'static str>,
-    /// Rows per multi-row INSERT of call logs: as many as the backend's parameter limit
-    /// comfortably allows (SQLite 32 766, PostgreSQL 65 535; 25 parameters a row).
+    /// Rows per multi-row INSERT of call logs (25 parameters a row, well below the limits:
+    /// SQLite 32 766, PostgreSQL 65 535). Fewer, larger statements: on PostgreSQL each one
+    /// is a round trip.
     pub rows_per_insert: usize,
     /// Whether bulk INSERTs use anonymous `?` placeholders instead of `$N`. SQLite looks a
     /// numbered parameter's name up with a linear scan each time one is bound, so binding
