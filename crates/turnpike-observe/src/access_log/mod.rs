@@ -264,12 +264,13 @@ impl AccessLogs {
         // The capture settings follow the sinks: with no sink, nothing is captured.
         self.observer
             .set_capture(next.as_ref().and_then(|n| n.capture.clone()));
-        if let Some(n) = &next {
-            self.observer.add(Arc::clone(n) as Arc<dyn CallSink>);
-        }
-        if let Some(old) = current.take() {
-            self.observer
-                .remove(&(Arc::clone(&old) as Arc<dyn CallSink>));
+        // One step, as for the trace exporter: a call finishing meanwhile is logged once.
+        let old = current.take();
+        self.observer.swap(
+            old.clone().map(|o| o as Arc<dyn CallSink>).as_ref(),
+            next.clone().map(|n| n as Arc<dyn CallSink>),
+        );
+        if let Some(old) = old {
             let deadline = old.config.flush_timeout;
             tokio::spawn(async move { old.shutdown(deadline).await });
         }
