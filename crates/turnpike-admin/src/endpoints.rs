@@ -72,6 +72,8 @@ pub(crate) enum Op {
     AnalyticsTop,
     /// Alert transitions.
     AlertHistory,
+    /// Purge the response cache.
+    CachePurge,
 }
 
 /// The request body an endpoint takes.
@@ -270,6 +272,13 @@ fn build() -> Vec<Endpoint> {
                  `[from, to)` (default: the last 24 hours). The range is read at minute \
                  resolution up to 6 hours, hours up to 62 days, days beyond, and aligned to \
                  it. Scoping as for the time series.",
+            ),
+            Op::CachePurge => Some(
+                "Removes response-cache entries by URL (`key`: `scheme://host:port/path?query`, \
+                 every method and variant), URL prefix, tag (the values of the upstream's \
+                 `cache-tag` header), or `all`, from this node's memory and from the shared \
+                 Redis tier; nodes sharing that Redis clear their memory when the purge is \
+                 published. Super admins only: the cache serves every team.",
             ),
             Op::AlertHistory => Some(
                 "Alert transitions (firing, resolved), newest first, with the measured value \
@@ -544,6 +553,17 @@ fn build() -> Vec<Endpoint> {
         BodySpec::None,
         200,
         Some("AnalyticsTop".into()),
+    );
+    add(
+        Method::POST,
+        format!("{PREFIX}/cache/purge"),
+        "purgeCache".into(),
+        "Purge response-cache entries by URL, prefix or tag, on every node".into(),
+        "cache",
+        Op::CachePurge,
+        json("CachePurgeRequest", true),
+        200,
+        Some("CachePurgeReport".into()),
     );
     add(
         Method::GET,

@@ -149,6 +149,15 @@ impl AdminError {
         )
     }
 
+    /// 503 `cache_unavailable`: no response cache to act on in this process.
+    pub fn cache_unavailable(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "cache_unavailable",
+            message,
+        )
+    }
+
     /// 500 `internal`. The detail is logged, not sent: it may name internals.
     pub fn internal(detail: impl fmt::Display) -> Self {
         tracing::error!(error = %detail, "admin API internal error");

@@ -314,6 +314,7 @@ async fn dispatch(ctx: Ctx) -> AdminResult<Response> {
         Op::AnalyticsTimeseries => crate::analytics::timeseries(&ctx).await,
         Op::AnalyticsTop => crate::analytics::top(&ctx).await,
         Op::AlertHistory => crate::analytics::alert_history(&ctx).await,
+        Op::CachePurge => crate::cachepurge::purge(&ctx).await,
         Op::OpenApi => Ok(axum::Json(openapi::document().clone()).into_response()),
     }
 }

@@ -29,6 +29,7 @@ mod account;
 mod actions;
 mod analytics;
 mod auth;
+mod cachepurge;
 mod calllogs;
 mod endpoints;
 mod error;
@@ -63,10 +64,36 @@ pub struct AdminState {
     inner: Arc<StateInner>,
 }
 
+#[derive(Clone)]
 struct StateInner {
     store: Store,
     max_body_bytes: usize,
     analytics_limits: turnpike_model::observe::analytics::AnalyticsQueryLimits,
+    cache: Option<Arc<dyn CachePurger>>,
+}
+
+/// What a cache purge removes (`POST /admin/v1/cache/purge`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PurgeTarget {
+    /// Every entry of this URL (`scheme://host:port/path?query`).
+    Key(String),
+    /// Every entry whose URL starts with this.
+    Prefix(String),
+    /// Every entry the upstream tagged with this.
+    Tag(String),
+    /// Everything.
+    All,
+}
+
+/// The gateway's response cache, as the Admin API reaches it: given by the process that
+/// runs both (the `turnpike` binary). Without one, purges answer 503.
+pub trait CachePurger: Send + Sync + 'static {
+    /// Purges `target` on this node, in the shared tier and (through it) on every node;
+    /// returns the report the endpoint sends back (`{"memory": n, "shared": n | null}`).
+    fn purge(
+        &self,
+        target: PurgeTarget,
+    ) -> futures_util::future::BoxFuture<'static, serde_json::Value>;
 }
 
 impl AdminState {
@@ -77,20 +104,23 @@ impl AdminState {
                 store,
                 max_body_bytes: DEFAULT_MAX_BODY_BYTES,
                 analytics_limits: Default::default(),
+                cache: None,
             }),
+        }
+    }
+
+    fn with(self, change: impl FnOnce(&mut StateInner)) -> Self {
+        let mut inner = (*self.inner).clone();
+        change(&mut inner);
+        Self {
+            inner: Arc::new(inner),
         }
     }
 
     /// The same state with another cap on request bodies (larger bodies get 413).
     #[must_use]
     pub fn with_max_body_bytes(self, max_body_bytes: usize) -> Self {
-        Self {
-            inner: Arc::new(StateInner {
-                store: self.inner.store.clone(),
-                max_body_bytes,
-                analytics_limits: self.inner.analytics_limits,
-            }),
-        }
+        self.with(|i| i.max_body_bytes = max_body_bytes)
     }
 
     /// The same state with other bounds on analytics queries
@@ -100,18 +130,22 @@ impl AdminState {
         self,
         analytics_limits: turnpike_model::observe::analytics::AnalyticsQueryLimits,
     ) -> Self {
-        Self {
-            inner: Arc::new(StateInner {
-                store: self.inner.store.clone(),
-                max_body_bytes: self.inner.max_body_bytes,
-                analytics_limits,
-            }),
-        }
+        self.with(|i| i.analytics_limits = analytics_limits)
+    }
+
+    /// The same state, purging `cache` on `POST /admin/v1/cache/purge`.
+    #[must_use]
+    pub fn with_cache_purger(self, cache: Arc<dyn CachePurger>) -> Self {
+        self.with(|i| i.cache = Some(cache))
     }
 
     /// The store the API serves.
     pub fn store(&self) -> &Store {
         &self.inner.store
+    }
+
+    pub(crate) fn cache_purger(&self) -> Option<&Arc<dyn CachePurger>> {
+        self.inner.cache.as_ref()
     }
 }
 

@@ -540,6 +540,39 @@ fn components() -> Map<String, Value> {
             }),
         ),
         (
+            "CachePurgeRequest",
+            json!({
+                "type": "object",
+                "description": "Exactly one of the fields.",
+                "minProperties": 1,
+                "maxProperties": 1,
+                "additionalProperties": false,
+                "properties": {
+                    "key": { "type": "string", "minLength": 1, "description": "A URL: `scheme://host:port/path?query` (the port always given)." },
+                    "prefix": { "type": "string", "minLength": 1, "description": "The start of the URLs to purge." },
+                    "tag": { "type": "string", "minLength": 1, "description": "A value of the upstream's `cache-tag` response header." },
+                    "all": { "type": "boolean", "const": true, "description": "Everything." }
+                }
+            }),
+        ),
+        (
+            "CachePurgeReport",
+            json!({
+                "type": "object",
+                "required": ["purged"],
+                "properties": {
+                    "purged": {
+                        "type": "object",
+                        "required": ["memory", "shared"],
+                        "properties": {
+                            "memory": { "type": "integer", "minimum": 0, "description": "Entries removed from this node's memory." },
+                            "shared": { "type": ["integer", "null"], "minimum": 0, "description": "Keys deleted in Redis; null without a Redis tier, or when it could not be reached." }
+                        }
+                    }
+                }
+            }),
+        ),
+        (
             "AlertHistoryPage",
             json!({
                 "type": "object",

@@ -206,8 +206,10 @@ async fn a_team_admin_cannot_see_or_touch_another_team() {
             } else if path == "/admin/v1/audit"
                 || path.starts_with("/admin/v1/analytics/")
                 || path == "/admin/v1/alerts/history"
+                || path == "/admin/v1/cache/purge"
             {
-                // Without `team` only super admins may read them (alert history: only they).
+                // Without `team` only super admins may read them (alert history and cache
+                // purges: only they).
                 r.expect_error(403, "forbidden");
             } else {
                 assert!(r.status.is_success(), "{what}: {:#}", r.body);

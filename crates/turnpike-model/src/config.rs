@@ -35,6 +35,9 @@ pub struct Config {
     /// Metrics, traces, access logs, the call-log store and analytics.
     #[serde(default)]
     pub observability: crate::observe::Observability,
+    /// Where the `cache` policy keeps responses: memory size and the shared Redis tier.
+    #[serde(default)]
+    pub cache: crate::shaping::CacheStoreConfig,
     /// What the management store adds (service bindings, consumers); empty for a file alone.
     #[serde(skip)]
     #[schemars(skip)]
@@ -56,6 +59,7 @@ impl Default for Config {
             policies: Vec::new(),
             consumers: Vec::new(),
             observability: crate::observe::Observability::default(),
+            cache: crate::shaping::CacheStoreConfig::default(),
             managed: std::sync::Arc::default(),
         }
     }

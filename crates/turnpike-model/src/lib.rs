@@ -13,6 +13,7 @@ pub mod mgmt;
 pub mod observe;
 pub mod policy;
 mod protect;
+pub mod shaping;
 pub mod traffic;
 mod validate;
 

@@ -17,6 +17,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub use crate::shaping::*;
 pub use crate::traffic::*;
 use crate::{ConfigError, ConfigErrors};
 
@@ -87,10 +88,12 @@ pub enum PolicyKind {
     Mirror(MirrorConfig),
     /// The listener-verified client certificate (mTLS) mapped to an application.
     Mtls(MtlsConfig),
+    /// Response cache with HTTP semantics.
+    Cache(Box<CacheConfig>),
 }
 
 /// The policy type names, in a stable order.
-pub const POLICY_TYPES: [&str; 20] = [
+pub const POLICY_TYPES: [&str; 21] = [
     "key_auth",
     "basic_auth",
     "jwt",
@@ -111,6 +114,7 @@ pub const POLICY_TYPES: [&str; 20] = [
     "request_validation",
     "hmac_auth",
     "mtls",
+    "cache",
 ];
 
 impl PolicyKind {
@@ -151,6 +155,7 @@ impl PolicyKind {
             "waf" => Self::Waf(typed(config)?),
             "request_validation" => Self::RequestValidation(typed(config)?),
             "mtls" => Self::Mtls(typed(config)?),
+            "cache" => Self::Cache(typed(config)?),
             other => {
                 return Err(ConfigError::at(
                     "",
@@ -209,6 +214,7 @@ impl PolicyKind {
             Self::TrafficSplit(_) => "traffic_split",
             Self::Mirror(_) => "mirror",
             Self::Mtls(_) => "mtls",
+            Self::Cache(_) => "cache",
         }
     }
 
@@ -345,6 +351,7 @@ impl PolicyKind {
             Self::Waf(c) => c.check()?,
             Self::RequestValidation(c) => c.check()?,
             Self::Mtls(c) => c.check()?,
+            Self::Cache(c) => c.check()?,
         }
         Ok(())
     }
@@ -360,7 +367,7 @@ pub fn stage_of(policy_type: &str) -> Option<Stage> {
         "cors" => Stage::Cors,
         "waf" | "request_validation" => Stage::Inspection,
         "circuit_breaker" | "bulkhead" | "fallback" | "fault_injection" | "traffic_split"
-        | "mirror" => Stage::Upstream,
+        | "mirror" | "cache" => Stage::Upstream,
         "oauth2_introspection" | "hmac_auth" | "mtls" => Stage::Authentication,
         _ => return None,
     })
@@ -392,6 +399,7 @@ pub fn policy_schema(policy_type: &str) -> Option<Value> {
         "waf" => schema::<WafConfig>(),
         "request_validation" => schema::<RequestValidationConfig>(),
         "mtls" => schema::<MtlsConfig>(),
+        "cache" => schema::<CacheConfig>(),
         _ => return None,
     })
 }

@@ -458,6 +458,9 @@ pub fn validate(config: &Config) -> Result<(), ConfigErrors> {
     for (path, msg) in config.observability.access_log.problems() {
         err(format!("observability.access_log.{path}"), msg);
     }
+    if let Err((path, msg)) = config.cache.check() {
+        err(format!("cache.{path}"), msg);
+    }
     errs.extend(config.observability.metrics.validate());
     errs.extend(config.observability.tracing.validate());
     crate::observe::analytics::validate(&config.observability.analytics, &mut errs);

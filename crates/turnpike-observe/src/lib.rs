@@ -72,7 +72,8 @@ pub struct CallEvent {
     pub upstream_target: Option<SocketAddr>,
     /// Upstream attempts made (0 when none was sent).
     pub attempts: u32,
-    /// Response cache outcome (`HIT`, `MISS`, `STALE`, `BYPASS`), when a cache ran.
+    /// Response cache outcome (`HIT`, `MISS`, `STALE`, `REVALIDATED`, `BYPASS`), when a
+    /// cache ran.
     pub cache: Option<&'static str>,
     /// The gateway error code, when the gateway answered with an error.
     pub error: Option<&'static str>,

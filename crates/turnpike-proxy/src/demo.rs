@@ -102,7 +102,7 @@ async fn respond(name: &str, req: Request<Incoming>) -> Response<ProxyBody> {
                 "service": "turnpike-demo",
                 "served_by": name,
                 "message": "Hello from the demo upstream, through Turnpike.",
-                "try": ["/echo", "/status/418", "/delay/200", "/stream/5", "/sse?n=3"],
+                "try": ["/echo", "/status/418", "/delay/200", "/stream/5", "/sse?n=3", "/cached/60"],
             }),
         ),
         "health" => text(StatusCode::OK, "ok"),
@@ -137,6 +137,23 @@ async fn respond(name: &str, req: Request<Incoming>) -> Response<ProxyBody> {
             r
         }
         "sse" => sse(req.uri().query().unwrap_or("")),
+        "cached" => {
+            // Cacheable for `rest` seconds; the time shows whether a cache answered.
+            let secs = rest.parse::<u64>().unwrap_or(60).min(86_400);
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis());
+            let mut r = json(
+                StatusCode::OK,
+                serde_json::json!({ "served_by": name, "generated_at_ms": now_ms, "max_age": secs }),
+            );
+            if let Ok(v) = header::HeaderValue::from_str(&format!("public, max-age={secs}")) {
+                r.headers_mut().insert(header::CACHE_CONTROL, v);
+            }
+            r.headers_mut()
+                .insert("cache-tag", header::HeaderValue::from_static("demo"));
+            r
+        }
         _ => json(
             StatusCode::NOT_FOUND,
             serde_json::json!({ "error": "no such demo endpoint", "path": path }),

@@ -182,6 +182,11 @@ impl Gateway {
         self.shared.snapshot.load().managed.clone()
     }
 
+    /// The response cache's store (the `cache` policy's entries), for purges.
+    pub fn cache(&self) -> Arc<crate::cache::CacheStore> {
+        self.shared.snapshot.load().cache.clone()
+    }
+
     /// Version of the live snapshot.
     pub fn version(&self) -> u64 {
         self.shared.snapshot.load().version

@@ -2,6 +2,7 @@
 
 pub mod access;
 pub mod body;
+pub mod cache;
 pub mod client;
 pub mod clientcert;
 pub mod demo;

@@ -142,7 +142,7 @@ impl Pending {
             upstream: facts.upstream.as_ref().map(|u| Arc::from(u.name.as_str())),
             upstream_target: facts.target,
             attempts: facts.attempts,
-            cache: None,
+            cache: facts.cache,
             error: facts.error,
             user_agent: self.user_agent,
             completed: false,

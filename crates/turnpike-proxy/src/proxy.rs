@@ -200,6 +200,8 @@ pub(crate) struct LogFacts {
     pub(crate) target: Option<SocketAddr>,
     pub(crate) attempts: u32,
     pub(crate) error: Option<&'static str>,
+    /// What the response cache did (`X-Cache`), when the route has one.
+    pub(crate) cache: Option<&'static str>,
     /// Where the upstream attempt copies the start of the request body (access-log
     /// capture); `None` unless capture asks for it.
     pub(crate) request_body: Option<Arc<std::sync::Mutex<turnpike_observe::CapturedBody>>>,
@@ -212,7 +214,7 @@ pub(crate) struct LogFacts {
 }
 
 async fn proxy(
-    snap: &Snapshot,
+    snap: &Arc<Snapshot>,
     quotas: &crate::quota::QuotaTracker,
     conn: &ClientConn,
     req: Request<Incoming>,
@@ -433,13 +435,64 @@ async fn proxy(
     {
         dest = Dest::named(snap, route, name)?;
     }
+    // The response cache: answer from it, or learn what to do with the upstream's answer.
+    let mut cached: Option<Box<crate::cache::Pending>> = None;
+    if let Some(rc) = up.cache() {
+        let ctx = crate::cache::Ctx {
+            scheme: if conn.tls { "https" } else { "http" },
+            host: host.as_deref(),
+            path: &path,
+            route: &route.name,
+            upstream: &dest.upstream.name,
+            application: identity.consumer.as_ref().map(|c| c.id.as_str()),
+        };
+        match crate::cache::begin(&snap.cache, rc, &mut parts, &ctx).await {
+            crate::cache::Begin::Answer(mut resp, label, refresh) => {
+                log.cache = Some(label);
+                resp.headers_mut().insert(
+                    crate::cache::X_CACHE.clone(),
+                    HeaderValue::from_static(label),
+                );
+                if let Some(r) = refresh {
+                    let mut pq = matched.forward_path;
+                    if let Some(q) = r
+                        .pending
+                        .query
+                        .clone()
+                        .unwrap_or_else(|| parts.uri.query().map(str::to_owned))
+                    {
+                        pq.push('?');
+                        pq.push_str(&q);
+                    }
+                    tokio::spawn(refresh_entry(
+                        Arc::clone(snap),
+                        matched.index,
+                        dest.upstream.name.clone(),
+                        r,
+                        pq,
+                        host_header_value(&parts),
+                        client_ip,
+                        path.clone(),
+                    ));
+                }
+                return Ok(resp);
+            }
+            crate::cache::Begin::Fetch(p) => cached = Some(p),
+        }
+    }
     let upgrade = if is_upgrade_request(&parts) {
         parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
     } else {
         None
     };
     let mut path_and_query = matched.forward_path;
-    if let Some(q) = parts.uri.query() {
+    // The cache may have removed unkeyed query parameters.
+    let query_override = cached.as_mut().and_then(|c| c.query.take());
+    let query = match &query_override {
+        Some(q) => q.as_deref(),
+        None => parts.uri.query(),
+    };
+    if let Some(q) = query {
         path_and_query.push('?');
         path_and_query.push_str(q);
     }
@@ -457,7 +510,9 @@ async fn proxy(
         original_host.as_ref(),
         request_id,
     );
-    access::identify(&mut headers, &identity);
+    if cached.as_ref().is_none_or(|c| c.identify) {
+        access::identify(&mut headers, &identity);
+    }
     if let Some(t) = &log.trace {
         // Copies (mirrors, a fallback) carry the server span as their parent; each attempt
         // below replaces it with its own span.
@@ -469,8 +524,9 @@ async fn proxy(
         route.timeouts.write,
         parts.extensions.get::<crate::reqbody::BytesIn>().cloned(),
     );
+    let method_override = cached.as_mut().and_then(|c| c.method.take());
     let call = Call {
-        method: &parts.method,
+        method: method_override.as_ref().unwrap_or(&parts.method),
         path_and_query: &path_and_query,
         original_host,
         slot: &slot,
@@ -487,6 +543,19 @@ async fn proxy(
     } else {
         guarded_send(snap, route, &dest, &call, headers, upgrade.is_some(), log).await
     };
+    if let Err(e) = &sent
+        && let Some(mut stale) = cached.as_ref().and_then(|c| c.on_error(e))
+    {
+        // `stale-if-error`: the stored answer stands in for the failed call, which the log
+        // still records. It comes before any `fallback`.
+        log.error = Some(e.kind.code());
+        log.cache = Some(crate::cache::STALE);
+        stale.headers_mut().insert(
+            crate::cache::X_CACHE.clone(),
+            HeaderValue::from_static(crate::cache::STALE),
+        );
+        return Ok(stale);
+    }
     let (resp, guard, timeouts) = match sent {
         Ok((resp, guard)) => (resp, guard, dest.timeouts.clone()),
         Err(e) => match up.fallback() {
@@ -506,6 +575,8 @@ async fn proxy(
                 if slot.started() || (e.kind == ErrorKind::UpstreamTimeout && !idempotent) {
                     return Err(e);
                 }
+                // The fallback's answer is not the route's: it is never stored.
+                cached = None;
                 let fb = Dest::named(snap, route, name)?;
                 let headers = fallback_headers.unwrap_or_default();
                 let (mut resp, guard) =
@@ -540,7 +611,67 @@ async fn proxy(
             resp.headers_mut().remove(&name);
         }
     }
+    if let Some(c) = cached {
+        let (r, label) = c.finish(resp);
+        resp = r;
+        log.cache = Some(label);
+        resp.headers_mut().insert(
+            crate::cache::X_CACHE.clone(),
+            HeaderValue::from_static(label),
+        );
+    }
     Ok(resp)
+}
+
+/// Refreshes a cache entry in the background (`stale-while-revalidate`): the same upstream
+/// call a client's request would make, through the same call policies, answering nobody.
+#[allow(clippy::too_many_arguments)]
+async fn refresh_entry(
+    snap: Arc<Snapshot>,
+    route_index: usize,
+    upstream: String,
+    refresh: crate::cache::Refresh,
+    path_and_query: String,
+    original_host: Option<HeaderValue>,
+    client_ip: IpAddr,
+    path: String,
+) {
+    let Some(route) = snap.routes.get(route_index) else {
+        return;
+    };
+    let dest = if route.upstream.name == upstream {
+        Dest::of(route)
+    } else {
+        match Dest::named(&snap, route, &upstream) {
+            Ok(d) => d,
+            Err(_) => return,
+        }
+    };
+    let slot = BodySlot::buffered(bytes::Bytes::new());
+    let call = Call {
+        method: &Method::GET,
+        path_and_query: &path_and_query,
+        original_host,
+        slot: &slot,
+        client_ip,
+        path: &path,
+    };
+    let mut headers = refresh.headers;
+    strip_hop_by_hop(&mut headers, false, dest.upstream.config.http2);
+    let mut log = LogFacts::default();
+    let sent = if route.chain.upstream.is_empty() {
+        send_with_retries(route, &dest, &call, headers, None, &[], &mut log).await
+    } else {
+        guarded_send(&snap, route, &dest, &call, headers, false, &mut log).await
+    };
+    let Ok((resp, guard)) = sent else {
+        return;
+    };
+    let Ok(resp) = finish_response(resp, guard, None, route, &dest.timeouts) else {
+        return;
+    };
+    let (resp, _) = refresh.pending.finish(resp);
+    crate::cache::drain(resp.into_body()).await;
 }
 
 /// Held until the response body ends: the target's in-flight count, the upstream's

@@ -34,6 +34,9 @@ pub struct Snapshot {
     /// Every upstream pool by name, for policies that choose one per request
     /// (`traffic_split`, `mirror`, `fallback`).
     pub upstreams: HashMap<String, (Arc<Upstream>, Arc<RetryBudget>)>,
+    /// Where the `cache` policy keeps responses (kept across reloads that leave the
+    /// top-level `cache` section unchanged).
+    pub cache: Arc<crate::cache::CacheStore>,
 }
 
 /// A route with its references resolved.
@@ -87,6 +90,7 @@ pub struct UpstreamRegistry {
     pools: HashMap<String, (Arc<Upstream>, Arc<RetryBudget>)>,
     version: u64,
     policies: crate::policy::PolicyCache,
+    cache: Option<Arc<crate::cache::CacheStore>>,
 }
 
 impl UpstreamRegistry {
@@ -162,7 +166,18 @@ impl UpstreamRegistry {
             route.chain = chain;
         }
 
-        let (Some(router), Some(settings)) = (router, settings) else {
+        let cache = match &self.cache {
+            Some(c) if *c.config() == config.cache => Some(Arc::clone(c)),
+            _ => match crate::cache::CacheStore::new(&config.cache) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    errors.push(ConfigError::at("cache.redis.url", e));
+                    None
+                }
+            },
+        };
+
+        let (Some(router), Some(settings), Some(cache)) = (router, settings, cache) else {
             return Err(ConfigErrors(errors));
         };
         if !errors.is_empty() {
@@ -172,6 +187,7 @@ impl UpstreamRegistry {
             pool.start();
         }
         self.pools = pools.clone();
+        self.cache = Some(Arc::clone(&cache));
         self.version += 1;
         Ok(Snapshot {
             version: self.version,
@@ -181,6 +197,7 @@ impl UpstreamRegistry {
             managed,
             policies,
             upstreams: pools,
+            cache,
         })
     }
 }

@@ -854,6 +854,31 @@ fn parse_flush_interval(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// The Admin API's way to the gateway's response cache.
+struct CachePurge(std::sync::Arc<Gateway>);
+
+impl turnpike_admin::CachePurger for CachePurge {
+    fn purge(
+        &self,
+        target: turnpike_admin::PurgeTarget,
+    ) -> futures_util::future::BoxFuture<'static, serde_json::Value> {
+        use turnpike_admin::PurgeTarget as T;
+        use turnpike_proxy::cache::Purge;
+        let purge = match target {
+            T::Key(k) => Purge::Key(k),
+            T::Prefix(p) => Purge::Prefix(p),
+            T::Tag(t) => Purge::Tag(t),
+            T::All => Purge::All,
+        };
+        // The store in use when the purge is asked for (a reload may replace it).
+        let cache = self.0.cache();
+        Box::pin(async move {
+            let report = cache.purge(&purge).await;
+            serde_json::json!({ "memory": report.memory, "shared": report.shared })
+        })
+    }
+}
+
 /// Starts following the store and puts the Admin API in its slot.
 fn start_management(
     control: &std::sync::Arc<ControlPlane>,
@@ -865,7 +890,8 @@ fn start_management(
     let _ = opened.set(store.clone());
     let _ = admin.set(turnpike_admin::router(
         turnpike_admin::AdminState::new(store.clone())
-            .with_analytics_limits(quotas.analytics.query),
+            .with_analytics_limits(quotas.analytics.query)
+            .with_cache_purger(std::sync::Arc::new(CachePurge(quotas.gateway.clone()))),
     ));
     let sync = turnpike_control::quota::QuotaSync::with_retention(
         store.clone(),

@@ -357,6 +357,7 @@ fn cache_label(v: &str) -> &'static str {
         "HIT" => "hit",
         "MISS" => "miss",
         "STALE" => "stale",
+        "REVALIDATED" => "revalidated",
         "BYPASS" => "bypass",
         _ => OTHER,
     }

@@ -125,6 +125,8 @@ pub enum Policy {
     RequestValidation(Box<validation::Validation>),
     /// `mtls`.
     Mtls(auth::MtlsAuth),
+    /// `cache`.
+    Cache(Arc<crate::cache::RouteCache>),
 }
 
 impl Policy {
@@ -141,7 +143,8 @@ impl Policy {
             | Self::Fallback(_)
             | Self::FaultInjection(_)
             | Self::TrafficSplit(_)
-            | Self::Mirror(_) => Stage::Upstream,
+            | Self::Mirror(_)
+            | Self::Cache(_) => Stage::Upstream,
             Self::Oauth2Introspection(_) | Self::HmacAuth(_) | Self::Mtls(_) => {
                 Stage::Authentication
             }
@@ -188,10 +191,13 @@ pub struct UpstreamChain {
     pub fallback: Option<Arc<Compiled>>,
     /// `mirror`: every one runs.
     pub mirrors: Vec<Arc<Compiled>>,
+    /// `cache`.
+    pub cache: Option<Arc<Compiled>>,
 }
 
 impl UpstreamChain {
-    /// Whether there is none.
+    /// Whether none of the policies that guard the call itself is attached (the cache,
+    /// which answers before the call, is not counted).
     pub fn is_empty(&self) -> bool {
         self.fault.is_none()
             && self.split.is_none()
@@ -205,6 +211,14 @@ impl UpstreamChain {
     pub fn breaker(&self) -> Option<&Arc<resilience::Breaker>> {
         match &self.breaker.as_ref()?.policy {
             Policy::CircuitBreaker(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    /// The compiled response cache, if any.
+    pub fn cache(&self) -> Option<&Arc<crate::cache::RouteCache>> {
+        match &self.cache.as_ref()?.policy {
+            Policy::Cache(c) => Some(c),
             _ => None,
         }
     }
@@ -224,6 +238,7 @@ impl UpstreamChain {
             Policy::Bulkhead(_) => &mut self.bulkhead,
             Policy::CircuitBreaker(_) => &mut self.breaker,
             Policy::Fallback(_) => &mut self.fallback,
+            Policy::Cache(_) => &mut self.cache,
             _ => {
                 self.mirrors.push(c);
                 return;
@@ -500,6 +515,7 @@ async fn build(
             Policy::RequestValidation(Box::new(validation::Validation::new(&c, service_openapi)?))
         }
         PolicyKind::Mtls(c) => Policy::Mtls(auth::MtlsAuth::new(c)),
+        PolicyKind::Cache(c) => Policy::Cache(Arc::new(crate::cache::RouteCache::new(*c)?)),
     })
 }
 

@@ -47,7 +47,7 @@
 //! [`LocalLimiter::new`] for what it evicts), and every Redis key gets a TTL equal to the time
 //! after which its state equals a fresh key's, so Redis only holds keys that matter.
 
-mod cluster;
+pub(crate) mod cluster;
 mod local;
 
 use std::time::Duration;

@@ -93,6 +93,18 @@ impl std::fmt::Debug for RedisLimiter {
     }
 }
 
+/// How a Redis connection manager of the gateway behaves: few, quick retries inside the
+/// manager, since the caller's `timeout` bounds a call anyway and the next call starts a new
+/// attempt.
+pub(crate) fn manager_config(timeout: Duration) -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout))
+        .set_number_of_retries(1)
+        .set_min_delay(Duration::from_millis(20))
+        .set_max_delay(timeout.min(Duration::from_secs(1)))
+}
+
 impl RedisLimiter {
     /// A limiter on the Redis at `url` (`redis://[user:password@]host:port[/db]`), its keys
     /// under `prefix` ([`DEFAULT_PREFIX`] when empty), every call bounded by `timeout`.
@@ -109,14 +121,7 @@ impl RedisLimiter {
     ) -> Result<Self, RedisLimitError> {
         let client = Client::open(url).map_err(RedisLimitError::Config)?;
         let timeout = timeout.max(Duration::from_millis(1));
-        // Few, quick retries inside the manager: the caller's timeout bounds a call anyway,
-        // and the next call starts a new attempt.
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(1)
-            .set_min_delay(Duration::from_millis(20))
-            .set_max_delay(timeout.min(Duration::from_secs(1)));
+        let config = manager_config(timeout);
         let manager = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
             .map_err(RedisLimitError::Config)?;
         let prefix = if prefix.is_empty() {
