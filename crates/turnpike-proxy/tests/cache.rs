@@ -85,6 +85,31 @@ async fn max_age_is_a_hit_with_age_and_the_same_body() {
 }
 
 #[tokio::test]
+async fn event_streams_and_upgrades_are_not_cached() {
+    let sse = counting(&[
+        ("cache-control", "max-age=60"),
+        ("content-type", "text/event-stream"),
+    ])
+    .await;
+    let gw = cached_gw(sse.addr, "{}", "").await;
+    call(&gw, "GET", "/api/events", &[]).await;
+    let r = call(&gw, "GET", "/api/events", &[]).await;
+    assert_eq!((x_cache(&r), r.text().as_str()), ("MISS", "n=2"));
+    // An upgrade request keeps its Upgrade and Connection headers, and bypasses the cache.
+    let up = echo().await;
+    let gw = cached_gw(up.addr, "{default_ttl: 60s}", "").await;
+    let r = call(
+        &gw,
+        "GET",
+        "/api/ws",
+        &[("upgrade", "websocket"), ("connection", "upgrade")],
+    )
+    .await;
+    assert_eq!(x_cache(&r), "BYPASS");
+    assert_eq!(r.json()["headers"]["upgrade"], "websocket");
+}
+
+#[tokio::test]
 async fn an_empty_answer_is_stored_too() {
     let up = Mock::start(|_req| async move {
         let mut r = Response::new(turnpike_proxy::body::empty());

@@ -481,7 +481,8 @@ pub(crate) async fn begin(
         .get(header::CONTENT_LENGTH)
         .is_some_and(|v| v.as_bytes() != b"0")
         || parts.headers.contains_key(header::TRANSFER_ENCODING);
-    if has_body || request.no_store {
+    // An upgrade (WebSocket) is a tunnel, not a response: it keeps its headers.
+    if has_body || request.no_store || parts.headers.contains_key(header::UPGRADE) {
         return Begin::Fetch(Pending::bypass(store, policy, Mode::Bypass, url));
     }
 
@@ -749,6 +750,16 @@ impl Pending {
             .size_hint()
             .exact()
             .is_some_and(|n| n > self.policy.cfg.max_object_bytes);
+        // An event stream never ends the way a stored answer must, and is one client's.
+        let streaming = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+        let rules = if streaming {
+            Err(rfc::NotStored::NoFreshness)
+        } else {
+            rules
+        };
         let (parts, body) = resp.into_parts();
         let Ok(rules) = rules else {
             if matches!(self.mode, Mode::Revalidate(_)) {
