@@ -438,13 +438,27 @@ async fn proxy(
     // The response cache: answer from it, or learn what to do with the upstream's answer.
     let mut cached: Option<Box<crate::cache::Pending>> = None;
     if let Some(rc) = up.cache() {
+        // Everything the upstream is told of the caller is keyed with it: the application
+        // and its granted scopes.
+        let caller = rc
+            .cfg
+            .key
+            .application
+            .then(|| {
+                identity
+                    .consumer
+                    .as_ref()
+                    .map(|c| format!("{}|{}", c.id, identity.scopes.join(" ")))
+            })
+            .flatten();
         let ctx = crate::cache::Ctx {
             scheme: if conn.tls { "https" } else { "http" },
             host: host.as_deref(),
             path: &path,
             route: &route.name,
             upstream: &dest.upstream.name,
-            application: identity.consumer.as_ref().map(|c| c.id.as_str()),
+            application: caller.as_deref(),
+            has_body: !body.is_empty(),
         };
         match crate::cache::begin(&snap.cache, rc, &mut parts, &ctx).await {
             crate::cache::Begin::Answer(mut resp, label, refresh) => {
@@ -453,10 +467,13 @@ async fn proxy(
                     crate::cache::X_CACHE.clone(),
                     HeaderValue::from_static(label),
                 );
-                if let Some(r) = refresh {
+                if let Some(crate::cache::Refresh {
+                    pending,
+                    mut headers,
+                }) = refresh
+                {
                     let mut pq = matched.forward_path;
-                    if let Some(q) = r
-                        .pending
+                    if let Some(q) = pending
                         .query
                         .clone()
                         .unwrap_or_else(|| parts.uri.query().map(str::to_owned))
@@ -464,13 +481,27 @@ async fn proxy(
                         pq.push('?');
                         pq.push_str(&q);
                     }
+                    // The refresh is the request a client's miss would send: the same
+                    // forwarding and identity headers.
+                    let original_host = host_header_value(&parts);
+                    strip_hop_by_hop(&mut headers, false, dest.upstream.config.http2);
+                    add_forwarding(
+                        &mut headers,
+                        settings,
+                        conn,
+                        original_host.as_ref(),
+                        request_id,
+                    );
+                    if pending.identify {
+                        access::identify(&mut headers, &identity);
+                    }
                     tokio::spawn(refresh_entry(
                         Arc::clone(snap),
                         matched.index,
                         dest.upstream.name.clone(),
-                        r,
+                        crate::cache::Refresh { pending, headers },
                         pq,
-                        host_header_value(&parts),
+                        original_host,
                         client_ip,
                         path.clone(),
                     ));
@@ -656,8 +687,7 @@ async fn refresh_entry(
         client_ip,
         path: &path,
     };
-    let mut headers = refresh.headers;
-    strip_hop_by_hop(&mut headers, false, dest.upstream.config.http2);
+    let headers = refresh.headers;
     let mut log = LogFacts::default();
     let sent = if route.chain.upstream.is_empty() {
         send_with_retries(route, &dest, &call, headers, None, &[], &mut log).await
@@ -670,8 +700,9 @@ async fn refresh_entry(
     let Ok(resp) = finish_response(resp, guard, None, route, &dest.timeouts) else {
         return;
     };
+    let limit = refresh.pending.max_object_bytes();
     let (resp, _) = refresh.pending.finish(resp);
-    crate::cache::drain(resp.into_body()).await;
+    crate::cache::drain(resp.into_body(), limit, crate::cache::DRAIN_WITHIN).await;
 }
 
 /// Held until the response body ends: the target's in-flight count, the upstream's

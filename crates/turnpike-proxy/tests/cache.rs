@@ -391,15 +391,42 @@ async fn must_revalidate_passes_the_failure_through() {
 
 #[tokio::test]
 async fn stale_while_revalidate_answers_at_once_and_refreshes_in_the_background() {
-    let up = counting(&[("cache-control", "max-age=0, stale-while-revalidate=60")]).await;
+    // The upstream answers with the forwarded host it was told, so a refresh sent without
+    // the gateway's forwarding headers would show.
+    let n = Arc::new(AtomicUsize::new(0));
+    let up = Mock::start(move |req| {
+        let n = n.fetch_add(1, Ordering::SeqCst) + 1;
+        let host = req
+            .headers()
+            .get("x-forwarded-host")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-")
+            .to_owned();
+        async move {
+            let mut r = Response::new(full(format!("n={n} host={host}")));
+            r.headers_mut().insert(
+                "cache-control",
+                "max-age=0, stale-while-revalidate=60".parse().unwrap(),
+            );
+            r
+        }
+    })
+    .await;
     let gw = cached_gw(up.addr, "{}", "").await;
-    assert_eq!(call(&gw, "GET", "/api/w", &[]).await.text(), "n=1");
-    let r = call(&gw, "GET", "/api/w", &[]).await;
-    assert_eq!((x_cache(&r), r.text().as_str()), ("STALE", "n=1"));
-    // The background refresh stores the upstream's next answer.
+    let h = [("host", "shop.example")];
+    assert_eq!(
+        call(&gw, "GET", "/api/w", &h).await.text(),
+        "n=1 host=shop.example"
+    );
+    let r = call(&gw, "GET", "/api/w", &h).await;
+    assert_eq!(
+        (x_cache(&r), r.text().as_str()),
+        ("STALE", "n=1 host=shop.example")
+    );
+    // The background refresh stores the upstream's next answer, asked like a client's miss.
     assert!(
         eventually(Duration::from_secs(10), || async {
-            call(&gw, "GET", "/api/w", &[]).await.text() != "n=1"
+            call(&gw, "GET", "/api/w", &h).await.text() == "n=2 host=shop.example"
         })
         .await
     );
@@ -582,6 +609,16 @@ async fn two_nodes_share_entries_and_purges_through_redis() {
     );
     let r = call(&b, "GET", "/api/s", &host).await;
     assert_eq!((x_cache(&r), r.text().as_str()), ("MISS", "n=2"));
+    assert_eq!(x_cache(&call(&b, "GET", "/api/s", &host).await), "HIT");
+    // A successful POST through node A invalidates the URL on node B too, without a scan.
+    assert_eq!(x_cache(&call(&a, "POST", "/api/s", &host).await), "BYPASS");
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            x_cache(&call(&b, "GET", "/api/s", &host).await) == "MISS"
+        })
+        .await,
+        "the invalidation never reached node B"
+    );
     let _: () = redis::cmd("DEL")
         .arg(format!("{prefix}t:shared"))
         .query_async(&mut conn)
@@ -630,4 +667,55 @@ async fn cache_outcomes_are_counted_in_metrics() {
         })
         .await
     );
+}
+
+#[tokio::test]
+async fn a_request_target_naming_another_host_than_host_bypasses() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = counting(&[("cache-control", "public, max-age=60")]).await;
+    let gw = cached_gw(up.addr, "{}", "").await;
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(
+        b"GET http://shop.example/api/abs HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(
+        out.to_ascii_lowercase().contains("x-cache: bypass"),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn a_vary_on_a_header_the_gateway_sets_is_not_stored() {
+    let up = counting(&[("cache-control", "max-age=60"), ("vary", "X-Forwarded-For")]).await;
+    let gw = cached_gw(up.addr, "{}", "").await;
+    call(&gw, "GET", "/api/geo", &[]).await;
+    let r = call(&gw, "GET", "/api/geo", &[]).await;
+    assert_eq!((x_cache(&r), r.text().as_str()), ("MISS", "n=2"));
+}
+
+#[tokio::test]
+async fn an_http2_get_with_a_body_and_no_length_bypasses() {
+    use http_body_util::BodyExt;
+    let up = counting(&[("cache-control", "max-age=60")]).await;
+    let gw = cached_gw(up.addr, "{}", "").await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<http_body_util::combinators::BoxBody<bytes::Bytes, std::convert::Infallible>>(
+        );
+    let frames = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(
+        http_body::Frame::data(bytes::Bytes::from_static(b"q=evil")),
+    )]);
+    let body = http_body_util::StreamBody::new(frames).boxed();
+    let req = http::Request::get(gw.url("/api/search"))
+        .body(body)
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.headers().get("x-cache").unwrap(), "BYPASS");
+    // Nothing was stored for the body-less request either.
+    let r = call(&gw, "GET", "/api/search", &[]).await;
+    assert_eq!(x_cache(&r), "MISS");
 }

@@ -47,7 +47,8 @@ impl Entry {
     }
 
     /// How long after it arrived it can still be of use: served fresh or stale, or
-    /// validated (an entry with a validator saves a full transfer for a while more).
+    /// validated (an entry with a validator saves a full transfer for a while more); at most
+    /// [`MAX_KEEP`].
     pub fn keep_for(&self) -> Duration {
         let r = &self.rules;
         let useful = r.lifetime + r.stale_while_revalidate.max(r.stale_if_error);
@@ -60,7 +61,7 @@ impl Entry {
         };
         (useful + extra)
             .saturating_sub(self.initial_age)
-            .max(Duration::from_secs(1))
+            .clamp(Duration::from_secs(1), MAX_KEEP)
     }
 
     /// Whether a request that sends `headers` upstream matches this variant.
@@ -86,6 +87,10 @@ pub fn vary_value(headers: &HeaderMap, name: &str) -> Option<String> {
         Some(parts.join(","))
     }
 }
+
+/// Longest an entry is kept in Redis, whatever its freshness says: also how long an
+/// invalidation is remembered there, so no entry can outlive the record of its invalidation.
+pub const MAX_KEEP: Duration = Duration::from_secs(30 * 86_400);
 
 /// Magic and version of the wire form; a node that reads another version treats the
 /// entry as a miss.

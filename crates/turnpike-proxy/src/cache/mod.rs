@@ -80,6 +80,15 @@ pub enum Purge {
     Tag(String),
     /// Everything.
     All,
+    /// What an unsafe method's success does (RFC 9111 §4.4): entries of this URL stored up
+    /// to `at_ms` (ms since the epoch) are no longer used. O(1) on every node, unlike
+    /// [`Purge::Key`], so clients cannot make each `POST` scan the cache.
+    Invalidate {
+        /// The URL, as in [`Purge::Key`].
+        url: String,
+        /// When it was invalidated.
+        at_ms: u64,
+    },
 }
 
 impl Purge {
@@ -89,9 +98,20 @@ impl Purge {
             Purge::Prefix(p) => e.url.starts_with(p.as_str()),
             Purge::Tag(t) => e.tags.iter().any(|x| x == t),
             Purge::All => true,
+            Purge::Invalidate { .. } => false,
         }
     }
 }
+
+/// Milliseconds since the Unix epoch.
+fn epoch_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Most URLs remembered as invalidated; past it the least used are forgotten (an entry
+/// stored before its URL was invalidated could then be served until it expires).
+const MAX_INVALIDATED: usize = 100_000;
 
 /// What a purge did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -125,6 +145,8 @@ pub struct CacheStore {
     redis: Option<Arc<redis::RedisTier>>,
     /// Keys being fetched, each with the channel its waiters watch.
     flights: Mutex<HashMap<String, watch::Receiver<bool>>>,
+    /// URLs invalidated by unsafe methods, with when (ms since the epoch).
+    invalidated: quick_cache::sync::Cache<String, u64>,
     subscriber: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -163,7 +185,12 @@ impl CacheStore {
                 let weak = weak.clone();
                 tokio::spawn(Arc::clone(tier).subscribe(move |p| {
                     if let Some(store) = weak.upgrade() {
-                        store.purge_memory(&p);
+                        match p {
+                            Purge::Invalidate { url, at_ms } => store.invalidate_local(url, at_ms),
+                            p => {
+                                store.purge_memory(&p);
+                            }
+                        }
                     }
                 }))
             });
@@ -172,6 +199,7 @@ impl CacheStore {
                 memory,
                 redis,
                 flights: Mutex::new(HashMap::new()),
+                invalidated: quick_cache::sync::Cache::new(MAX_INVALIDATED),
                 subscriber,
             }
         }))
@@ -197,6 +225,29 @@ impl CacheStore {
         PurgeReport { memory, shared }
     }
 
+    fn invalidate_local(&self, url: String, at_ms: u64) {
+        let at = self.invalidated.get(&url).map_or(at_ms, |t| t.max(at_ms));
+        self.invalidated.insert(url, at);
+    }
+
+    /// Invalidates `url` here now, and on every node and in Redis in the background.
+    fn invalidate(self: &Arc<Self>, url: &str) {
+        let at_ms = epoch_ms(SystemTime::now());
+        self.invalidate_local(url.to_owned(), at_ms);
+        if let Some(tier) = &self.redis {
+            let tier = Arc::clone(tier);
+            let url = url.to_owned();
+            tokio::spawn(async move { tier.invalidate(&url, at_ms).await });
+        }
+    }
+
+    /// Whether `e` was stored before its URL was invalidated.
+    fn is_invalidated(&self, e: &Entry) -> bool {
+        self.invalidated
+            .get(&e.url)
+            .is_some_and(|at| epoch_ms(e.stored_at) <= at)
+    }
+
     fn purge_memory(&self, purge: &Purge) -> u64 {
         let before = self.memory.len();
         self.memory
@@ -210,11 +261,15 @@ impl CacheStore {
         if let Some(slot) = self.memory.get(primary)
             && let Some(e) = slot.variants.iter().find(|e| e.matches(sent))
         {
+            if self.is_invalidated(e) {
+                self.memory.remove(primary);
+                return None;
+            }
             return Some(Arc::clone(e));
         }
         let tier = self.redis.as_ref()?;
         let e = tier.get(primary).await?;
-        if !e.matches(sent) {
+        if !e.matches(sent) || self.is_invalidated(&e) {
             return None;
         }
         let e = Arc::new(e);
@@ -363,7 +418,10 @@ pub(crate) struct Ctx<'a> {
     pub path: &'a str,
     pub route: &'a str,
     pub upstream: &'a str,
+    /// The calling application and its granted scopes, as the upstream would be told them.
     pub application: Option<&'a str>,
+    /// Whether the request may carry a body (HTTP/2 can send one without `Content-Length`).
+    pub has_body: bool,
 }
 
 /// The cache's decision before the upstream call.
@@ -476,13 +534,20 @@ pub(crate) async fn begin(
         return Begin::Fetch(Pending::bypass(store, policy, mode, url));
     }
     let request = rfc::directives(&parts.headers);
-    let has_body = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .is_some_and(|v| v.as_bytes() != b"0")
+    let has_body = ctx.has_body
+        || parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0")
         || parts.headers.contains_key(header::TRANSFER_ENCODING);
+    // The upstream is told the host in `Host` (and `X-Forwarded-Host`); the key holds the one
+    // that routed the request. When an absolute request target names another, they differ.
+    let host_differs = match (parts.uri.authority(), parts.headers.get(header::HOST)) {
+        (Some(a), Some(h)) => !h.as_bytes().eq_ignore_ascii_case(a.as_str().as_bytes()),
+        _ => false,
+    };
     // An upgrade (WebSocket) is a tunnel, not a response: it keeps its headers.
-    if has_body || request.no_store || parts.headers.contains_key(header::UPGRADE) {
+    if has_body || host_differs || request.no_store || parts.headers.contains_key(header::UPGRADE) {
         return Begin::Fetch(Pending::bypass(store, policy, Mode::Bypass, url));
     }
 
@@ -657,7 +722,9 @@ fn query_parts(query: Option<&str>, rule: &QueryKey) -> (Option<String>, Option<
     }
     let forward = kept.join("&");
     let mut sorted = kept;
-    sorted.sort_unstable();
+    // By name only, and stable: repeated parameters keep their order (`?id=1&id=2` and
+    // `?id=2&id=1` can mean different things to the upstream).
+    sorted.sort_by_key(|p| p.split('=').next().unwrap_or(""));
     (Some(sorted.join("&")), Some(forward))
 }
 
@@ -692,6 +759,11 @@ fn serve(e: &Entry, conditions: &HeaderMap, head: bool, now: SystemTime) -> Resp
 }
 
 impl Pending {
+    /// The largest body the policy stores.
+    pub(crate) fn max_object_bytes(&self) -> u64 {
+        self.policy.cfg.max_object_bytes
+    }
+
     /// When the upstream call failed: the stale entry, if `stale-if-error` allows it.
     pub(crate) fn on_error(&self, e: &GatewayError) -> Option<Response<ProxyBody>> {
         if e.kind.origin() != Origin::Upstream {
@@ -721,12 +793,7 @@ impl Pending {
             Mode::Bypass => return (resp, BYPASS),
             Mode::Invalidate => {
                 if status.is_success() || status.is_redirection() {
-                    let store = Arc::clone(&self.store);
-                    let purge = Purge::Key(self.url.clone());
-                    store.purge_memory(&purge);
-                    if store.redis.is_some() {
-                        tokio::spawn(async move { store.purge(&purge).await });
-                    }
+                    self.store.invalidate(&self.url);
                 }
                 return (resp, BYPASS);
             }
@@ -755,8 +822,15 @@ impl Pending {
             .headers()
             .get(header::CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+        // A `Vary` on a header the gateway sets (client address, identity, trace) names an
+        // input the key does not hold: as unmatchable as `Vary: *`.
+        let varies_on_gateway = rfc::vary_names(resp.headers())
+            .iter()
+            .any(|n| set_by_gateway(n));
         let rules = if streaming {
             Err(rfc::NotStored::NoFreshness)
+        } else if varies_on_gateway {
+            Err(rfc::NotStored::VaryAll)
         } else {
             rules
         };
@@ -878,18 +952,50 @@ impl Pending {
         if !head {
             return Response::from_parts(parts, body);
         }
-        tokio::spawn(drain(body));
+        tokio::spawn(drain(body, self.policy.cfg.max_object_bytes, DRAIN_WITHIN));
         Response::from_parts(parts, crate::body::empty())
     }
 }
 
-/// Reads a body to its end, discarding it (what a wrapping [`Collect`] needs to store).
-pub(crate) async fn drain(mut body: ProxyBody) {
-    while let Some(frame) = body.frame().await {
-        if frame.is_err() {
-            break;
+/// Reads a body to its end, discarding it (what a wrapping [`Collect`] needs to store), but
+/// no more than `limit` bytes and no longer than `within`: past them nothing would be stored,
+/// and the upstream connection is let go.
+pub(crate) async fn drain(mut body: ProxyBody, limit: u64, within: std::time::Duration) {
+    let read = async {
+        let mut seen = 0u64;
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(f) => {
+                    seen += f.data_ref().map_or(0, |d| d.len() as u64);
+                    if seen > limit {
+                        break;
+                    }
+                }
+                Err(_) => break,
+            }
         }
-    }
+    };
+    let _ = tokio::time::timeout(within, read).await;
+}
+
+/// How long a body read only to store it may take.
+pub(crate) const DRAIN_WITHIN: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Request headers the gateway sets itself (forwarding, identity, tracing, request id).
+fn set_by_gateway(name: &str) -> bool {
+    name.starts_with("x-forwarded-")
+        || name.starts_with("x-consumer-")
+        || name.starts_with("x-client-cert-")
+        || matches!(
+            name,
+            "forwarded"
+                | "via"
+                | "x-request-id"
+                | "traceparent"
+                | "tracestate"
+                | "x-anonymous-consumer"
+                | "x-authenticated-scopes"
+        )
 }
 
 fn tags(headers: &HeaderMap, name: &HeaderName) -> Vec<String> {

@@ -104,15 +104,58 @@ impl RedisTier {
         None
     }
 
-    /// The entry stored under `primary`, if any and readable.
+    fn invalidated_key(&self, url: &str) -> String {
+        format!("{}inv:{url}", self.prefix)
+    }
+
+    /// The entry stored under `primary`, if any, readable, and not stored before its URL was
+    /// invalidated (one round trip for both).
     pub async fn get(&self, primary: &str) -> Option<Entry> {
         if !self.available() {
             return None;
         }
         let mut conn = self.conn.clone();
-        let key = self.entry_key(primary);
-        let raw: Option<Vec<u8>> = self.bounded("get", conn.get(key)).await?;
-        Entry::decode(Bytes::from(raw?))
+        let url = primary.split('\n').next().unwrap_or(primary);
+        let keys = [self.entry_key(primary), self.invalidated_key(url)];
+        let (raw, invalidated): (Option<Vec<u8>>, Option<u64>) =
+            self.bounded("get", conn.mget(&keys)).await?;
+        let e = Entry::decode(Bytes::from(raw?))?;
+        let stored_ms = e
+            .stored_at
+            .duration_since(std::time::SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        match invalidated {
+            Some(at) if stored_ms <= at => None,
+            _ => Some(e),
+        }
+    }
+
+    /// Records that `url` was invalidated at `at_ms` (for as long as an entry may live) and
+    /// tells every node.
+    pub async fn invalidate(&self, url: &str, at_ms: u64) {
+        if !self.available() {
+            return;
+        }
+        let Ok(message) = serde_json::to_string(&Purge::Invalidate {
+            url: url.to_owned(),
+            at_ms,
+        }) else {
+            return;
+        };
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET")
+            .arg(self.invalidated_key(url))
+            .arg(at_ms)
+            .arg("PX")
+            .arg(u64::try_from(super::entry::MAX_KEEP.as_millis()).unwrap_or(u64::MAX))
+            .ignore()
+            .cmd("PUBLISH")
+            .arg(self.channel())
+            .arg(message)
+            .ignore();
+        let mut conn = self.conn.clone();
+        self.bounded("invalidate", pipe.query_async::<()>(&mut conn))
+            .await;
     }
 
     /// Stores `entry` under `primary` for as long as it can be of use, and records its tags.
@@ -155,6 +198,10 @@ impl RedisTier {
             Purge::Key(url) => self.scan(&format!("{}\n*", glob_escape(url))).await?,
             Purge::Prefix(prefix) => self.scan(&format!("{}*", glob_escape(prefix))).await?,
             Purge::All => self.scan("*").await?,
+            Purge::Invalidate { url, at_ms } => {
+                self.invalidate(url, *at_ms).await;
+                return Some(0);
+            }
         };
         let mut deleted = 0;
         for chunk in keys.chunks(500) {
@@ -201,9 +248,23 @@ impl RedisTier {
     /// `apply`, reconnecting after a failure. Runs until the task is aborted.
     pub async fn subscribe(self: Arc<Self>, apply: impl Fn(Purge) + Send + Sync + 'static) {
         loop {
-            match self.client.get_async_pubsub().await {
+            // Bounded, so a Redis that accepts but never answers does not stall this loop.
+            let limit = self.timeout.max(Duration::from_secs(1));
+            let connected = tokio::time::timeout(limit, self.client.get_async_pubsub())
+                .await
+                .unwrap_or_else(|_| {
+                    Err(redis::RedisError::from(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "no answer",
+                    )))
+                });
+            match connected {
                 Ok(mut pubsub) => {
-                    if let Err(e) = pubsub.subscribe(self.channel()).await {
+                    let subscribed = tokio::time::timeout(limit, pubsub.subscribe(self.channel()))
+                        .await
+                        .map_err(|_| "no answer".to_owned())
+                        .and_then(|r| r.map_err(|e| e.to_string()));
+                    if let Err(e) = subscribed {
                         tracing::warn!(error = %e, "cache: could not subscribe to purges");
                     } else {
                         let mut messages = pubsub.into_on_message();

@@ -17,8 +17,12 @@ pub struct Directives {
     /// `private` (with or without a field list: both keep the response out of a shared cache).
     pub private: bool,
     pub public: bool,
-    /// `must-revalidate` or `proxy-revalidate`: never served stale.
+    /// `must-revalidate`: never served stale, and a response to a request with credentials
+    /// may be shared.
     pub must_revalidate: bool,
+    /// `proxy-revalidate`: never served stale by a shared cache (it does not allow sharing
+    /// an answer to a request with credentials).
+    pub proxy_revalidate: bool,
     pub max_age: Option<u64>,
     pub s_maxage: Option<u64>,
     pub stale_while_revalidate: Option<u64>,
@@ -47,7 +51,8 @@ pub fn directives(headers: &HeaderMap) -> Directives {
                 "no-cache" => d.no_cache = true,
                 "private" => d.private = true,
                 "public" => d.public = true,
-                "must-revalidate" | "proxy-revalidate" => d.must_revalidate = true,
+                "must-revalidate" => d.must_revalidate = true,
+                "proxy-revalidate" => d.proxy_revalidate = true,
                 "max-age" => d.max_age = Some(secs().unwrap_or(0)),
                 "s-maxage" => d.s_maxage = Some(secs().unwrap_or(0)),
                 "stale-while-revalidate" => d.stale_while_revalidate = secs(),
@@ -164,7 +169,8 @@ pub fn storable(
         Some(l) => l,
         None => return Err(NotStored::NoFreshness),
     };
-    let must_revalidate = d.must_revalidate;
+    // `s-maxage` carries `proxy-revalidate` for a shared cache (RFC 9111 §5.2.2.10).
+    let must_revalidate = d.must_revalidate || d.proxy_revalidate || d.s_maxage.is_some();
     let stale = |given: Option<u64>, default: Duration| {
         if must_revalidate {
             Duration::ZERO
@@ -458,6 +464,12 @@ mod tests {
                 want: Ok(5),
             },
             Case {
+                resp: &[("cache-control", "max-age=60, proxy-revalidate")],
+                req: &[("authorization", "Bearer x")],
+                status: 200,
+                want: Err(NotStored::Authorization),
+            },
+            Case {
                 resp: &[("cache-control", "max-age=60"), ("set-cookie", "a=b")],
                 req: &[],
                 status: 200,
@@ -587,15 +599,19 @@ mod tests {
         let s = storable(&cfg, &HeaderMap::new(), StatusCode::OK, &resp, at(0)).unwrap();
         assert_eq!(s.stale_while_revalidate, Duration::from_secs(10));
         assert_eq!(s.stale_if_error, cfg.stale_if_error);
-        let resp = headers(&[(
-            "cache-control",
+        for cc in [
             "max-age=1, must-revalidate, stale-if-error=60",
-        )]);
-        let s = storable(&cfg, &HeaderMap::new(), StatusCode::OK, &resp, at(0)).unwrap();
-        assert_eq!(
-            (s.stale_while_revalidate, s.stale_if_error),
-            (Duration::ZERO, Duration::ZERO)
-        );
+            "max-age=1, proxy-revalidate, stale-if-error=60",
+            "s-maxage=1, stale-if-error=60",
+        ] {
+            let resp = headers(&[("cache-control", cc)]);
+            let s = storable(&cfg, &HeaderMap::new(), StatusCode::OK, &resp, at(0)).unwrap();
+            assert_eq!(
+                (s.stale_while_revalidate, s.stale_if_error),
+                (Duration::ZERO, Duration::ZERO),
+                "{cc}"
+            );
+        }
     }
 
     #[test]

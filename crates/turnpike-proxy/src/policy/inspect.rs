@@ -35,6 +35,17 @@ pub enum ReqBody {
 }
 
 impl ReqBody {
+    /// Whether the body is known to be empty (no `Content-Length`/`Transfer-Encoding` on
+    /// HTTP/1.1; the headers frame ended the stream on HTTP/2).
+    pub fn is_empty(&self) -> bool {
+        use http_body::Body;
+        match self {
+            Self::Stream(b) => b.is_end_stream(),
+            Self::Buffered(b) => b.is_empty(),
+            Self::Partial(head, rest) => head.is_empty() && rest.is_end_stream(),
+        }
+    }
+
     /// The slot upstream attempts take the body from, with the route's limit and write
     /// timeout on whatever still streams.
     pub fn into_slot(self, limit: u64, idle: Duration, counted: Option<BytesIn>) -> BodySlot {
