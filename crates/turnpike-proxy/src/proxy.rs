@@ -485,16 +485,14 @@ async fn proxy(
                     // forwarding and identity headers.
                     let original_host = host_header_value(&parts);
                     strip_hop_by_hop(&mut headers, false, dest.upstream.config.http2);
-                    add_forwarding(
+                    forward_as_client(
                         &mut headers,
                         settings,
                         conn,
                         original_host.as_ref(),
                         request_id,
+                        pending.identify.then_some(&identity),
                     );
-                    if pending.identify {
-                        access::identify(&mut headers, &identity);
-                    }
                     tokio::spawn(refresh_entry(
                         Arc::clone(snap),
                         matched.index,
@@ -534,16 +532,17 @@ async fn proxy(
     // The gateway answers `Expect: 100-continue` itself: hyper sends the interim 100 when the
     // body is first read, which happens once the upstream connection is ready for it.
     headers.remove(header::EXPECT);
-    add_forwarding(
+    forward_as_client(
         &mut headers,
         settings,
         conn,
         original_host.as_ref(),
         request_id,
+        cached
+            .as_ref()
+            .is_none_or(|c| c.identify)
+            .then_some(&identity),
     );
-    if cached.as_ref().is_none_or(|c| c.identify) {
-        access::identify(&mut headers, &identity);
-    }
     if let Some(t) = &log.trace {
         // Copies (mirrors, a fallback) carry the server span as their parent; each attempt
         // below replaces it with its own span.
@@ -652,6 +651,22 @@ async fn proxy(
         );
     }
     Ok(resp)
+}
+
+/// Adds what the gateway tells the upstream about the request: the forwarding headers and,
+/// when given, the caller's identity.
+fn forward_as_client(
+    headers: &mut HeaderMap,
+    settings: &Settings,
+    conn: &ClientConn,
+    original_host: Option<&HeaderValue>,
+    request_id: &HeaderValue,
+    identity: Option<&crate::policy::Identity>,
+) {
+    add_forwarding(headers, settings, conn, original_host, request_id);
+    if let Some(identity) = identity {
+        access::identify(headers, identity);
+    }
 }
 
 /// Refreshes a cache entry in the background (`stale-while-revalidate`): the same upstream

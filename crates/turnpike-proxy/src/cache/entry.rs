@@ -116,6 +116,12 @@ fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// Milliseconds since the Unix epoch (0 before it).
+pub fn epoch_ms(t: SystemTime) -> u64 {
+    ms(t.duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO))
+}
+
 impl Entry {
     /// The wire form: magic, the metadata's length (4 bytes, big-endian), the metadata as
     /// JSON, then the body as it is.
@@ -130,10 +136,7 @@ impl Entry {
                 .collect(),
             tags: self.tags.clone(),
             vary: self.vary.clone(),
-            stored_at_ms: ms(self
-                .stored_at
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .unwrap_or(Duration::ZERO)),
+            stored_at_ms: epoch_ms(self.stored_at),
             initial_age_ms: ms(self.initial_age),
             lifetime_ms: ms(self.rules.lifetime),
             swr_ms: ms(self.rules.stale_while_revalidate),

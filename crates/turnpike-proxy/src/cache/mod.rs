@@ -48,7 +48,7 @@ use turnpike_model::policy::{CacheConfig, CacheStoreConfig, QueryKey};
 
 use crate::body::{BoxError, ProxyBody};
 use crate::error::{GatewayError, Origin};
-use entry::Entry;
+use entry::{Entry, epoch_ms};
 
 /// `X-Cache` values.
 pub const HIT: &str = "HIT";
@@ -101,12 +101,6 @@ impl Purge {
             Purge::Invalidate { .. } => false,
         }
     }
-}
-
-/// Milliseconds since the Unix epoch.
-fn epoch_ms(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Most URLs remembered as invalidated; past it the least used are forgotten (an entry
@@ -839,14 +833,13 @@ impl Pending {
             if matches!(self.mode, Mode::Revalidate(_)) {
                 self.store.remove(&self.primary);
             }
-            return (self.strip_for_head(parts, body), MISS);
+            return (self.strip_for_head(parts, body, false), MISS);
         };
         if too_big {
-            return (self.strip_for_head(parts, body), MISS);
+            return (self.strip_for_head(parts, body, false), MISS);
         }
         let initial_age = rfc::initial_age(&parts.headers, self.request_time, now);
         let flight = self.flight.take();
-        let head = self.head;
         let store = Arc::clone(&self.store);
         let primary = std::mem::take(&mut self.primary);
         let template = Entry {
@@ -880,7 +873,7 @@ impl Pending {
         if body.is_end_stream() {
             // Nothing will be polled (a 204, an empty body): stored as it is.
             done(Bytes::new());
-            return (self.strip_for_head(parts, body), MISS);
+            return (self.strip_for_head(parts, body, false), MISS);
         }
         let collect = Collect {
             inner: body,
@@ -889,7 +882,7 @@ impl Pending {
             done: Some(Box::new(done)),
         }
         .boxed_unsync();
-        (self.strip_for_head_owned(head, parts, collect), MISS)
+        (self.strip_for_head(parts, collect, true), MISS)
     }
 
     /// A `304` from the upstream: the stored entry with the new header fields and times.
@@ -917,42 +910,37 @@ impl Pending {
             initial_age: rfc::initial_age(fresh, self.request_time, now),
             ..old.clone()
         };
-        match rfc::storable(&self.policy.cfg, &self.sent, e.status, &e.headers, now) {
+        let keep = match rfc::storable(&self.policy.cfg, &self.sent, e.status, &e.headers, now) {
             Ok(rules) => {
                 e.rules = rules;
                 e.tags = tags(&e.headers, &self.policy.tag_header);
-                let e = Arc::new(e);
-                self.store.store(&self.primary, Arc::clone(&e));
-                (serve(&e, &self.conditions, self.head, now), REVALIDATED)
+                true
             }
-            Err(_) => {
-                self.store.remove(&self.primary);
-                (serve(&e, &self.conditions, self.head, now), REVALIDATED)
-            }
+            Err(_) => false,
+        };
+        let e = Arc::new(e);
+        if keep {
+            self.store.store(&self.primary, Arc::clone(&e));
+        } else {
+            self.store.remove(&self.primary);
         }
+        (serve(&e, &self.conditions, self.head, now), REVALIDATED)
     }
 
-    /// For a client's HEAD (sent upstream as GET) whose answer is not stored: the head
-    /// alone; the body is dropped unread.
-    fn strip_for_head(&self, parts: http::response::Parts, body: ProxyBody) -> Response<ProxyBody> {
-        if self.head {
-            return Response::from_parts(parts, crate::body::empty());
-        }
-        Response::from_parts(parts, body)
-    }
-
-    /// For a client's HEAD (sent upstream as GET), the body is read in the background (to
-    /// store it) and the client gets the head alone.
-    fn strip_for_head_owned(
+    /// For a client's HEAD (sent upstream as GET) the client gets the head alone; the body
+    /// is read in the background when `storing` it, else dropped unread.
+    fn strip_for_head(
         &self,
-        head: bool,
         parts: http::response::Parts,
         body: ProxyBody,
+        storing: bool,
     ) -> Response<ProxyBody> {
-        if !head {
+        if !self.head {
             return Response::from_parts(parts, body);
         }
-        tokio::spawn(drain(body, self.policy.cfg.max_object_bytes, DRAIN_WITHIN));
+        if storing {
+            tokio::spawn(drain(body, self.policy.cfg.max_object_bytes, DRAIN_WITHIN));
+        }
         Response::from_parts(parts, crate::body::empty())
     }
 }

@@ -120,12 +120,8 @@ impl RedisTier {
         let (raw, invalidated): (Option<Vec<u8>>, Option<u64>) =
             self.bounded("get", conn.mget(&keys)).await?;
         let e = Entry::decode(Bytes::from(raw?))?;
-        let stored_ms = e
-            .stored_at
-            .duration_since(std::time::SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         match invalidated {
-            Some(at) if stored_ms <= at => None,
+            Some(at) if super::entry::epoch_ms(e.stored_at) <= at => None,
             _ => Some(e),
         }
     }

@@ -284,7 +284,7 @@ pub fn usable(req: &Directives, honor_request: bool, age: Duration, stored: &Sto
     if age + min_fresh < stored.lifetime {
         return Usable::Fresh;
     }
-    if stored.must_revalidate || stored.no_cache {
+    if stored.must_revalidate {
         return Usable::Validate;
     }
     let staleness = age.saturating_sub(stored.lifetime);
