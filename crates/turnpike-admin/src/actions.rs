@@ -523,6 +523,10 @@ fn planned_routes(service: &str, doc: &Value) -> AdminResult<Vec<(String, String
         .ok_or_else(|| AdminError::validation("paths", "the document has no `paths` object"))?;
     let base = base_path(doc);
     let mut planned: Vec<(String, String, Vec<String>)> = Vec::new();
+    // In path order, not the document's: the same paths written in another order plan the
+    // same routes with the same names.
+    let mut paths: Vec<(&String, &Value)> = paths.iter().collect();
+    paths.sort_by(|a, b| a.0.cmp(b.0));
     for (path, item) in paths {
         if !path.starts_with('/') {
             return Err(AdminError::validation(

@@ -15,6 +15,7 @@ pub mod policy;
 mod protect;
 pub mod shaping;
 pub mod traffic;
+pub mod transform;
 mod validate;
 
 use std::fmt;

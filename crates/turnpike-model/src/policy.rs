@@ -19,6 +19,7 @@ use serde_json::Value;
 
 pub use crate::shaping::*;
 pub use crate::traffic::*;
+pub use crate::transform::*;
 use crate::{ConfigError, ConfigErrors};
 
 /// When a policy runs: the stages of the `access` phase, then the upstream call. The order
@@ -39,6 +40,10 @@ pub enum Stage {
     /// managed service's checks and identity limits included, on the buffered body. Callers
     /// that are refused anyway never make the gateway buffer and scan their bodies.
     Inspection,
+    /// Transformation of the request sent upstream and of the answer the client gets
+    /// (`request_transform`, `response_transform`, `compression`): after inspection, so
+    /// the checks above judge what the client sent.
+    Transform,
     /// The call to the upstream: traffic split, mirroring, fault injection, bulkhead,
     /// circuit breaker and fallback (see [`crate::traffic`]).
     Upstream,
@@ -90,10 +95,16 @@ pub enum PolicyKind {
     Mtls(MtlsConfig),
     /// Response cache with HTTP semantics.
     Cache(Box<CacheConfig>),
+    /// Changes to the request sent upstream: method, path, headers, query, body.
+    RequestTransform(Box<RequestTransformConfig>),
+    /// Changes to the answer: status, headers, body.
+    ResponseTransform(Box<ResponseTransformConfig>),
+    /// Response compression negotiated with `Accept-Encoding`.
+    Compression(CompressionConfig),
 }
 
 /// The policy type names, in a stable order.
-pub const POLICY_TYPES: [&str; 21] = [
+pub const POLICY_TYPES: [&str; 24] = [
     "key_auth",
     "basic_auth",
     "jwt",
@@ -115,6 +126,9 @@ pub const POLICY_TYPES: [&str; 21] = [
     "hmac_auth",
     "mtls",
     "cache",
+    "request_transform",
+    "response_transform",
+    "compression",
 ];
 
 impl PolicyKind {
@@ -156,6 +170,9 @@ impl PolicyKind {
             "request_validation" => Self::RequestValidation(typed(config)?),
             "mtls" => Self::Mtls(typed(config)?),
             "cache" => Self::Cache(typed(config)?),
+            "request_transform" => Self::RequestTransform(typed(config)?),
+            "response_transform" => Self::ResponseTransform(typed(config)?),
+            "compression" => Self::Compression(typed(config)?),
             other => {
                 return Err(ConfigError::at(
                     "",
@@ -215,6 +232,9 @@ impl PolicyKind {
             Self::Mirror(_) => "mirror",
             Self::Mtls(_) => "mtls",
             Self::Cache(_) => "cache",
+            Self::RequestTransform(_) => "request_transform",
+            Self::ResponseTransform(_) => "response_transform",
+            Self::Compression(_) => "compression",
         }
     }
 
@@ -352,6 +372,9 @@ impl PolicyKind {
             Self::RequestValidation(c) => c.check()?,
             Self::Mtls(c) => c.check()?,
             Self::Cache(c) => c.check()?,
+            Self::RequestTransform(c) => c.check()?,
+            Self::ResponseTransform(c) => c.check()?,
+            Self::Compression(c) => c.check()?,
         }
         Ok(())
     }
@@ -368,6 +391,7 @@ pub fn stage_of(policy_type: &str) -> Option<Stage> {
         "waf" | "request_validation" => Stage::Inspection,
         "circuit_breaker" | "bulkhead" | "fallback" | "fault_injection" | "traffic_split"
         | "mirror" | "cache" => Stage::Upstream,
+        "request_transform" | "response_transform" | "compression" => Stage::Transform,
         "oauth2_introspection" | "hmac_auth" | "mtls" => Stage::Authentication,
         _ => return None,
     })
@@ -400,6 +424,9 @@ pub fn policy_schema(policy_type: &str) -> Option<Value> {
         "request_validation" => schema::<RequestValidationConfig>(),
         "mtls" => schema::<MtlsConfig>(),
         "cache" => schema::<CacheConfig>(),
+        "request_transform" => schema::<RequestTransformConfig>(),
+        "response_transform" => schema::<ResponseTransformConfig>(),
+        "compression" => schema::<CompressionConfig>(),
         _ => return None,
     })
 }

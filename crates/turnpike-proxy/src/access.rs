@@ -56,7 +56,7 @@ pub static CLIENT_CERT_NOT_AFTER: HeaderName = HeaderName::from_static("x-client
 
 /// Whether `name` (lower case, as `HeaderName` keeps it) is one the gateway sets, with `_`
 /// read as `-`.
-fn is_gateway_header(name: &str) -> bool {
+pub(crate) fn is_gateway_header(name: &str) -> bool {
     let same = |a: &str, b: &str| {
         a.len() == b.len()
             && a.bytes()

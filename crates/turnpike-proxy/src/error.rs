@@ -89,6 +89,13 @@ pub enum ErrorKind {
     RequestInvalid,
     /// The request's `Content-Type` is not one the route accepts.
     UnsupportedMediaType,
+    /// A `request_transform` could not apply to the request (its body is not the JSON or
+    /// XML the transform reads, or a template rendered an invalid header value).
+    RequestTransformFailed,
+    /// A `response_transform` could not apply to the upstream's answer.
+    ResponseTransformFailed,
+    /// The upstream's answer is larger than a `response_transform` reads.
+    ResponseTooLarge,
 }
 
 impl ErrorKind {
@@ -129,6 +136,9 @@ impl ErrorKind {
             Self::WafBlocked => "waf_blocked",
             Self::RequestInvalid => "request_invalid",
             Self::UnsupportedMediaType => "unsupported_media_type",
+            Self::RequestTransformFailed => "request_transform_failed",
+            Self::ResponseTransformFailed => "response_transform_failed",
+            Self::ResponseTooLarge => "response_too_large",
         }
     }
 
@@ -165,6 +175,8 @@ impl ErrorKind {
             Self::WafBlocked => StatusCode::FORBIDDEN,
             Self::RequestInvalid => StatusCode::BAD_REQUEST,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::RequestTransformFailed => StatusCode::BAD_REQUEST,
+            Self::ResponseTransformFailed | Self::ResponseTooLarge => StatusCode::BAD_GATEWAY,
         }
     }
 
@@ -202,7 +214,11 @@ impl ErrorKind {
             | Self::Internal
             | Self::RateLimiterUnavailable
             | Self::AuthUnavailable => Origin::Internal,
-            Self::WafBlocked | Self::RequestInvalid | Self::UnsupportedMediaType => Origin::Client,
+            Self::WafBlocked
+            | Self::RequestInvalid
+            | Self::UnsupportedMediaType
+            | Self::RequestTransformFailed => Origin::Client,
+            Self::ResponseTransformFailed | Self::ResponseTooLarge => Origin::Upstream,
         }
     }
 
@@ -234,7 +250,8 @@ impl ErrorKind {
             | Self::FaultInjected => 14, // UNAVAILABLE
             Self::Internal => 13,                         // INTERNAL
             Self::WafBlocked => 7,                        // PERMISSION_DENIED
-            Self::RequestInvalid | Self::UnsupportedMediaType => 3, // INVALID_ARGUMENT
+            Self::RequestInvalid | Self::UnsupportedMediaType | Self::RequestTransformFailed => 3, // INVALID_ARGUMENT
+            Self::ResponseTransformFailed | Self::ResponseTooLarge => 13, // INTERNAL
         }
     }
 

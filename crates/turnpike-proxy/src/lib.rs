@@ -19,4 +19,5 @@ pub mod router;
 pub mod snapshot;
 pub mod status;
 pub mod tls;
+pub mod transform;
 pub mod upstream;

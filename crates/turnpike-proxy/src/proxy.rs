@@ -380,6 +380,45 @@ async fn proxy(
     )
     .await?;
 
+    // Answers are shaped with what the client sent: captured before any transform.
+    let mut forward_path = matched.forward_path;
+    let caller = crate::transform::template::Caller {
+        request_id: request_id.to_str().unwrap_or("-"),
+        client_ip,
+        path: &path,
+        route: &route.name,
+        consumer: identity.consumer.as_deref(),
+        claims: identity.claims.as_ref(),
+        params: &matched.params,
+    };
+    let up = &route.chain.upstream;
+    let shaper = crate::transform::Shaper::new(
+        up,
+        &caller.vars(&parts),
+        identity.consumer.as_ref(),
+        &parts.method,
+        route.timeouts.read,
+    );
+    let (body, host) = match up.request_transform() {
+        Some(t) => {
+            let read = crate::transform::BodyRead {
+                limit: route.max_body_bytes,
+                idle: route.timeouts.write,
+                total: route.timeouts.total,
+            };
+            let body = t
+                .apply(&mut parts, &mut forward_path, body, &caller, &read)
+                .await?;
+            // The transform may have set `Host`.
+            (body, request_host(&parts))
+        }
+        None => (body, host),
+    };
+    if up.response_transform().is_some_and(|t| t.reads_body()) {
+        // The response transform reads the body: the upstream must not encode it.
+        parts.headers.remove(header::ACCEPT_ENCODING);
+    }
+
     // Quotas last: a request a rate limit, the WAF or validation refused does not use up
     // the day's quota.
     let mut charged = None;
@@ -417,7 +456,6 @@ async fn proxy(
     };
 
     // Phase `upstream_request`.
-    let up = &route.chain.upstream;
     if let Some(c) = &up.fault
         && let Policy::FaultInjection(f) = &c.policy
         && let Some(resp) = f
@@ -459,6 +497,10 @@ async fn proxy(
             upstream: &dest.upstream.name,
             application: caller.as_deref(),
             has_body: !body.is_empty(),
+            forward_path: up
+                .request_transform
+                .is_some()
+                .then_some(forward_path.as_str()),
         };
         match crate::cache::begin(&snap.cache, rc, &mut parts, &ctx).await {
             crate::cache::Begin::Answer(mut resp, label, refresh) => {
@@ -472,7 +514,7 @@ async fn proxy(
                     mut headers,
                 }) = refresh
                 {
-                    let mut pq = matched.forward_path;
+                    let mut pq = forward_path;
                     if let Some(q) = pending
                         .query
                         .clone()
@@ -504,7 +546,7 @@ async fn proxy(
                         path.clone(),
                     ));
                 }
-                return Ok(resp);
+                return shaped(shaper.as_ref(), resp).await;
             }
             crate::cache::Begin::Fetch(p) => cached = Some(p),
         }
@@ -514,7 +556,7 @@ async fn proxy(
     } else {
         None
     };
-    let mut path_and_query = matched.forward_path;
+    let mut path_and_query = forward_path;
     // The cache may have removed unkeyed query parameters.
     let query_override = cached.as_mut().and_then(|c| c.query.take());
     let query = match &query_override {
@@ -584,7 +626,7 @@ async fn proxy(
             crate::cache::X_CACHE.clone(),
             HeaderValue::from_static(crate::cache::STALE),
         );
-        return Ok(stale);
+        return shaped(shaper.as_ref(), stale).await;
     }
     let (resp, guard, timeouts) = match sent {
         Ok((resp, guard)) => (resp, guard, dest.timeouts.clone()),
@@ -650,7 +692,18 @@ async fn proxy(
             HeaderValue::from_static(label),
         );
     }
-    Ok(resp)
+    shaped(shaper.as_ref(), resp).await
+}
+
+/// Applies the route's response transform and compression, when it has them.
+async fn shaped(
+    shaper: Option<&crate::transform::Shaper>,
+    resp: Response<ProxyBody>,
+) -> Result<Response<ProxyBody>, GatewayError> {
+    match shaper {
+        Some(s) => s.apply(resp).await,
+        None => Ok(resp),
+    }
 }
 
 /// Adds what the gateway tells the upstream about the request: the forwarding headers and,

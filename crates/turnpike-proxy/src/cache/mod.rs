@@ -416,6 +416,9 @@ pub(crate) struct Ctx<'a> {
     pub application: Option<&'a str>,
     /// Whether the request may carry a body (HTTP/2 can send one without `Content-Length`).
     pub has_body: bool,
+    /// The path sent upstream when a `request_transform` rewrote it (it may depend on more
+    /// than the client's path), keyed with it.
+    pub forward_path: Option<&'a str>,
 }
 
 /// The cache's decision before the upstream call.
@@ -572,6 +575,7 @@ pub(crate) async fn begin(
         ctx.application
             .filter(|_| cfg.key.application)
             .unwrap_or(""),
+        ctx.forward_path.unwrap_or(""),
     ] {
         primary.push('\n');
         primary.push_str(part);

@@ -204,6 +204,41 @@ pub async fn run(
     })
 }
 
+/// Reads the whole body, up to `bound` bytes (413 past it), for a transformation that
+/// rewrites it. `total` (zero: none) bounds the whole read, `idle` each pause.
+pub(crate) async fn read_whole(
+    body: ReqBody,
+    bound: u64,
+    parts: &Parts,
+    idle: Duration,
+    total: Duration,
+) -> Result<Bytes, GatewayError> {
+    let what = "the request transform reads";
+    let incoming = match body {
+        ReqBody::Buffered(b) if b.len() as u64 > bound => return Err(too_large(bound, what)),
+        ReqBody::Buffered(b) => return Ok(b),
+        ReqBody::Partial(..) => return Err(too_large(bound, what)),
+        ReqBody::Stream(b) if http_body::Body::is_end_stream(&b) => return Ok(Bytes::new()),
+        ReqBody::Stream(b) => b,
+    };
+    let counted = parts.extensions.get::<BytesIn>();
+    let read = read_bounded(incoming, bound, &parts.headers, idle, counted);
+    let read = if total.is_zero() {
+        read.await?
+    } else {
+        tokio::time::timeout(total, read).await.map_err(|_| {
+            GatewayError::new(
+                ErrorKind::ClientTimeout,
+                "the request body took longer than the route's total timeout",
+            )
+        })??
+    };
+    match read {
+        Read::All(b) => Ok(b),
+        Read::Over(..) => Err(too_large(bound, what)),
+    }
+}
+
 fn too_large(max: u64, what: &str) -> GatewayError {
     GatewayError::new(
         ErrorKind::BodyTooLarge,

@@ -127,6 +127,12 @@ pub enum Policy {
     Mtls(auth::MtlsAuth),
     /// `cache`.
     Cache(Arc<crate::cache::RouteCache>),
+    /// `request_transform`.
+    RequestTransform(Box<crate::transform::RequestTransform>),
+    /// `response_transform`.
+    ResponseTransform(Box<crate::transform::ResponseTransform>),
+    /// `compression`.
+    Compression(crate::transform::compress::Compression),
 }
 
 impl Policy {
@@ -147,6 +153,9 @@ impl Policy {
             | Self::Cache(_) => Stage::Upstream,
             Self::Oauth2Introspection(_) | Self::HmacAuth(_) | Self::Mtls(_) => {
                 Stage::Authentication
+            }
+            Self::RequestTransform(_) | Self::ResponseTransform(_) | Self::Compression(_) => {
+                Stage::Transform
             }
         }
     }
@@ -193,11 +202,17 @@ pub struct UpstreamChain {
     pub mirrors: Vec<Arc<Compiled>>,
     /// `cache`.
     pub cache: Option<Arc<Compiled>>,
+    /// `request_transform`.
+    pub request_transform: Option<Arc<Compiled>>,
+    /// `response_transform`.
+    pub response_transform: Option<Arc<Compiled>>,
+    /// `compression`.
+    pub compression: Option<Arc<Compiled>>,
 }
 
 impl UpstreamChain {
     /// Whether none of the policies that guard the call itself is attached (the cache,
-    /// which answers before the call, is not counted).
+    /// which answers before the call, and the transformations are not counted).
     pub fn is_empty(&self) -> bool {
         self.fault.is_none()
             && self.split.is_none()
@@ -223,6 +238,22 @@ impl UpstreamChain {
         }
     }
 
+    /// The compiled request transform, if any.
+    pub fn request_transform(&self) -> Option<&crate::transform::RequestTransform> {
+        match &self.request_transform.as_ref()?.policy {
+            Policy::RequestTransform(t) => Some(t),
+            _ => None,
+        }
+    }
+
+    /// The compiled response transform, if any.
+    pub fn response_transform(&self) -> Option<&crate::transform::ResponseTransform> {
+        match &self.response_transform.as_ref()?.policy {
+            Policy::ResponseTransform(t) => Some(t),
+            _ => None,
+        }
+    }
+
     /// The compiled fallback, if any.
     pub fn fallback(&self) -> Option<&resilience::Fallback> {
         match &self.fallback.as_ref()?.policy {
@@ -239,6 +270,9 @@ impl UpstreamChain {
             Policy::CircuitBreaker(_) => &mut self.breaker,
             Policy::Fallback(_) => &mut self.fallback,
             Policy::Cache(_) => &mut self.cache,
+            Policy::RequestTransform(_) => &mut self.request_transform,
+            Policy::ResponseTransform(_) => &mut self.response_transform,
+            Policy::Compression(_) => &mut self.compression,
             _ => {
                 self.mirrors.push(c);
                 return;
@@ -286,7 +320,7 @@ impl Chain {
                     self.cors = Some(c);
                 }
             }
-            Stage::Upstream => self.upstream.push(c),
+            Stage::Upstream | Stage::Transform => self.upstream.push(c),
             Stage::Inspection => self.inspection.push(c),
         }
     }
@@ -516,6 +550,15 @@ async fn build(
         }
         PolicyKind::Mtls(c) => Policy::Mtls(auth::MtlsAuth::new(c)),
         PolicyKind::Cache(c) => Policy::Cache(Arc::new(crate::cache::RouteCache::new(*c)?)),
+        PolicyKind::RequestTransform(c) => {
+            Policy::RequestTransform(Box::new(crate::transform::RequestTransform::new(&c)?))
+        }
+        PolicyKind::ResponseTransform(c) => {
+            Policy::ResponseTransform(Box::new(crate::transform::ResponseTransform::new(&c)?))
+        }
+        PolicyKind::Compression(c) => {
+            Policy::Compression(crate::transform::compress::Compression::new(c))
+        }
     })
 }
 

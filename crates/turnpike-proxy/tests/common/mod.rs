@@ -297,3 +297,24 @@ pub async fn silent_server() -> (
     });
     (addr, hold_rx)
 }
+
+/// A POST of `path` with `headers` whose body streams from `chunks` (no `Content-Length`).
+pub async fn send_stream<S>(gw: &Gw, path: &str, headers: &[(&str, &str)], chunks: S) -> Reply
+where
+    S: futures_util::Stream<Item = Result<http_body::Frame<Bytes>, std::convert::Infallible>>
+        + Send
+        + Unpin
+        + 'static,
+{
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::StreamBody<S>>();
+    let mut r = req("POST", &gw.url(path));
+    for (k, v) in headers {
+        r = r.header(*k, *v);
+    }
+    let resp = client
+        .request(r.body(http_body_util::StreamBody::new(chunks)).unwrap())
+        .await
+        .unwrap();
+    collect(resp).await
+}
