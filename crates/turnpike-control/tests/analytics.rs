@@ -63,6 +63,7 @@ fn event(t: i64, service: &str, route: &str, app: Option<&str>, status: u16, us:
         request_body: None,
         response_body: None,
         trace: None,
+        redact: None,
     }
 }
 

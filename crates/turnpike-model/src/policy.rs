@@ -101,10 +101,12 @@ pub enum PolicyKind {
     ResponseTransform(Box<ResponseTransformConfig>),
     /// Response compression negotiated with `Accept-Encoding`.
     Compression(CompressionConfig),
+    /// Redaction of sensitive data in responses and logged bodies.
+    DataMasking(Box<DataMaskingConfig>),
 }
 
 /// The policy type names, in a stable order.
-pub const POLICY_TYPES: [&str; 24] = [
+pub const POLICY_TYPES: [&str; 25] = [
     "key_auth",
     "basic_auth",
     "jwt",
@@ -129,6 +131,7 @@ pub const POLICY_TYPES: [&str; 24] = [
     "request_transform",
     "response_transform",
     "compression",
+    "data_masking",
 ];
 
 impl PolicyKind {
@@ -173,6 +176,7 @@ impl PolicyKind {
             "request_transform" => Self::RequestTransform(typed(config)?),
             "response_transform" => Self::ResponseTransform(typed(config)?),
             "compression" => Self::Compression(typed(config)?),
+            "data_masking" => Self::DataMasking(typed(config)?),
             other => {
                 return Err(ConfigError::at(
                     "",
@@ -235,6 +239,7 @@ impl PolicyKind {
             Self::RequestTransform(_) => "request_transform",
             Self::ResponseTransform(_) => "response_transform",
             Self::Compression(_) => "compression",
+            Self::DataMasking(_) => "data_masking",
         }
     }
 
@@ -375,6 +380,7 @@ impl PolicyKind {
             Self::RequestTransform(c) => c.check()?,
             Self::ResponseTransform(c) => c.check()?,
             Self::Compression(c) => c.check()?,
+            Self::DataMasking(c) => c.check()?,
         }
         Ok(())
     }
@@ -391,7 +397,9 @@ pub fn stage_of(policy_type: &str) -> Option<Stage> {
         "waf" | "request_validation" => Stage::Inspection,
         "circuit_breaker" | "bulkhead" | "fallback" | "fault_injection" | "traffic_split"
         | "mirror" | "cache" => Stage::Upstream,
-        "request_transform" | "response_transform" | "compression" => Stage::Transform,
+        "request_transform" | "response_transform" | "compression" | "data_masking" => {
+            Stage::Transform
+        }
         "oauth2_introspection" | "hmac_auth" | "mtls" => Stage::Authentication,
         _ => return None,
     })
@@ -427,6 +435,7 @@ pub fn policy_schema(policy_type: &str) -> Option<Value> {
         "request_transform" => schema::<RequestTransformConfig>(),
         "response_transform" => schema::<ResponseTransformConfig>(),
         "compression" => schema::<CompressionConfig>(),
+        "data_masking" => schema::<DataMaskingConfig>(),
         _ => return None,
     })
 }

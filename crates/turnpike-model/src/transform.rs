@@ -489,19 +489,181 @@ impl CompressionConfig {
                 "must name at least one algorithm".into(),
             ));
         }
-        for (i, t) in self.content_types.iter().enumerate() {
-            let ok = t
-                .split_once('/')
-                .is_some_and(|(a, b)| !a.is_empty() && !b.is_empty());
-            if !ok {
-                return Err((
-                    format!("content_types[{i}]"),
-                    format!("`{t}` is not a media type"),
-                ));
+        check_media_types(&self.content_types)
+    }
+}
+
+/// What masking does to a value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MaskAction {
+    /// Masks all but the last `keep` letters and digits, keeping separators
+    /// (`**** **** **** 1111`); an email keeps its first character and its domain.
+    #[default]
+    Partial,
+    /// Replaces the value with `sha256:` and the first 16 hex digits of the SHA-256 of the
+    /// salt and the value: a stable pseudonym that still correlates.
+    Hash,
+    /// Removes a field; a match inside text becomes `[REDACTED]`.
+    Remove,
+}
+
+/// A built-in detector of sensitive values in text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Detector {
+    /// Payment card numbers: 13 to 19 digits, optionally grouped by spaces or dashes, that
+    /// pass the Luhn check.
+    Card,
+    /// Email addresses.
+    Email,
+    /// Phone numbers: international (`+44 20 7946 0958`, `+14155550123`) and grouped national
+    /// (`(415) 555-0123`, `415-555-0123`).
+    Phone,
+    /// National identifiers: US Social Security numbers (`123-45-6789`, area and group
+    /// rules checked) and UK National Insurance numbers (`JG 10 37 59 A`).
+    NationalId,
+    /// International bank account numbers, mod-97 checked.
+    Iban,
+}
+
+/// A field masked wherever it is, by JSON pointer or by member name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MaskField {
+    /// A JSON pointer (`/user/ssn`; `*` matches any member or index: `/users/*/ssn`).
+    #[serde(default)]
+    pub path: Option<String>,
+    /// A member name, at any depth (`password`).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// What to do; defaults to the policy's `action`.
+    #[serde(default)]
+    pub action: Option<MaskAction>,
+}
+
+/// A custom pattern masked in text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MaskPattern {
+    /// A regular expression.
+    pub regex: String,
+    /// What to do; defaults to the policy's `action`.
+    #[serde(default)]
+    pub action: Option<MaskAction>,
+}
+
+/// `data_masking`: redacts sensitive data in responses (and in the bodies the access log
+/// captures): fields by path or name, and values found by detectors or patterns in every
+/// string of a JSON body, or in a text body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DataMaskingConfig {
+    /// Fields masked whatever their content.
+    #[serde(default)]
+    pub fields: Vec<MaskField>,
+    /// Detectors run over every string.
+    #[serde(default)]
+    pub detectors: Vec<Detector>,
+    /// Custom patterns run over every string.
+    #[serde(default)]
+    pub patterns: Vec<MaskPattern>,
+    /// The default action.
+    #[serde(default)]
+    pub action: MaskAction,
+    /// Letters and digits `partial` keeps at the end.
+    #[serde(default = "default_keep")]
+    pub keep: usize,
+    /// Salt of `hash`.
+    #[serde(default)]
+    pub hash_salt: String,
+    /// Largest body masked; a larger one is refused (502 `response_too_large`) rather than
+    /// sent unmasked.
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: u64,
+    /// Media types masked (`text/*` matches every `text/` type); other bodies pass.
+    #[serde(default = "default_mask_types")]
+    pub content_types: Vec<String>,
+    /// Also mask the request and response bodies the access log captures on the route.
+    #[serde(default = "yes")]
+    pub logs: bool,
+}
+
+fn default_keep() -> usize {
+    4
+}
+
+fn default_mask_types() -> Vec<String> {
+    ["application/json", "application/*+json", "text/*"]
+        .map(String::from)
+        .to_vec()
+}
+
+impl Default for DataMaskingConfig {
+    fn default() -> Self {
+        Self {
+            fields: Vec::new(),
+            detectors: Vec::new(),
+            patterns: Vec::new(),
+            action: MaskAction::Partial,
+            keep: default_keep(),
+            hash_salt: String::new(),
+            max_bytes: default_max_bytes(),
+            content_types: default_mask_types(),
+            logs: true,
+        }
+    }
+}
+
+impl DataMaskingConfig {
+    pub(crate) fn check(&self) -> Result<(), (String, String)> {
+        for (i, f) in self.fields.iter().enumerate() {
+            match (&f.path, &f.name) {
+                (Some(p), None) if p.starts_with('/') => {}
+                (Some(p), None) => {
+                    return Err((
+                        format!("fields[{i}].path"),
+                        format!("`{p}` is not a JSON pointer (it starts with `/`)"),
+                    ));
+                }
+                (None, Some(n)) if !n.is_empty() => {}
+                _ => {
+                    return Err((
+                        format!("fields[{i}]"),
+                        "give exactly one of `path` and `name`".into(),
+                    ));
+                }
             }
         }
-        Ok(())
+        for (i, p) in self.patterns.iter().enumerate() {
+            crate::policy::user_regex(&p.regex).map_err(|e| (format!("patterns[{i}].regex"), e))?;
+        }
+        if self.fields.is_empty() && self.detectors.is_empty() && self.patterns.is_empty() {
+            return Err((
+                "fields".into(),
+                "nothing to mask: give fields, detectors or patterns".into(),
+            ));
+        }
+        if self.max_bytes == 0 {
+            return Err(("max_bytes".into(), "must be at least 1".into()));
+        }
+        check_media_types(&self.content_types)
     }
+}
+
+fn check_media_types(types: &[String]) -> Result<(), (String, String)> {
+    for (i, t) in types.iter().enumerate() {
+        let ok = t
+            .split_once('/')
+            .is_some_and(|(a, b)| !a.is_empty() && !b.is_empty());
+        if !ok {
+            return Err((
+                format!("content_types[{i}]"),
+                format!("`{t}` is not a media type"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Which variables a template may use.

@@ -17,6 +17,7 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use serde::Serialize;
 
 pub mod access_log;
+pub mod redact;
 pub mod trace;
 
 pub use access_log::capture::{Capture, CapturedBody};
@@ -99,6 +100,10 @@ pub struct CallEvent {
     /// `trace_id` and `span_id` instead).
     #[serde(skip)]
     pub trace: Option<Box<trace::TraceFacts>>,
+    /// The route's `data_masking`, when it masks logged bodies: applied to the captured
+    /// bodies when the event is written.
+    #[serde(skip)]
+    pub redact: Option<std::sync::Arc<redact::Redactor>>,
 }
 
 /// What one sink (an access-log destination, the call-log writer, the trace exporter, ...)
@@ -342,6 +347,7 @@ mod tests {
             request_body: None,
             response_body: None,
             trace: None,
+            redact: None,
         }
     }
 

@@ -151,6 +151,7 @@ impl Pending {
             request_body: None,
             response_body: None,
             trace,
+            redact: facts.redact.clone(),
         };
         (event, self.bytes_in)
     }

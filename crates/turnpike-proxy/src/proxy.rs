@@ -208,6 +208,8 @@ pub(crate) struct LogFacts {
     /// The request's part of a trace, when tracing is on: the server span and a client span
     /// per upstream attempt.
     pub(crate) trace: Option<Box<turnpike_observe::trace::TraceFacts>>,
+    /// The route's `data_masking`, when it masks logged bodies.
+    pub(crate) redact: Option<Arc<turnpike_observe::redact::Redactor>>,
     /// Headers policies add to whatever response the client gets (CORS, `RateLimit`,
     /// `WWW-Authenticate`), error responses included.
     response_headers: HeaderMap,
@@ -291,6 +293,11 @@ async fn proxy(
         .ok_or_else(|| GatewayError::new(ErrorKind::Internal, "route table out of sync"))?;
     log.route = Some(route.name.clone());
     log.service = route.service.clone();
+    if let Some(r) = route.chain.upstream.masking()
+        && r.logs
+    {
+        log.redact = Some(Arc::clone(r));
+    }
 
     // Phase `access`. With policies, the route's body limit is checked among them, after
     // CORS (see `run_access`).
@@ -414,8 +421,8 @@ async fn proxy(
         }
         None => (body, host),
     };
-    if up.response_transform().is_some_and(|t| t.reads_body()) {
-        // The response transform reads the body: the upstream must not encode it.
+    if up.response_transform().is_some_and(|t| t.reads_body()) || up.masking.is_some() {
+        // The response transform or masking reads the body: the upstream must not encode it.
         parts.headers.remove(header::ACCEPT_ENCODING);
     }
 

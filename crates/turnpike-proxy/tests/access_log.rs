@@ -460,3 +460,63 @@ async fn a_sink_that_never_answers_costs_requests_nothing_and_drops_are_counted(
     .await
     .expect("shutdown is bounded");
 }
+
+/// A route's `data_masking` masks the client's answer and, with `logs` (the default), the
+/// bodies the access log captures — the request body included, which goes upstream as is.
+#[tokio::test]
+async fn data_masking_reaches_captured_bodies() {
+    let up = echo().await;
+    let (rx_mock, mut rx) = receiver().await;
+    let (gw, _logs) = start(
+        up.addr,
+        &format!(
+            r#"    fields: [request_id]
+    capture: {{request_body: true, response_body: true, max_body_bytes: 4096}}
+    sinks:
+      - {{type: http, url: "http://{}/ingest", format: ndjson, batch: {{batch_size: 1, max_delay: 10ms}}}}
+policies:
+  - name: m
+    type: data_masking
+    scope: route
+    target: api
+    config:
+      detectors: [email, card]
+      fields: [{{name: password, action: remove}}]
+"#,
+            rx_mock.addr
+        ),
+    )
+    .await;
+    let r = post(
+        &gw,
+        "/api/pay",
+        &[
+            ("x-request-id", "mask-1"),
+            ("x-contact", "ada@example.com"),
+            ("content-type", "application/json"),
+        ],
+        r#"{"card":"4111 1111 1111 1111","password":"hunter2","note":"ok"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let answer = r.json();
+    assert_eq!(answer["headers"]["x-contact"], "a***@example.com");
+    let (_, _, body) = recv(&mut rx).await;
+    let rec: Value = serde_json::from_slice(body.strip_suffix(b"\n").unwrap()).unwrap();
+    assert_eq!(rec["request_id"], "mask-1");
+    assert_eq!(
+        rec["request_body"],
+        serde_json::json!({"card": "**** **** **** 1111", "note": "ok"})
+    );
+    assert_eq!(
+        rec["response_body"]["headers"]["x-contact"],
+        "a***@example.com"
+    );
+    let text = String::from_utf8_lossy(&body);
+    assert!(
+        !text.contains("ada@example.com")
+            && !text.contains("hunter2")
+            && !text.contains("4111 1111 1111 1111"),
+        "{text}"
+    );
+}

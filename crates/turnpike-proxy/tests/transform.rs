@@ -822,3 +822,124 @@ policies:
     assert!(err.contains("policies[0].config.headers.rename"), "{err}");
     assert!(err.contains("written by the gateway"), "{err}");
 }
+
+/// An upstream answering by path: `/api/json` a JSON document full of sensitive values,
+/// `/api/text` the same as text, `/api/png` as an image, `/api/gz` an encoded body; every
+/// answer cacheable.
+async fn sensitive() -> Mock {
+    Mock::start(|req| async move {
+        let ae = req.headers().contains_key("accept-encoding");
+        let (ct, body) = match req.uri().path() {
+            "/api/json" => (
+                "application/json",
+                r#"{"user": {"name": "Ada", "email": "ada@example.com", "ssn": "123-45-6789", "password": "p"},
+                    "cards": [{"number": "4111 1111 1111 1111", "holder": "Ada"}],
+                    "note": "call +44 20 7946 0958 or mail ada@example.com",
+                    "order": "1234567890123"}"#,
+            ),
+            "/api/text" => ("text/plain", "Card 5500005555555559, phone (415) 555-0123."),
+            "/api/png" => ("image/png", "ada@example.com"),
+            _ => ("application/json", r#"{"a": "ada@example.com"}"#),
+        };
+        let mut r = Response::new(full(body));
+        r.headers_mut().insert("content-type", ct.parse().unwrap());
+        r.headers_mut().insert("cache-control", "public, max-age=60".parse().unwrap());
+        r.headers_mut().insert("x-upstream-saw-accept-encoding", if ae { "yes" } else { "no" }.parse().unwrap());
+        if req.uri().path() == "/api/gz" {
+            r.headers_mut().insert("content-encoding", "gzip".parse().unwrap());
+        }
+        r
+    })
+    .await
+}
+
+#[tokio::test]
+async fn data_masking_in_json_and_text_answers() {
+    let up = sensitive().await;
+    let gw = gw(
+        up.addr,
+        r#"
+  - name: c
+    type: cache
+    scope: route
+    target: api
+  - name: m
+    type: data_masking
+    scope: route
+    target: api
+    config:
+      detectors: [card, email, phone, national_id]
+      fields:
+        - {name: password, action: remove}
+        - {path: /cards/*/holder, action: hash}
+      hash_salt: pepper
+"#,
+    )
+    .await;
+    let auth = bearer();
+    for want_cache in ["MISS", "HIT"] {
+        let r = call(
+            &gw,
+            "GET",
+            "/api/json",
+            &[("authorization", &auth), ("accept-encoding", "gzip")],
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("x-cache"), Some(want_cache));
+        assert_eq!(r.header("x-upstream-saw-accept-encoding"), Some("no"));
+        let j = r.json();
+        assert_eq!(
+            j["user"],
+            json!({"name": "Ada", "email": "a***@example.com", "ssn": "***-**-6789"})
+        );
+        assert_eq!(j["cards"][0]["number"], "**** **** **** 1111");
+        let holder = j["cards"][0]["holder"].as_str().unwrap();
+        assert!(
+            holder.starts_with("sha256:") && holder.len() == 23,
+            "{holder}"
+        );
+        assert_eq!(j["note"], "call +** ** **** 0958 or mail a***@example.com");
+        assert_eq!(
+            j["order"], "1234567890123",
+            "not a card: it fails the Luhn check"
+        );
+        assert_eq!(
+            r.header("content-length"),
+            Some(r.body.len().to_string().as_str())
+        );
+    }
+    let r = call(&gw, "GET", "/api/text", &[("authorization", &auth)]).await;
+    assert_eq!(r.text(), "Card ************5559, phone (***) ***-0123.");
+    let r = call(&gw, "GET", "/api/png", &[("authorization", &auth)]).await;
+    assert_eq!(r.text(), "ada@example.com", "other media types pass");
+    let r = call(&gw, "GET", "/api/gz", &[("authorization", &auth)]).await;
+    assert_eq!(
+        r.status, 502,
+        "an encoded body it cannot read is refused, not leaked"
+    );
+    assert_eq!(r.json()["error"]["code"], "response_transform_failed");
+}
+
+#[tokio::test]
+async fn data_masking_fails_closed_past_its_bound() {
+    let up = sensitive().await;
+    let gw = gw(
+        up.addr,
+        r#"
+  - name: m
+    type: data_masking
+    scope: route
+    target: api
+    config: {detectors: [email], max_bytes: 64}
+"#,
+    )
+    .await;
+    let auth = bearer();
+    let r = call(&gw, "GET", "/api/json", &[("authorization", &auth)]).await;
+    assert_eq!(r.status, 502);
+    assert_eq!(r.json()["error"]["code"], "response_too_large");
+    assert!(!r.text().contains("ada@example.com"));
+    let r = call(&gw, "GET", "/api/other", &[("authorization", &auth)]).await;
+    assert_eq!(r.json(), json!({"a": "a***@example.com"}));
+}

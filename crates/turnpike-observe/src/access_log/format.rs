@@ -120,7 +120,11 @@ impl Formatter {
             ("response_body", &e.response_body),
         ] {
             if let Some(b) = body {
-                put(key, b.to_value(&self.mask_fields));
+                let mut v = b.to_value(&self.mask_fields);
+                if let Some(r) = &e.redact {
+                    r.redact_json(&mut v);
+                }
+                put(key, v);
                 if b.truncated {
                     put(&format!("{key}_truncated"), Value::Bool(true));
                 }

@@ -589,6 +589,7 @@ mod tests {
             request_body: None,
             response_body: None,
             trace: None,
+            redact: None,
         })
     }
 

@@ -133,6 +133,8 @@ pub enum Policy {
     ResponseTransform(Box<crate::transform::ResponseTransform>),
     /// `compression`.
     Compression(crate::transform::compress::Compression),
+    /// `data_masking` (shared: call events carry it to the access log).
+    DataMasking(Arc<turnpike_observe::redact::Redactor>),
 }
 
 impl Policy {
@@ -154,9 +156,10 @@ impl Policy {
             Self::Oauth2Introspection(_) | Self::HmacAuth(_) | Self::Mtls(_) => {
                 Stage::Authentication
             }
-            Self::RequestTransform(_) | Self::ResponseTransform(_) | Self::Compression(_) => {
-                Stage::Transform
-            }
+            Self::RequestTransform(_)
+            | Self::ResponseTransform(_)
+            | Self::Compression(_)
+            | Self::DataMasking(_) => Stage::Transform,
         }
     }
 }
@@ -208,6 +211,8 @@ pub struct UpstreamChain {
     pub response_transform: Option<Arc<Compiled>>,
     /// `compression`.
     pub compression: Option<Arc<Compiled>>,
+    /// `data_masking`.
+    pub masking: Option<Arc<Compiled>>,
 }
 
 impl UpstreamChain {
@@ -254,6 +259,14 @@ impl UpstreamChain {
         }
     }
 
+    /// The compiled data masking, if any.
+    pub fn masking(&self) -> Option<&Arc<turnpike_observe::redact::Redactor>> {
+        match &self.masking.as_ref()?.policy {
+            Policy::DataMasking(r) => Some(r),
+            _ => None,
+        }
+    }
+
     /// The compiled fallback, if any.
     pub fn fallback(&self) -> Option<&resilience::Fallback> {
         match &self.fallback.as_ref()?.policy {
@@ -273,6 +286,7 @@ impl UpstreamChain {
             Policy::RequestTransform(_) => &mut self.request_transform,
             Policy::ResponseTransform(_) => &mut self.response_transform,
             Policy::Compression(_) => &mut self.compression,
+            Policy::DataMasking(_) => &mut self.masking,
             _ => {
                 self.mirrors.push(c);
                 return;
@@ -558,6 +572,9 @@ async fn build(
         }
         PolicyKind::Compression(c) => {
             Policy::Compression(crate::transform::compress::Compression::new(c))
+        }
+        PolicyKind::DataMasking(c) => {
+            Policy::DataMasking(Arc::new(turnpike_observe::redact::Redactor::new(&c)?))
         }
     })
 }

@@ -283,14 +283,17 @@ const STALE_BODY_HEADERS: [&str; 5] = [
     "etag",
 ];
 
-fn rewrote_body(headers: &mut HeaderMap, len: usize, content_type: &'static str) {
+/// Fixes the headers of a rewritten body: its length, its type when it changed.
+fn rewrote_body(headers: &mut HeaderMap, len: usize, content_type: Option<&'static str>) {
     for h in STALE_BODY_HEADERS {
         headers.remove(h);
     }
     headers.remove(header::TRANSFER_ENCODING);
     headers.remove(header::ACCEPT_RANGES);
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    if let Some(ct) = content_type {
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+    }
 }
 
 /// A compiled `request_transform`.
@@ -429,7 +432,7 @@ impl RequestTransform {
         }
         self.headers.apply(&mut parts.headers, values);
         if let Some((bytes, ct)) = new_body {
-            rewrote_body(&mut parts.headers, bytes.len(), ct);
+            rewrote_body(&mut parts.headers, bytes.len(), Some(ct));
             body = ReqBody::Buffered(bytes);
         }
         Ok(body)
@@ -559,7 +562,7 @@ impl ResponseTransform {
             parts.status = *to;
         }
         if let Some((bytes, ct)) = new_body {
-            rewrote_body(&mut parts.headers, bytes.len(), ct);
+            rewrote_body(&mut parts.headers, bytes.len(), Some(ct));
             body = crate::body::full(bytes);
         }
         Ok(Response::from_parts(parts, body))
@@ -604,10 +607,51 @@ async fn read_response(
     }
 }
 
+/// Masks an answer's body (`data_masking`): read whole within the policy's bound, since a
+/// value can straddle chunks. Fails closed: a body too large to mask, or encoded so it
+/// cannot be read, is refused rather than sent unmasked.
+async fn mask(
+    r: &turnpike_observe::redact::Redactor,
+    resp: Response<ProxyBody>,
+    head: bool,
+    idle: Duration,
+) -> Result<Response<ProxyBody>, GatewayError> {
+    let status = resp.status().as_u16();
+    let media = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(media_type);
+    let Some(media) = media.filter(|m| r.treats(m).is_some()) else {
+        return Ok(resp);
+    };
+    if head || matches!(status, 100..=199 | 204 | 304) {
+        return Ok(resp);
+    }
+    if resp
+        .headers()
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|v| v.as_bytes() != b"identity")
+    {
+        return Err(GatewayError::new(
+            ErrorKind::ResponseTransformFailed,
+            "the upstream encoded a body that must be masked",
+        ));
+    }
+    let (mut parts, mut body) = resp.into_parts();
+    let bytes = read_response(&mut body, r.max_bytes, idle).await?;
+    let masked = r
+        .redact_body(&media, &bytes)
+        .unwrap_or_else(|| bytes.to_vec());
+    rewrote_body(&mut parts.headers, masked.len(), None);
+    Ok(Response::from_parts(parts, crate::body::full(masked)))
+}
+
 /// What shapes the answers of one request: the route's response transform and compression,
 /// with what they need of the request, captured before it goes upstream.
 pub struct Shaper {
     response: Option<(Arc<crate::policy::Compiled>, OwnedVars)>,
+    masking: Option<Arc<turnpike_observe::redact::Redactor>>,
     compression: Option<(Arc<crate::policy::Compiled>, Option<HeaderValue>)>,
     method: Method,
     idle: Duration,
@@ -672,7 +716,7 @@ impl Shaper {
         method: &Method,
         idle: Duration,
     ) -> Option<Self> {
-        if up.response_transform.is_none() && up.compression.is_none() {
+        if up.response_transform.is_none() && up.compression.is_none() && up.masking.is_none() {
             return None;
         }
         Some(Self {
@@ -680,6 +724,7 @@ impl Shaper {
                 .response_transform
                 .clone()
                 .map(|c| (c, OwnedVars::of(vars, consumer.cloned()))),
+            masking: up.masking().cloned(),
             compression: up
                 .compression
                 .clone()
@@ -703,6 +748,9 @@ impl Shaper {
             resp = t
                 .apply(resp, &vars.vars(), self.method == Method::HEAD, self.idle)
                 .await?;
+        }
+        if let Some(r) = &self.masking {
+            resp = mask(r, resp, self.method == Method::HEAD, self.idle).await?;
         }
         if let Some((c, accept)) = &self.compression
             && let crate::policy::Policy::Compression(z) = &c.policy
