@@ -25,6 +25,27 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+/// Headers the gateway writes upstream about the caller and the hops. A request transform
+/// may not write them (it could forge an identity); `X-Client-Cert-*` too.
+pub const GATEWAY_WRITTEN: [&str; 9] = [
+    "x-consumer-id",
+    "x-consumer-name",
+    "x-consumer-team",
+    "x-authenticated-scopes",
+    "x-anonymous-consumer",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "forwarded",
+];
+
+/// Whether the gateway writes header `name` upstream (see [`GATEWAY_WRITTEN`]); `_` is read
+/// as `-`, as CGI-style servers do.
+pub fn gateway_written(name: &str) -> bool {
+    let name = name.to_ascii_lowercase().replace('_', "-");
+    name.starts_with("x-client-cert-") || GATEWAY_WRITTEN.contains(&name.as_str())
+}
+
 /// Header or query-parameter operations, applied in this order: `remove`, `rename`, `set`,
 /// `add`.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
@@ -70,7 +91,13 @@ impl FieldOps {
                 ));
             }
         }
+        let forged = |n: &str| header && !response && gateway_written(n);
+        let forbidden =
+            |n: &str| format!("`{n}` is written by the gateway and cannot be set by a transform");
         for (from, to) in &self.rename {
+            if forged(to) {
+                return Err((format!("{at}.rename.{from}"), forbidden(to)));
+            }
             for n in [from, to] {
                 if !name_ok(n) {
                     return Err((
@@ -87,6 +114,9 @@ impl FieldOps {
                         format!("{at}.{field}.{n}"),
                         format!("`{n}` is not a valid {what} name"),
                     ));
+                }
+                if forged(n) {
+                    return Err((format!("{at}.{field}.{n}"), forbidden(n)));
                 }
                 Template::parse(
                     v,
@@ -287,10 +317,16 @@ impl BodyTransform {
             check_value(shape, scope).map_err(|e| ("body.shape".to_owned(), e))?;
         }
         let x = &self.xml;
-        if x.root.is_empty() || x.text_key.is_empty() {
+        if x.root.is_empty() || x.text_key.is_empty() || x.attribute_prefix.is_empty() {
             return Err((
                 "body.xml".into(),
-                "`root` and `text_key` must not be empty".into(),
+                "`root`, `text_key` and `attribute_prefix` must not be empty".into(),
+            ));
+        }
+        if x.text_key.starts_with(&x.attribute_prefix) {
+            return Err((
+                "body.xml.text_key".into(),
+                "must not start with `attribute_prefix`".into(),
             ));
         }
         if let Some(v) = &x.soap
@@ -339,16 +375,42 @@ pub struct RequestTransformConfig {
 
 impl RequestTransformConfig {
     pub(crate) fn check(&self) -> Result<(), (String, String)> {
-        if let Some(m) = &self.method
-            && http::Method::from_bytes(m.as_bytes()).is_err()
-        {
-            return Err(("method".into(), format!("`{m}` is not a method")));
+        if let Some(m) = &self.method {
+            if http::Method::from_bytes(m.as_bytes()).is_err() {
+                return Err(("method".into(), format!("`{m}` is not a method")));
+            }
+            if *m != m.to_ascii_uppercase() {
+                return Err((
+                    "method".into(),
+                    format!(
+                        "methods are case-sensitive: write `{}`",
+                        m.to_ascii_uppercase()
+                    ),
+                ));
+            }
         }
         if let Some(p) = &self.path {
             if !p.starts_with('/') {
                 return Err(("path".into(), "must start with `/`".into()));
             }
-            Template::parse(p, Scope::default()).map_err(|e| ("path".to_owned(), e))?;
+            let t = Template::parse(p, Scope::default()).map_err(|e| ("path".to_owned(), e))?;
+            for piece in &t.0 {
+                let Piece::Text(text) = piece else {
+                    continue;
+                };
+                if let Some(c) = text
+                    .chars()
+                    .find(|c| !(c.is_ascii_alphanumeric() || "-._~!$&'()*+,;=:@/%".contains(*c)))
+                {
+                    return Err((
+                        "path".into(),
+                        format!("`{c}` cannot appear in a path (percent-encode it)"),
+                    ));
+                }
+                if text.split('/').any(|seg| seg == "." || seg == "..") {
+                    return Err(("path".into(), "a path has no `.` or `..` segments".into()));
+                }
+            }
         }
         self.headers.check("headers", true, false)?;
         self.query.check("query", false, false)?;
@@ -384,6 +446,14 @@ impl ResponseTransformConfig {
                         format!("{s} is not a final status"),
                     ));
                 }
+            }
+            // 204 and 304 have no body: the upstream's would be sent as one, and a 304 would
+            // claim a stored answer the client does not have.
+            if matches!(to, 204 | 304) || matches!(from, 204 | 304) {
+                return Err((
+                    format!("status.{from}"),
+                    "204 and 304 cannot be remapped (they have no body)".into(),
+                ));
             }
         }
         self.headers.check("headers", true, true)?;
@@ -871,5 +941,37 @@ mod tests {
         let c: ResponseTransformConfig =
             serde_json::from_value(serde_json::json!({"status": {"404": 99}})).unwrap();
         assert_eq!(c.check().unwrap_err().0, "status.404");
+        for (cfg, path) in [
+            (
+                serde_json::json!({"headers": {"set": {"X-Forwarded-For": "1.2.3.4"}}}),
+                "headers.set.X-Forwarded-For",
+            ),
+            (
+                serde_json::json!({"headers": {"add": {"x_consumer_id": "a"}}}),
+                "headers.add.x_consumer_id",
+            ),
+            (
+                serde_json::json!({"headers": {"rename": {"x-a": "x-client-cert-subject"}}}),
+                "headers.rename.x-a",
+            ),
+            (serde_json::json!({"method": "get"}), "method"),
+            (serde_json::json!({"path": "/a b"}), "path"),
+            (serde_json::json!({"path": "/a/../${param.x}"}), "path"),
+            (
+                serde_json::json!({"body": {"xml": {"attribute_prefix": ""}}}),
+                "body.xml",
+            ),
+        ] {
+            let c: RequestTransformConfig = serde_json::from_value(cfg.clone()).unwrap();
+            assert_eq!(c.check().unwrap_err().0, path, "{cfg}");
+        }
+        let c: ResponseTransformConfig =
+            serde_json::from_value(serde_json::json!({"status": {"200": 304}})).unwrap();
+        assert_eq!(c.check().unwrap_err().0, "status.200");
+        // Response headers are the client's to shape: no identity is forged there.
+        let c: ResponseTransformConfig =
+            serde_json::from_value(serde_json::json!({"headers": {"set": {"x-consumer-id": "a"}}}))
+                .unwrap();
+        assert!(c.check().is_ok());
     }
 }

@@ -253,3 +253,22 @@ fn retired(service: &ServiceBinding, request_id: &str) -> Response<ProxyBody> {
     }
     resp
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_model_knows_every_identity_header() {
+        // `request_transform` refuses to write what the model lists; it must list all.
+        for name in IDENTITY {
+            assert!(
+                turnpike_model::transform::gateway_written(name.as_str()),
+                "{name}"
+            );
+        }
+        assert!(turnpike_model::transform::gateway_written(
+            CLIENT_CERT_SAN.as_str()
+        ));
+    }
+}

@@ -422,8 +422,15 @@ async fn proxy(
         None => (body, host),
     };
     if up.response_transform().is_some_and(|t| t.reads_body()) || up.masking.is_some() {
-        // The response transform or masking reads the body: the upstream must not encode it.
-        parts.headers.remove(header::ACCEPT_ENCODING);
+        // The response transform or masking reads the whole body: the upstream must send it
+        // unencoded (no `Accept-Encoding` at all would allow any coding) and whole (a range,
+        // or a multipart of ranges, would slip past the rewrite).
+        parts.headers.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
+        parts.headers.remove(header::RANGE);
+        parts.headers.remove(header::IF_RANGE);
     }
 
     // Quotas last: a request a rate limit, the WAF or validation refused does not use up

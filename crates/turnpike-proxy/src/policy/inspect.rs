@@ -214,15 +214,22 @@ pub(crate) async fn read_whole(
     total: Duration,
 ) -> Result<Bytes, GatewayError> {
     let what = "the request transform reads";
-    let incoming = match body {
+    let (head, incoming) = match body {
         ReqBody::Buffered(b) if b.len() as u64 > bound => return Err(too_large(bound, what)),
         ReqBody::Buffered(b) => return Ok(b),
-        ReqBody::Partial(..) => return Err(too_large(bound, what)),
+        // What an inspection read (or skipped), then the rest.
+        ReqBody::Partial(head, rest) => (head, rest),
         ReqBody::Stream(b) if http_body::Body::is_end_stream(&b) => return Ok(Bytes::new()),
-        ReqBody::Stream(b) => b,
+        ReqBody::Stream(b) => (Bytes::new(), b),
     };
+    if head.len() as u64 > bound || content_length(&parts.headers).is_some_and(|n| n > bound) {
+        return Err(too_large(bound, what));
+    }
     let counted = parts.extensions.get::<BytesIn>();
-    let read = read_bounded(incoming, bound, &parts.headers, idle, counted);
+    let rest_bound = bound - head.len() as u64;
+    // The declared length was checked against the whole bound above.
+    let no_length = http::HeaderMap::new();
+    let read = read_bounded(incoming, rest_bound, &no_length, idle, counted);
     let read = if total.is_zero() {
         read.await?
     } else {
@@ -234,9 +241,19 @@ pub(crate) async fn read_whole(
         })??
     };
     match read {
-        Read::All(b) => Ok(b),
+        Read::All(b) if head.is_empty() => Ok(b),
+        Read::All(b) => Ok([head, b].concat().into()),
         Read::Over(..) => Err(too_large(bound, what)),
     }
+}
+
+fn content_length(headers: &http::HeaderMap) -> Option<u64> {
+    headers
+        .get(http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
 }
 
 fn too_large(max: u64, what: &str) -> GatewayError {
@@ -254,10 +271,7 @@ async fn read_bounded(
     idle: Duration,
     counted: Option<&BytesIn>,
 ) -> Result<Read, GatewayError> {
-    let declared = headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared = content_length(headers);
     if declared.is_some_and(|n| n > bound) {
         return Ok(Read::Over(Bytes::new(), body));
     }

@@ -2,8 +2,9 @@
 //! streamed through the encoder as the upstream sends.
 //!
 //! A response is left alone when it is already encoded, says `Cache-Control: no-transform`,
-//! has no body (HEAD, 1xx, 204, 304), is a range (206), an event stream or gRPC, is of a
-//! type not listed, or declares a length under `min_bytes`. When the type qualifies the
+//! has no body (1xx, 204), is a range (206), an event stream or gRPC, is of a type not
+//! listed, or declares a length under `min_bytes`. A HEAD answer gets the headers its GET
+//! would, and a 304 the weak `ETag` and `Vary` of the compressed answer it confirms. When the type qualifies the
 //! answer gets `Vary: Accept-Encoding`, compressed or not, so a shared cache keeps the
 //! variants apart. A compressed answer loses `Content-Length` and `Accept-Ranges`, and a
 //! strong `ETag` becomes weak: the bytes differ, the content does not.
@@ -77,10 +78,8 @@ impl Compression {
     ) -> Response<ProxyBody> {
         let status = resp.status();
         let h = resp.headers();
-        if *method == Method::HEAD
-            || status.is_informational()
+        if status.is_informational()
             || status == StatusCode::NO_CONTENT
-            || status == StatusCode::NOT_MODIFIED
             || status == StatusCode::PARTIAL_CONTENT
             || h.get(header::CONTENT_ENCODING)
                 .is_some_and(|v| v.as_bytes() != b"identity")
@@ -88,11 +87,20 @@ impl Compression {
         {
             return resp;
         }
-        let typed = h
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|t| self.compressible(t));
-        if !typed {
+        let content_type = h.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+        if status == StatusCode::NOT_MODIFIED {
+            // A 304 carries what the 200 would: the weak validator and `Vary` of a
+            // compressed answer (its type is often not repeated; then a negotiable client
+            // is enough to tell).
+            if content_type.is_none_or(|t| self.compressible(t)) && self.negotiate(accept).is_some()
+            {
+                resp.headers_mut()
+                    .append(header::VARY, HeaderValue::from_static("accept-encoding"));
+                weaken_etag(resp.headers_mut());
+            }
+            return resp;
+        }
+        if !content_type.is_some_and(|t| self.compressible(t)) {
             return resp;
         }
         resp.headers_mut()
@@ -114,13 +122,22 @@ impl Compression {
             header::CONTENT_ENCODING,
             HeaderValue::from_static(alg.token()),
         );
-        if let Some(etag) = h.get(header::ETAG)
-            && !etag.as_bytes().starts_with(b"W/")
-            && let Ok(weak) = HeaderValue::from_bytes(&[b"W/", etag.as_bytes()].concat())
-        {
-            h.insert(header::ETAG, weak);
+        weaken_etag(h);
+        // A HEAD answer gets the headers the GET would have, and no body.
+        if *method == Method::HEAD {
+            return Response::from_parts(parts, body);
         }
         Response::from_parts(parts, encode(body, alg, self.cfg.level))
+    }
+}
+
+/// `"x"` → `W/"x"`: the compressed bytes differ, the content does not.
+fn weaken_etag(h: &mut HeaderMap) {
+    if let Some(etag) = h.get(header::ETAG)
+        && !etag.as_bytes().starts_with(b"W/")
+        && let Ok(weak) = HeaderValue::from_bytes(&[b"W/", etag.as_bytes()].concat())
+    {
+        h.insert(header::ETAG, weak);
     }
 }
 

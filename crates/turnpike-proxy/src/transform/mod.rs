@@ -82,7 +82,7 @@ impl HeaderOps {
     }
 
     /// The rendered values, computed before any change (templates read the original).
-    fn render(&self, vars: &Vars<'_>) -> Result<Vec<HeaderValue>, String> {
+    fn render(&self, vars: &Vars<'_>) -> Vec<Result<HeaderValue, String>> {
         self.set
             .iter()
             .chain(&self.add)
@@ -94,7 +94,22 @@ impl HeaderOps {
             .collect()
     }
 
-    fn apply(&self, headers: &mut HeaderMap, mut values: Vec<HeaderValue>) {
+    /// Takes the headers these operations write out of `Connection` (see [`unlist`]).
+    fn unlist_from_connection(&self, headers: &mut HeaderMap) {
+        let written: Vec<HeaderName> = self
+            .set
+            .iter()
+            .chain(&self.add)
+            .map(|(n, _)| n.clone())
+            .chain(self.rename.iter().map(|(_, to)| to.clone()))
+            .collect();
+        if !written.is_empty() {
+            unlist(headers, &written);
+        }
+    }
+
+    /// Applies the operations; a `None` value leaves its header alone.
+    fn apply(&self, headers: &mut HeaderMap, mut values: Vec<Option<HeaderValue>>) {
         for n in &self.remove {
             headers.remove(n);
         }
@@ -108,13 +123,40 @@ impl HeaderOps {
                 headers.append(to, v);
             }
         }
-        let added = values.split_off(self.set.len());
+        let added = values.split_off(self.set.len().min(values.len()));
         for ((n, _), v) in self.set.iter().zip(values) {
-            headers.insert(n, v);
+            if let Some(v) = v {
+                headers.insert(n, v);
+            }
         }
         for ((n, _), v) in self.add.iter().zip(added) {
-            headers.append(n, v);
+            if let Some(v) = v {
+                headers.append(n, v);
+            }
         }
+    }
+}
+
+/// Removes `names` from the request's `Connection` header: the hop-by-hop stripping that
+/// follows would otherwise remove the headers the transform wrote, at the client's say.
+fn unlist(headers: &mut HeaderMap, names: &[HeaderName]) {
+    if !headers.contains_key(header::CONNECTION) {
+        return;
+    }
+    let kept: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty() && !names.iter().any(|n| n.as_str().eq_ignore_ascii_case(t)))
+        .map(str::to_owned)
+        .collect();
+    headers.remove(header::CONNECTION);
+    if !kept.is_empty()
+        && let Ok(v) = HeaderValue::from_str(&kept.join(", "))
+    {
+        headers.insert(header::CONNECTION, v);
     }
 }
 
@@ -175,20 +217,33 @@ impl BodyOps {
         })
     }
 
-    /// Whether a body of `content_type` is read (and an empty one built, with `shape`).
-    fn applies(&self, headers: &HeaderMap, empty: bool) -> bool {
+    /// What to do with a body described by `headers`.
+    fn plan(&self, headers: &HeaderMap, empty: bool) -> Plan {
+        if empty {
+            // Only `shape` builds a body from nothing.
+            return if self.shape.is_some() {
+                Plan::Transform
+            } else {
+                Plan::Skip
+            };
+        }
         if headers
             .get(header::CONTENT_ENCODING)
             .is_some_and(|v| v.as_bytes() != b"identity")
         {
-            return false;
+            return Plan::Encoded;
         }
         match headers
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
         {
-            Some(t) => is_format(t, self.from),
-            None => empty && self.shape.is_some(),
+            Some(t) if is_format(t, self.from) => Plan::Transform,
+            _ => Plan::OtherType(match self.from {
+                BodyFormat::Json => "the transform reads JSON bodies (application/json or +json)",
+                BodyFormat::Xml => {
+                    "the transform reads XML bodies (application/xml, text/xml or +xml)"
+                }
+            }),
         }
     }
 
@@ -263,6 +318,20 @@ pub(crate) fn media_type(content_type: &str) -> String {
         .to_ascii_lowercase()
 }
 
+/// What a body transform does with one body.
+enum Plan {
+    /// Read and rewrite it.
+    Transform,
+    /// Leave it (an empty body without `shape`).
+    Skip,
+    /// Encoded (`Content-Encoding`): it cannot be read, so it is refused (415 for a
+    /// request, 502 for a response) rather than let past the rewrite.
+    Encoded,
+    /// Not of the format the transform reads: refused for a request (a client must not slip
+    /// past the rewrite by mislabelling its body); passed for a response.
+    OtherType(&'static str),
+}
+
 /// Whether a `Content-Type` is of `format`.
 fn is_format(content_type: &str, format: BodyFormat) -> bool {
     let media = media_type(content_type);
@@ -325,27 +394,6 @@ impl RequestTransform {
             .transpose()?;
         let headers =
             HeaderOps::new(&cfg.headers, scope).map_err(|(_, e)| ("headers".to_owned(), e))?;
-        // What the gateway tells the upstream about the caller and the hops is its own: a
-        // transform that could write it could forge it.
-        let written = headers
-            .set
-            .iter()
-            .chain(&headers.add)
-            .map(|(n, _)| ("set", n))
-            .chain(headers.rename.iter().map(|(_, to)| ("rename", to)));
-        for (op, n) in written {
-            if crate::access::is_gateway_header(n.as_str())
-                || matches!(
-                    n.as_str(),
-                    "x-forwarded-for" | "x-forwarded-proto" | "x-forwarded-host" | "forwarded"
-                )
-            {
-                return Err((
-                    format!("headers.{op}"),
-                    format!("`{n}` is written by the gateway and cannot be set by a transform"),
-                ));
-            }
-        }
         let query_values = cfg
             .query
             .set
@@ -389,17 +437,40 @@ impl RequestTransform {
         let mut new_body = None;
         let (values, path, query) = {
             let vars = caller.vars(parts);
-            if let Some(ops) = &self.body
-                && ops.applies(&parts.headers, body.is_empty())
-            {
-                let bound = ops.max_bytes.min(read.limit);
-                let bytes =
-                    crate::policy::inspect::read_whole(body, bound, parts, read.idle, read.total)
+            if let Some(ops) = &self.body {
+                match ops.plan(&parts.headers, body.is_empty()) {
+                    Plan::Skip => {}
+                    Plan::Encoded => {
+                        return Err(GatewayError::new(
+                            ErrorKind::UnsupportedMediaType,
+                            "an encoded body cannot be transformed",
+                        ));
+                    }
+                    Plan::OtherType(why) => {
+                        return Err(GatewayError::new(ErrorKind::UnsupportedMediaType, why));
+                    }
+                    Plan::Transform => {
+                        let bound = ops.max_bytes.min(read.limit);
+                        let bytes = crate::policy::inspect::read_whole(
+                            body, bound, parts, read.idle, read.total,
+                        )
                         .await?;
-                new_body = Some(ops.run(&bytes, &vars).map_err(failed)?);
-                body = ReqBody::Buffered(Bytes::new());
+                        if bytes.is_empty() && ops.shape.is_none() {
+                            body = ReqBody::Buffered(bytes);
+                        } else {
+                            new_body = Some(ops.run(&bytes, &vars).map_err(failed)?);
+                            body = ReqBody::Buffered(Bytes::new());
+                        }
+                    }
+                }
             }
-            let values = self.headers.render(&vars).map_err(failed)?;
+            let values = self
+                .headers
+                .render(&vars)
+                .into_iter()
+                .map(|v| v.map(Some))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(failed)?;
             let path = self
                 .path
                 .as_ref()
@@ -414,6 +485,12 @@ impl RequestTransform {
             parts.method = m.clone();
         }
         if let Some(p) = path {
+            // A value must not climb out of the prefix the template gives it.
+            if template::has_dot_segment(&p) {
+                return Err(failed(
+                    "the rewritten path has a `.` or `..` segment".into(),
+                ));
+            }
             *forward_path = p;
         }
         if let Some(q) = query {
@@ -430,25 +507,47 @@ impl RequestTransform {
             parts.uri = http::Uri::from_parts(uri)
                 .map_err(|_| failed("the rewritten query is not valid".into()))?;
         }
+        self.headers.unlist_from_connection(&mut parts.headers);
         self.headers.apply(&mut parts.headers, values);
         if let Some((bytes, ct)) = new_body {
+            unlist(
+                &mut parts.headers,
+                &[header::CONTENT_TYPE, header::CONTENT_LENGTH],
+            );
             rewrote_body(&mut parts.headers, bytes.len(), Some(ct));
             body = ReqBody::Buffered(bytes);
         }
         Ok(body)
     }
 
+    /// The rewritten query. Parameters the operations do not touch keep their bytes as the
+    /// client sent them (escapes, bare flags, non-UTF-8 values); names are matched decoded.
     fn query(&self, query: Option<&str>, vars: &Vars<'_>) -> String {
         let q = &self.query;
-        let mut pairs: Vec<(String, String)> =
-            form_urlencoded::parse(query.unwrap_or("").as_bytes())
-                .into_owned()
-                .collect();
+        let encode = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+        let mut pairs: Vec<(String, String)> = query
+            .unwrap_or("")
+            .split('&')
+            .filter(|raw| !raw.is_empty())
+            .map(|raw| {
+                let raw_name = raw.split('=').next().unwrap_or("");
+                let name = form_urlencoded::parse(raw_name.as_bytes())
+                    .next()
+                    .map(|(n, _)| n.into_owned())
+                    .unwrap_or_default();
+                (name, raw.to_owned())
+            })
+            .collect();
         pairs.retain(|(n, _)| !q.remove.contains(n));
         for (from, to) in &q.rename {
             if pairs.iter().any(|(n, _)| n == from) {
                 pairs.retain(|(n, _)| n != to);
-                for (n, _) in pairs.iter_mut().filter(|(n, _)| n == from) {
+                for (n, raw) in pairs.iter_mut().filter(|(n, _)| n == from) {
+                    let value = raw.split_once('=').map(|(_, v)| v);
+                    *raw = match value {
+                        Some(v) => format!("{}={v}", encode(to)),
+                        None => encode(to),
+                    };
                     n.clone_from(to);
                 }
             }
@@ -460,14 +559,17 @@ impl RequestTransform {
         for name in q.set.keys() {
             let v = values.next().unwrap_or_default();
             pairs.retain(|(n, _)| n != name);
-            pairs.push((name.clone(), v));
+            pairs.push((name.clone(), format!("{}={}", encode(name), encode(&v))));
         }
         for name in q.add.keys() {
-            pairs.push((name.clone(), values.next().unwrap_or_default()));
+            let v = values.next().unwrap_or_default();
+            pairs.push((name.clone(), format!("{}={}", encode(name), encode(&v))));
         }
-        form_urlencoded::Serializer::new(String::new())
-            .extend_pairs(pairs)
-            .finish()
+        pairs
+            .into_iter()
+            .map(|(_, raw)| raw)
+            .collect::<Vec<_>>()
+            .join("&")
     }
 }
 
@@ -537,21 +639,49 @@ impl ResponseTransform {
                 response: Some((upstream_status, &parts.headers)),
                 ..*vars
             };
-            if let Some(ops) = &self.body
-                && !head
-                && !matches!(upstream_status, 100..=199 | 204 | 304)
-                && ops.applies(&parts.headers, false)
-            {
-                let bytes = read_response(&mut body, ops.max_bytes, idle).await?;
-                let out = ops
-                    .run(&bytes, &vars)
-                    .map_err(|e| GatewayError::new(ErrorKind::ResponseTransformFailed, e))?;
-                new_body = Some(out);
+            let declared_empty = parts
+                .headers
+                .get(header::CONTENT_LENGTH)
+                .is_some_and(|v| v.as_bytes() == b"0");
+            let plan = match &self.body {
+                Some(ops) if !head && !matches!(upstream_status, 100..=199 | 204 | 304) => {
+                    Some((ops, ops.plan(&parts.headers, declared_empty)))
+                }
+                _ => None,
+            };
+            match plan {
+                Some((_, Plan::Encoded)) => {
+                    return Err(GatewayError::new(
+                        ErrorKind::ResponseTransformFailed,
+                        "the upstream encoded a body the transform must read",
+                    ));
+                }
+                Some((ops, Plan::Transform)) => {
+                    let bytes = read_response(&mut body, ops.max_bytes, idle).await?;
+                    if bytes.is_empty() && ops.shape.is_none() {
+                        body = crate::body::empty();
+                    } else {
+                        let out = ops.run(&bytes, &vars).map_err(|e| {
+                            GatewayError::new(ErrorKind::ResponseTransformFailed, e)
+                        })?;
+                        new_body = Some(out);
+                    }
+                }
+                Some((_, Plan::Skip | Plan::OtherType(_))) | None => {}
             }
+            // A value the client's input made invalid (a control character in a query
+            // parameter) drops that header: the upstream has answered, the answer stands.
             let values = self
                 .headers
                 .render(&vars)
-                .map_err(|e| GatewayError::new(ErrorKind::ResponseTransformFailed, e))?;
+                .into_iter()
+                .map(|v| {
+                    v.map_err(
+                        |e| tracing::warn!(target: "turnpike::transform", "{e}; header not set"),
+                    )
+                    .ok()
+                })
+                .collect();
             self.headers.apply(&mut parts.headers, values);
         }
         if let Some((_, to)) = self

@@ -248,16 +248,31 @@ pub fn plain(s: &str, out: &mut String) {
     out.push_str(s);
 }
 
-/// Appends `s` percent-encoded for a path segment (unreserved characters, sub-delimiters,
-/// `:` and `@` stay).
+/// Appends `s` percent-encoded for a path: unreserved characters, sub-delimiters, `:`, `@`,
+/// `/` and `%XX` escapes already there stay (a route parameter keeps its escapes rather than
+/// being encoded twice). Dot segments a value could make are refused by the caller.
 pub fn path_segment(s: &str, out: &mut String) {
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@".contains(&b) {
+    let bytes = s.as_bytes();
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        let escape = b == b'%'
+            && bytes.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+            && bytes.get(i + 2).is_some_and(u8::is_ascii_hexdigit);
+        if b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/".contains(&b) || escape {
             out.push(b as char);
         } else {
             out.push_str(&format!("%{b:02X}"));
         }
+        i += 1;
     }
+}
+
+/// Whether a path has a `.` or `..` segment, plain or percent-encoded.
+pub fn has_dot_segment(path: &str) -> bool {
+    path.split('/').any(|seg| {
+        let seg = seg.to_ascii_lowercase().replace("%2e", ".");
+        seg == "." || seg == ".."
+    })
 }
 
 #[cfg(test)]
@@ -305,6 +320,15 @@ mod tests {
             r#"r1|192.0.2.1|GET|/p|api|app-1|Shop|u1|["a","b"]|1, 2|a b|404|9|"#
         );
         assert_eq!(v.render(&t("/u/${param.id}"), path_segment), "/u/4%202");
+        let mut out = String::new();
+        path_segment("a b/%C3%A9%zz?#", &mut out);
+        assert_eq!(out, "a%20b/%C3%A9%25zz%3F%23");
+        for p in ["/a/../b", "/a/./b", "/a/%2E%2e/b", "/a/.%2e", "/.."] {
+            assert!(has_dot_segment(p), "{p}");
+        }
+        for p in ["/a/.b/c", "/a/...", "/a/b."] {
+            assert!(!has_dot_segment(p), "{p}");
+        }
         let shape = json!({"roles": "${jwt.roles}", "id": "${body/data/0/id}", "s": "${status}", "n": "${jwt.none}", "t": "x-${app.id}", "k": 1, "l": ["$${x}"]});
         assert_eq!(
             v.render_json(&JsonTemplate::compile(&shape, all).unwrap()),

@@ -224,10 +224,13 @@ pub fn from_json(v: &Value, o: &XmlOptions) -> Result<String, String> {
         let _ = write!(out, "<soap:Envelope xmlns:soap=\"{ns}\"><soap:Body>");
     }
     match v {
+        // One member that is not an array: it is the root element. (An array member would
+        // be several roots.)
         Value::Object(m)
             if m.len() == 1
-                && m.keys()
-                    .all(|k| !k.starts_with(&o.attribute_prefix) && *k != o.text_key) =>
+                && m.iter().all(|(k, v)| {
+                    !k.starts_with(&o.attribute_prefix) && *k != o.text_key && !v.is_array()
+                }) =>
         {
             for (k, v) in m {
                 element(&mut out, k, v, o, 0)?;
@@ -301,13 +304,20 @@ fn element(
 }
 
 fn text_of(v: &Value) -> Result<String, String> {
-    Ok(match v {
+    let text = match v {
         Value::String(s) => s.clone(),
         Value::Null => String::new(),
         Value::Bool(b) => b.to_string(),
         Value::Number(n) => n.to_string(),
         _ => return Err("an attribute or text value must be a string, number or boolean".into()),
-    })
+    };
+    // XML 1.0 has no way to write most control characters, escaped or not.
+    if let Some(c) = text.chars().find(|c| {
+        (*c < ' ' && !matches!(c, '\t' | '\n' | '\r')) || matches!(c, '\u{FFFE}' | '\u{FFFF}')
+    }) {
+        return Err(format!("U+{:04X} cannot be written in XML", u32::from(c)));
+    }
+    Ok(text)
 }
 
 /// A conservative XML name: a letter or `_` first, then letters, digits, `-`, `.`, `_` or a
@@ -418,6 +428,20 @@ mod tests {
             from_json(&json!({"a b": 1}), &opts())
                 .unwrap_err()
                 .contains("element name")
+        );
+        assert!(
+            from_json(&json!({"a": "x\u{1}"}), &opts())
+                .unwrap_err()
+                .contains("U+0001")
+        );
+        // One array member would be several roots: it goes under `root`.
+        assert_eq!(
+            from_json(&json!({"items": [1, 2]}), &opts()).unwrap(),
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?><root><items>1</items><items>2</items></root>"
+        );
+        assert_eq!(
+            from_json(&json!({"items": []}), &opts()).unwrap(),
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?><root></root>"
         );
     }
 }
