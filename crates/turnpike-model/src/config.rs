@@ -38,6 +38,10 @@ pub struct Config {
     /// Where the `cache` policy keeps responses: memory size and the shared Redis tier.
     #[serde(default)]
     pub cache: crate::shaping::CacheStoreConfig,
+    /// Versioned APIs: how requests name a version, and which versions exist (see
+    /// [`crate::versioning`]).
+    #[serde(default)]
+    pub versioning: Vec<crate::versioning::VersionedApiConfig>,
     /// What the management store adds (service bindings, consumers); empty for a file alone.
     #[serde(skip)]
     #[schemars(skip)]
@@ -60,6 +64,7 @@ impl Default for Config {
             consumers: Vec::new(),
             observability: crate::observe::Observability::default(),
             cache: crate::shaping::CacheStoreConfig::default(),
+            versioning: Vec::new(),
             managed: std::sync::Arc::default(),
         }
     }
@@ -659,6 +664,10 @@ pub struct RouteConfig {
     /// Per-route override of [`Limits::max_body_bytes`].
     #[serde(default)]
     pub max_body_bytes: Option<u64>,
+    /// The version of a versioned API this route serves: it matches only requests for that
+    /// version (or, for the API's default version, requests naming none).
+    #[serde(default)]
+    pub api_version: Option<crate::versioning::RouteVersion>,
 }
 
 /// A path matcher. Exactly one field is set.

@@ -17,6 +17,7 @@ pub mod shaping;
 pub mod traffic;
 pub mod transform;
 mod validate;
+pub mod versioning;
 
 use std::fmt;
 use std::path::Path;

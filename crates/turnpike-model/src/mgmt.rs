@@ -451,6 +451,7 @@ impl RouteSpec {
             upstream_host: self.upstream_host.clone(),
             timeouts: self.timeouts.clone(),
             max_body_bytes: self.max_body_bytes,
+            api_version: None,
         }
     }
 }

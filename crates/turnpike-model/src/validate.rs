@@ -461,6 +461,42 @@ pub fn validate(config: &Config) -> Result<(), ConfigErrors> {
     if let Err((path, msg)) = config.cache.check() {
         err(format!("cache.{path}"), msg);
     }
+    let mut apis = HashSet::new();
+    for (i, api) in config.versioning.iter().enumerate() {
+        if !apis.insert(api.name.as_str()) {
+            err(
+                format!("versioning[{i}].name"),
+                format!("duplicate versioned API `{}`", api.name),
+            );
+        }
+    }
+    for (i, api) in config.versioning.iter().enumerate() {
+        errs.extend(api.check(&format!("versioning[{i}]")));
+    }
+    for (i, r) in config.routes.iter().enumerate() {
+        let Some(v) = &r.api_version else {
+            continue;
+        };
+        match config.versioning.iter().find(|a| a.name == v.api) {
+            None => errs.push(ConfigError::at(
+                format!("routes[{i}].api_version.api"),
+                format!("unknown versioned API `{}` (see `versioning`)", v.api),
+            )),
+            Some(api) => {
+                let want = crate::versioning::canonical_version(&v.name);
+                if !api
+                    .versions
+                    .iter()
+                    .any(|x| crate::versioning::canonical_version(&x.name) == want)
+                {
+                    errs.push(ConfigError::at(
+                        format!("routes[{i}].api_version.name"),
+                        format!("`{}` is not a version of `{}`", v.name, v.api),
+                    ));
+                }
+            }
+        }
+    }
     errs.extend(config.observability.metrics.validate());
     errs.extend(config.observability.tracing.validate());
     crate::observe::analytics::validate(&config.observability.analytics, &mut errs);

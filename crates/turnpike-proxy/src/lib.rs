@@ -21,3 +21,4 @@ pub mod status;
 pub mod tls;
 pub mod transform;
 pub mod upstream;
+pub mod versioning;

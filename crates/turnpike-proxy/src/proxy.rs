@@ -140,8 +140,8 @@ pub async fn handle(
         for (name, value) in std::mem::take(&mut outcome.response_headers) {
             if let Some(n) = name {
                 // The policy's value replaces the upstream's for the fields it sets; `Vary`
-                // lists add up.
-                if n != header::VARY {
+                // and `Link` lists add up.
+                if n != header::VARY && n != header::LINK {
                     headers.remove(&n);
                 }
                 last = Some(n);
@@ -293,6 +293,9 @@ async fn proxy(
         .ok_or_else(|| GatewayError::new(ErrorKind::Internal, "route table out of sync"))?;
     log.route = Some(route.name.clone());
     log.service = route.service.clone();
+    if let Some(v) = &route.version {
+        v.check(&path, &mut log.response_headers)?;
+    }
     if let Some(r) = route.chain.upstream.masking()
         && r.logs
     {

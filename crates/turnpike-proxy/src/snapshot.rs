@@ -60,6 +60,8 @@ pub struct CompiledRoute {
     pub service: Option<Arc<turnpike_model::managed::ServiceBinding>>,
     /// The route's policies.
     pub chain: crate::policy::Chain,
+    /// The version of a versioned API the route serves.
+    pub version: Option<Arc<crate::versioning::VersionFacts>>,
 }
 
 /// Process-wide request settings.
@@ -101,7 +103,7 @@ impl UpstreamRegistry {
         turnpike_model::validate(config)?;
         let mut errors = Vec::new();
 
-        let router = match Router::compile(&config.routes) {
+        let router = match Router::compile_versioned(&config.routes, &config.versioning) {
             Ok(r) => Some(r),
             Err(e) => {
                 errors.extend(e);
@@ -147,6 +149,7 @@ impl UpstreamRegistry {
                     .unwrap_or(config.server.limits.max_body_bytes),
                 service: config.managed.routes.get(&r.name).cloned(),
                 chain: crate::policy::Chain::default(),
+                version: crate::versioning::VersionFacts::of(r, &config.versioning),
             });
         }
 

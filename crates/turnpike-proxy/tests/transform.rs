@@ -1044,7 +1044,10 @@ async fn body_transform_after_an_inspection_that_skipped_the_body() {
     let r = post(
         &gw,
         "/api/x",
-        &[("authorization", &auth), ("content-type", "application/json")],
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/json"),
+        ],
         r#"{"a": 1}"#,
     )
     .await;

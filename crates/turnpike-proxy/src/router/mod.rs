@@ -81,11 +81,14 @@ mod rewrite;
 #[cfg(test)]
 mod tests;
 
+use std::borrow::Cow;
 use std::cmp::Reverse;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use http::header::HeaderName;
 use http::{HeaderMap, Method};
+use turnpike_model::versioning::{VersionStrategy, VersionedApiConfig, canonical_version};
 use turnpike_model::{ConfigError, RouteConfig};
 
 use matchers::{HeaderPredicate, NamedPredicate, PathMatcher, PathRank, Test, canonical_host};
@@ -135,6 +138,8 @@ pub struct PathError(pub &'static str);
 /// The compiled route table: immutable, shared by all requests of a snapshot.
 pub struct Router {
     routes: Vec<CompiledRoute>,
+    /// Whether a versioned API takes its version from the path (`/v2/...`).
+    path_versions: bool,
     /// Exact host → candidates, so a large table is not scanned for every host.
     exact_hosts: HashMap<Box<str>, Vec<Candidate>>,
     /// Wildcard suffix (`example.com` for `*.example.com`) → candidates.
@@ -148,6 +153,94 @@ struct CompiledRoute {
     methods: Vec<Method>,
     conditions: Conditions,
     rewrite: Rewrite,
+    /// The versioned API and the version (canonical) this route serves.
+    version: Option<(Arc<Api>, String)>,
+}
+
+/// How a versioned API's requests name their version.
+struct Api {
+    strategies: Vec<VersionStrategy>,
+    header: HeaderName,
+    query: String,
+    /// `application/vnd.<vendor>.v`, lower case.
+    media_prefix: String,
+    default: Option<String>,
+}
+
+impl Api {
+    fn compile(c: &VersionedApiConfig) -> Option<Self> {
+        Some(Self {
+            strategies: c.strategies.clone(),
+            header: HeaderName::from_bytes(c.header.as_bytes()).ok()?,
+            query: c.query.clone(),
+            media_prefix: format!(
+                "application/vnd.{}.v",
+                c.vendor.as_deref().unwrap_or(&c.name).to_ascii_lowercase()
+            ),
+            default: c
+                .default
+                .as_deref()
+                .map(|d| canonical_version(d).to_owned()),
+        })
+    }
+
+    fn uses_path(&self) -> bool {
+        self.strategies.contains(&VersionStrategy::Path)
+    }
+
+    /// The version a request names (canonical), by the first strategy that finds one.
+    fn requested<'a>(
+        &self,
+        req: &RequestView<'a>,
+        path_version: Option<&'a str>,
+    ) -> Option<Cow<'a, str>> {
+        for s in &self.strategies {
+            let found: Option<Cow<'a, str>> = match s {
+                VersionStrategy::Path => path_version.map(Cow::Borrowed),
+                VersionStrategy::Header => req
+                    .headers
+                    .get(&self.header)
+                    .and_then(|v| v.to_str().ok())
+                    .map(|v| Cow::Borrowed(canonical_version(v)))
+                    .filter(|v| !v.is_empty()),
+                VersionStrategy::Accept => req
+                    .headers
+                    .get_all(http::header::ACCEPT)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .flat_map(|v| v.split(','))
+                    .find_map(|range| {
+                        let media = range.split(';').next()?.trim().to_ascii_lowercase();
+                        let rest = media.strip_prefix(&self.media_prefix)?;
+                        let version = rest.split('+').next()?;
+                        (!version.is_empty()).then(|| Cow::Owned(version.to_owned()))
+                    }),
+                VersionStrategy::Query => req.query.and_then(|q| {
+                    form_urlencoded::parse(q.as_bytes())
+                        .find(|(n, _)| *n == self.query)
+                        .map(|(_, v)| Cow::<str>::Owned(canonical_version(&v).to_owned()))
+                        .filter(|v| !v.is_empty())
+                }),
+            };
+            if found.is_some() {
+                return found;
+            }
+        }
+        None
+    }
+}
+
+/// `/v2/users` → (`2`, `/users`); `/v2` → (`2`, `/`). Only `v` followed by a digit.
+fn path_version(path: &str) -> Option<(&str, &str)> {
+    let rest = path
+        .strip_prefix("/v")
+        .or_else(|| path.strip_prefix("/V"))?;
+    let end = rest.find('/').unwrap_or(rest.len());
+    let (version, tail) = rest.split_at(end);
+    if !version.starts_with(|c: char| c.is_ascii_digit()) {
+        return None;
+    }
+    Some((version, if tail.is_empty() { "/" } else { tail }))
 }
 
 /// Header, query and cookie predicates that must all hold: a route's, or a policy's (the
@@ -242,8 +335,21 @@ const HOST_ANY: u16 = 0;
 impl Router {
     /// Compiles routes; errors carry paths like `routes[2].paths[0]`.
     pub fn compile(routes: &[RouteConfig]) -> Result<Self, Vec<ConfigError>> {
+        Self::compile_versioned(routes, &[])
+    }
+
+    /// Compiles routes, some of which serve versions of the `versioning` APIs.
+    pub fn compile_versioned(
+        routes: &[RouteConfig],
+        versioning: &[VersionedApiConfig],
+    ) -> Result<Self, Vec<ConfigError>> {
         let mut errors = Vec::new();
+        let apis: HashMap<&str, Arc<Api>> = versioning
+            .iter()
+            .filter_map(|a| Some((a.name.as_str(), Arc::new(Api::compile(a)?))))
+            .collect();
         let mut router = Self {
+            path_versions: apis.values().any(|a| a.uses_path()),
             routes: Vec::with_capacity(routes.len()),
             exact_hosts: HashMap::new(),
             wildcard_hosts: HashMap::new(),
@@ -251,9 +357,23 @@ impl Router {
         };
         for (i, config) in routes.iter().enumerate() {
             let p = format!("routes[{i}]");
-            let route = compile_route(config, &p, &mut errors);
+            let mut route = compile_route(config, &p, &mut errors);
+            if let Some(v) = &config.api_version {
+                match apis.get(v.api.as_str()) {
+                    Some(api) => {
+                        route.version =
+                            Some((Arc::clone(api), canonical_version(&v.name).to_owned()));
+                    }
+                    None => errors.push(ConfigError::at(
+                        format!("{p}.api_version.api"),
+                        format!("unknown versioned API `{}`", v.api),
+                    )),
+                }
+            }
             let hosts = compile_hosts(&config.hosts, &p, &mut errors);
+            // A version is a constraint: a versioned route beats an unversioned one.
             let constraints = u32::from(!route.methods.is_empty())
+                .saturating_add(u32::from(route.version.is_some()))
                 .saturating_add(saturate(route.conditions.headers.len()))
                 .saturating_add(saturate(route.conditions.query.len()))
                 .saturating_add(saturate(route.conditions.cookies.len()));
@@ -309,7 +429,24 @@ impl Router {
 
     /// Finds the route for a request. Allocates only for the answer (parameters, forwarded
     /// path), for the 405 list of methods, and to lower-case a host given in upper case.
+    ///
+    /// With a versioned API that reads versions from the path, `/v2/rest` is first routed as
+    /// `/rest` for version `2` among those APIs' routes; when nothing matches there, the path
+    /// is routed as it is.
     pub fn route(&self, req: &RequestView<'_>) -> RouteResult {
+        if self.path_versions
+            && let Some((version, rest)) = path_version(req.path)
+        {
+            let stripped = RequestView { path: rest, ..*req };
+            let r = self.route_pass(&stripped, Some(version));
+            if r != RouteResult::NotFound {
+                return r;
+            }
+        }
+        self.route_pass(req, None)
+    }
+
+    fn route_pass(&self, req: &RequestView<'_>, path_version: Option<&str>) -> RouteResult {
         let host = req.host.map(canonical_host);
         let host = host.as_deref();
 
@@ -320,7 +457,7 @@ impl Router {
                     // Sorted list: nothing further down can beat what we have.
                     break;
                 }
-                if self.matches(candidate, req, true) {
+                if self.matches(candidate, req, true, path_version) {
                     best = Some(*candidate);
                     break;
                 }
@@ -350,7 +487,7 @@ impl Router {
                     // A route without methods would have matched in the first pass.
                     if !route.methods.is_empty()
                         && !route.methods.contains(req.method)
-                        && self.matches(candidate, req, false)
+                        && self.matches(candidate, req, false, path_version)
                     {
                         allowed.extend(route.methods.iter().cloned());
                     }
@@ -386,10 +523,31 @@ impl Router {
     }
 
     /// Whether the candidate's route and path match; the host was matched by list lookup.
-    fn matches(&self, candidate: &Candidate, req: &RequestView<'_>, check_method: bool) -> bool {
+    fn matches(
+        &self,
+        candidate: &Candidate,
+        req: &RequestView<'_>,
+        check_method: bool,
+        path_version: Option<&str>,
+    ) -> bool {
         let Some(route) = self.routes.get(candidate.route) else {
             return false;
         };
+        match &route.version {
+            // A path stripped of its version only reaches routes of APIs that read it there.
+            None if path_version.is_some() => return false,
+            None => {}
+            Some((api, _)) if path_version.is_some() && !api.uses_path() => return false,
+            Some((api, name)) => {
+                let wanted = match api.requested(req, path_version) {
+                    Some(v) => v == name.as_str(),
+                    None => api.default.as_deref() == Some(name.as_str()),
+                };
+                if !wanted {
+                    return false;
+                }
+            }
+        }
         if check_method && !route.methods.is_empty() && !route.methods.contains(req.method) {
             return false;
         }
@@ -491,6 +649,7 @@ fn compile_route(config: &RouteConfig, p: &str, errors: &mut Vec<ConfigError>) -
         methods,
         conditions,
         rewrite,
+        version: None,
     }
 }
 
