@@ -103,10 +103,12 @@ pub enum PolicyKind {
     Compression(CompressionConfig),
     /// Redaction of sensitive data in responses and logged bodies.
     DataMasking(Box<DataMaskingConfig>),
+    /// A composite answer from several concurrent upstream calls.
+    Aggregate(Box<AggregateConfig>),
 }
 
 /// The policy type names, in a stable order.
-pub const POLICY_TYPES: [&str; 25] = [
+pub const POLICY_TYPES: [&str; 26] = [
     "key_auth",
     "basic_auth",
     "jwt",
@@ -132,6 +134,7 @@ pub const POLICY_TYPES: [&str; 25] = [
     "response_transform",
     "compression",
     "data_masking",
+    "aggregate",
 ];
 
 impl PolicyKind {
@@ -177,6 +180,7 @@ impl PolicyKind {
             "response_transform" => Self::ResponseTransform(typed(config)?),
             "compression" => Self::Compression(typed(config)?),
             "data_masking" => Self::DataMasking(typed(config)?),
+            "aggregate" => Self::Aggregate(typed(config)?),
             other => {
                 return Err(ConfigError::at(
                     "",
@@ -240,6 +244,7 @@ impl PolicyKind {
             Self::ResponseTransform(_) => "response_transform",
             Self::Compression(_) => "compression",
             Self::DataMasking(_) => "data_masking",
+            Self::Aggregate(_) => "aggregate",
         }
     }
 
@@ -251,6 +256,12 @@ impl PolicyKind {
             Self::Fallback(FallbackConfig {
                 upstream: Some(u), ..
             }) => vec![("upstream".into(), u.as_str())],
+            Self::Aggregate(c) => c
+                .calls
+                .iter()
+                .enumerate()
+                .map(|(i, call)| (format!("calls[{i}].upstream"), call.upstream.as_str()))
+                .collect(),
             _ => Vec::new(),
         }
     }
@@ -381,6 +392,7 @@ impl PolicyKind {
             Self::ResponseTransform(c) => c.check()?,
             Self::Compression(c) => c.check()?,
             Self::DataMasking(c) => c.check()?,
+            Self::Aggregate(c) => c.check()?,
         }
         Ok(())
     }
@@ -396,7 +408,7 @@ pub fn stage_of(policy_type: &str) -> Option<Stage> {
         "cors" => Stage::Cors,
         "waf" | "request_validation" => Stage::Inspection,
         "circuit_breaker" | "bulkhead" | "fallback" | "fault_injection" | "traffic_split"
-        | "mirror" | "cache" => Stage::Upstream,
+        | "mirror" | "cache" | "aggregate" => Stage::Upstream,
         "request_transform" | "response_transform" | "compression" | "data_masking" => {
             Stage::Transform
         }
@@ -436,6 +448,7 @@ pub fn policy_schema(policy_type: &str) -> Option<Value> {
         "response_transform" => schema::<ResponseTransformConfig>(),
         "compression" => schema::<CompressionConfig>(),
         "data_masking" => schema::<DataMaskingConfig>(),
+        "aggregate" => schema::<AggregateConfig>(),
         _ => return None,
     })
 }

@@ -736,6 +736,132 @@ fn check_media_types(types: &[String]) -> Result<(), (String, String)> {
     Ok(())
 }
 
+/// How `aggregate` combines its calls' answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MergeMode {
+    /// Each call's JSON under its name: `{"user": {...}, "orders": [...]}`.
+    #[default]
+    Keys,
+    /// The calls' JSON objects deep-merged, in call order (later calls win on conflicts).
+    Deep,
+    /// Each call's status and body, for fan-out writes:
+    /// `{"results": {"a": {"status": 201, "body": ...}}}`; 207 when they disagree.
+    Statuses,
+}
+
+/// One call of an `aggregate` route.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AggregateCall {
+    /// Its name: the key of its result, and in errors.
+    pub name: String,
+    /// The upstream pool called.
+    pub upstream: String,
+    /// The method (default: the client's).
+    #[serde(default)]
+    pub method: Option<String>,
+    /// The path and query (a template; path variables are percent-encoded).
+    pub path: String,
+    /// Headers set on the call (templates).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// A JSON body (strings are templates; `"${body}"` forwards the client's JSON body).
+    #[serde(default)]
+    pub body: Option<Value>,
+    /// How long the call may take, answer body included.
+    #[serde(default = "default_call_timeout", with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub timeout: std::time::Duration,
+    /// Whether the answer fails without this call (else it is left out and flagged).
+    #[serde(default = "yes")]
+    pub required: bool,
+}
+
+fn default_call_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(5)
+}
+
+/// `aggregate`: the route answers itself by calling several upstreams concurrently and merging
+/// their JSON answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AggregateConfig {
+    /// The calls, made concurrently.
+    pub calls: Vec<AggregateCall>,
+    /// How answers combine.
+    #[serde(default)]
+    pub merge: MergeMode,
+    /// Largest answer body read from one call (and largest client body read for templates).
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: u64,
+}
+
+impl AggregateConfig {
+    pub(crate) fn check(&self) -> Result<(), (String, String)> {
+        if self.calls.is_empty() {
+            return Err(("calls".into(), "name at least one call".into()));
+        }
+        if self.calls.len() > 32 {
+            return Err(("calls".into(), "at most 32 calls".into()));
+        }
+        for (i, c) in self.calls.iter().enumerate() {
+            let at = format!("calls[{i}]");
+            if c.name.is_empty() {
+                return Err((format!("{at}.name"), "must not be empty".into()));
+            }
+            if self.calls.iter().filter(|o| o.name == c.name).count() > 1 {
+                return Err((format!("{at}.name"), format!("`{}` is used twice", c.name)));
+            }
+            if let Some(m) = &c.method
+                && (http::Method::from_bytes(m.as_bytes()).is_err() || *m != m.to_ascii_uppercase())
+            {
+                return Err((
+                    format!("{at}.method"),
+                    format!("`{m}` is not an upper-case method"),
+                ));
+            }
+            if !c.path.starts_with('/') {
+                return Err((format!("{at}.path"), "must start with `/`".into()));
+            }
+            Template::parse(&c.path, Scope::default()).map_err(|e| (format!("{at}.path"), e))?;
+            for (n, v) in &c.headers {
+                if http::HeaderName::from_bytes(n.as_bytes()).is_err() {
+                    return Err((
+                        format!("{at}.headers.{n}"),
+                        format!("`{n}` is not a header name"),
+                    ));
+                }
+                if gateway_written(n) {
+                    return Err((
+                        format!("{at}.headers.{n}"),
+                        format!("`{n}` is written by the gateway and cannot be set by a call"),
+                    ));
+                }
+                Template::parse(v, Scope::default())
+                    .map_err(|e| (format!("{at}.headers.{n}"), e))?;
+            }
+            if let Some(b) = &c.body {
+                check_value(
+                    b,
+                    Scope {
+                        response: false,
+                        body: true,
+                    },
+                )
+                .map_err(|e| (format!("{at}.body"), e))?;
+            }
+            if c.timeout.is_zero() {
+                return Err((format!("{at}.timeout"), "must be longer than 0".into()));
+            }
+        }
+        if self.max_bytes == 0 {
+            return Err(("max_bytes".into(), "must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
 /// Which variables a template may use.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Scope {

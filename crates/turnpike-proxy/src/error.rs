@@ -96,6 +96,8 @@ pub enum ErrorKind {
     ResponseTransformFailed,
     /// The upstream's answer is larger than a `response_transform` reads.
     ResponseTooLarge,
+    /// A required call of an `aggregate` route failed.
+    AggregateFailed,
 }
 
 impl ErrorKind {
@@ -139,6 +141,7 @@ impl ErrorKind {
             Self::RequestTransformFailed => "request_transform_failed",
             Self::ResponseTransformFailed => "response_transform_failed",
             Self::ResponseTooLarge => "response_too_large",
+            Self::AggregateFailed => "aggregate_failed",
         }
     }
 
@@ -176,7 +179,9 @@ impl ErrorKind {
             Self::RequestInvalid => StatusCode::BAD_REQUEST,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::RequestTransformFailed => StatusCode::BAD_REQUEST,
-            Self::ResponseTransformFailed | Self::ResponseTooLarge => StatusCode::BAD_GATEWAY,
+            Self::ResponseTransformFailed | Self::ResponseTooLarge | Self::AggregateFailed => {
+                StatusCode::BAD_GATEWAY
+            }
         }
     }
 
@@ -218,7 +223,9 @@ impl ErrorKind {
             | Self::RequestInvalid
             | Self::UnsupportedMediaType
             | Self::RequestTransformFailed => Origin::Client,
-            Self::ResponseTransformFailed | Self::ResponseTooLarge => Origin::Upstream,
+            Self::ResponseTransformFailed | Self::ResponseTooLarge | Self::AggregateFailed => {
+                Origin::Upstream
+            }
         }
     }
 
@@ -252,6 +259,7 @@ impl ErrorKind {
             Self::WafBlocked => 7,                        // PERMISSION_DENIED
             Self::RequestInvalid | Self::UnsupportedMediaType | Self::RequestTransformFailed => 3, // INVALID_ARGUMENT
             Self::ResponseTransformFailed | Self::ResponseTooLarge => 13, // INTERNAL
+            Self::AggregateFailed => 14,                                  // UNAVAILABLE
         }
     }
 

@@ -483,6 +483,14 @@ async fn proxy(
         refund(log.attempts);
         return Ok(resp);
     }
+    if let Some(agg) = up.aggregate() {
+        // A composite route answers itself from its calls; nothing else is called.
+        let resp = aggregate(
+            snap, route, agg, &parts, body, &caller, conn, request_id, &identity,
+        )
+        .await?;
+        return shaped(shaper.as_ref(), resp).await;
+    }
     let mut dest = Dest::of(route);
     if let Some(c) = &up.split
         && let Policy::TrafficSplit(split) = &c.policy
@@ -710,6 +718,102 @@ async fn proxy(
         );
     }
     shaped(shaper.as_ref(), resp).await
+}
+
+/// Answers an `aggregate` route: its calls, made concurrently with the gateway's forwarding
+/// and identity headers, each bounded by its timeout, then merged.
+#[allow(clippy::too_many_arguments)]
+async fn aggregate(
+    snap: &Snapshot,
+    route: &CompiledRoute,
+    agg: &crate::transform::aggregate::Aggregate,
+    parts: &http::request::Parts,
+    body: crate::policy::inspect::ReqBody,
+    caller: &crate::transform::template::Caller<'_>,
+    conn: &ClientConn,
+    request_id: &HeaderValue,
+    identity: &crate::policy::Identity,
+) -> Result<Response<ProxyBody>, GatewayError> {
+    use crate::transform::aggregate::Outcome as CallOutcome;
+    let json_body = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| {
+            let m = crate::transform::media_type(t);
+            m == "application/json" || m.ends_with("+json")
+        });
+    let client_body: Option<serde_json::Value> = if agg.has_bodies() && !body.is_empty() {
+        if !json_body {
+            return Err(GatewayError::new(
+                ErrorKind::UnsupportedMediaType,
+                "this route reads JSON bodies (application/json or +json)",
+            ));
+        }
+        let bound = agg.max_bytes.min(route.max_body_bytes);
+        let bytes = crate::policy::inspect::read_whole(
+            body,
+            bound,
+            parts,
+            route.timeouts.write,
+            route.timeouts.total,
+        )
+        .await?;
+        Some(serde_json::from_slice(&bytes).map_err(|e| {
+            GatewayError::new(
+                ErrorKind::RequestTransformFailed,
+                format!("the body is not valid JSON: {e}"),
+            )
+        })?)
+    } else {
+        None
+    };
+    let vars = crate::transform::template::Vars {
+        body: client_body.as_ref(),
+        ..caller.vars(parts)
+    };
+    let prepared = agg.prepare(&vars, &parts.method)?;
+    let original_host = host_header_value(parts);
+    let calls = prepared.iter().map(|p| {
+        let mut headers = p.headers.clone();
+        forward_as_client(
+            &mut headers,
+            &snap.settings,
+            conn,
+            original_host.as_ref(),
+            request_id,
+            Some(identity),
+        );
+        async move {
+            let call = async {
+                let dest = Dest::named(snap, route, p.upstream)?;
+                let slot = BodySlot::buffered(p.body.clone());
+                let call = Call {
+                    method: &p.method,
+                    path_and_query: &p.path_and_query,
+                    original_host: None,
+                    slot: &slot,
+                    client_ip: caller.client_ip,
+                    path: caller.path,
+                };
+                let mut log = LogFacts::default();
+                let (resp, guard) =
+                    send_with_retries(route, &dest, &call, headers, None, &[], &mut log).await?;
+                let resp = finish_response(resp, guard, None, route, &dest.timeouts)?;
+                Ok::<_, GatewayError>(agg.read(resp, p.timeout).await)
+            };
+            match tokio::time::timeout(p.timeout, call).await {
+                Ok(Ok(outcome)) => outcome,
+                Ok(Err(e)) => CallOutcome::Failed(e),
+                Err(_) => CallOutcome::Failed(GatewayError::new(
+                    ErrorKind::UpstreamTimeout,
+                    format!("call `{}` took longer than {:?}", p.name, p.timeout),
+                )),
+            }
+        }
+    });
+    let outcomes = futures_util::future::join_all(calls).await;
+    agg.merge(&prepared, outcomes)
 }
 
 /// Applies the route's response transform and compression, when it has them.

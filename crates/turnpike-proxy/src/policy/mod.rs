@@ -135,6 +135,8 @@ pub enum Policy {
     Compression(crate::transform::compress::Compression),
     /// `data_masking` (shared: call events carry it to the access log).
     DataMasking(Arc<turnpike_observe::redact::Redactor>),
+    /// `aggregate`.
+    Aggregate(Box<crate::transform::aggregate::Aggregate>),
 }
 
 impl Policy {
@@ -152,7 +154,8 @@ impl Policy {
             | Self::FaultInjection(_)
             | Self::TrafficSplit(_)
             | Self::Mirror(_)
-            | Self::Cache(_) => Stage::Upstream,
+            | Self::Cache(_)
+            | Self::Aggregate(_) => Stage::Upstream,
             Self::Oauth2Introspection(_) | Self::HmacAuth(_) | Self::Mtls(_) => {
                 Stage::Authentication
             }
@@ -213,6 +216,8 @@ pub struct UpstreamChain {
     pub compression: Option<Arc<Compiled>>,
     /// `data_masking`.
     pub masking: Option<Arc<Compiled>>,
+    /// `aggregate`.
+    pub aggregate: Option<Arc<Compiled>>,
 }
 
 impl UpstreamChain {
@@ -259,6 +264,14 @@ impl UpstreamChain {
         }
     }
 
+    /// The compiled aggregation, if any.
+    pub fn aggregate(&self) -> Option<&crate::transform::aggregate::Aggregate> {
+        match &self.aggregate.as_ref()?.policy {
+            Policy::Aggregate(a) => Some(a),
+            _ => None,
+        }
+    }
+
     /// The compiled data masking, if any.
     pub fn masking(&self) -> Option<&Arc<turnpike_observe::redact::Redactor>> {
         match &self.masking.as_ref()?.policy {
@@ -287,6 +300,7 @@ impl UpstreamChain {
             Policy::ResponseTransform(_) => &mut self.response_transform,
             Policy::Compression(_) => &mut self.compression,
             Policy::DataMasking(_) => &mut self.masking,
+            Policy::Aggregate(_) => &mut self.aggregate,
             _ => {
                 self.mirrors.push(c);
                 return;
@@ -572,6 +586,9 @@ async fn build(
         }
         PolicyKind::Compression(c) => {
             Policy::Compression(crate::transform::compress::Compression::new(c))
+        }
+        PolicyKind::Aggregate(c) => {
+            Policy::Aggregate(Box::new(crate::transform::aggregate::Aggregate::new(&c)?))
         }
         PolicyKind::DataMasking(c) => {
             Policy::DataMasking(Arc::new(turnpike_observe::redact::Redactor::new(&c)?))

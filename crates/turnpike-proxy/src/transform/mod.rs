@@ -20,6 +20,7 @@
 //! `max_bytes` (413 `body_too_large` for a request, 502 `response_too_large` for a response
 //! past it). Templates read the request as the client sent it.
 
+pub mod aggregate;
 pub mod compress;
 pub mod json;
 pub mod template;
@@ -700,7 +701,7 @@ impl ResponseTransform {
 }
 
 /// Reads a response body whole, up to `max` bytes.
-async fn read_response(
+pub(crate) async fn read_response(
     body: &mut ProxyBody,
     max: u64,
     idle: Duration,
