@@ -143,8 +143,26 @@ impl VersionedApiConfig {
         let known = |v: &str| names.contains(&canonical_version(v));
         for (i, v) in self.versions.iter().enumerate() {
             let p = format!("{at}.versions[{i}]");
-            if canonical_version(&v.name).is_empty() {
-                err(format!("{p}.name"), "must not be empty".into());
+            let name = canonical_version(&v.name);
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+            {
+                err(
+                    format!("{p}.name"),
+                    "a version is letters, digits, `.`, `-` and `_`".into(),
+                );
+            } else if self.strategies.contains(&VersionStrategy::Path)
+                && !name.starts_with(|c: char| c.is_ascii_digit())
+            {
+                err(
+                    format!("{p}.name"),
+                    format!(
+                        "`{}` cannot be named in a path (`/v<digits>...`): start it with a digit",
+                        v.name
+                    ),
+                );
             } else if names
                 .iter()
                 .filter(|n| **n == canonical_version(&v.name))

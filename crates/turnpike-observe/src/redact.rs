@@ -4,6 +4,7 @@
 //! and on captured bodies by the access log.
 
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 
 use regex::Regex;
 use serde_json::Value;
@@ -73,6 +74,45 @@ impl Kind {
     }
 }
 
+impl Kind {
+    /// The longest run of whole groups inside `text[s..e]` that passes the check, leftmost
+    /// first (cards and IBANs, whose regexes can take in neighbouring groups).
+    fn sub_match(self, text: &str, s: usize, e: usize) -> Option<(usize, usize)> {
+        if !matches!(self, Kind::Card | Kind::Iban) {
+            return None;
+        }
+        let m = text.get(s..e)?;
+        let groups: Vec<(usize, usize)> = m
+            .split(|c: char| !c.is_alphanumeric())
+            .scan(0usize, |pos, g| {
+                let start = *pos;
+                *pos += g.len() + 1;
+                Some((start, start + g.len()))
+            })
+            .filter(|(a, b)| b > a)
+            .collect();
+        for i in 0..groups.len() {
+            for j in (i + 1..groups.len()).rev() {
+                let (a, b) = (s + groups[i].0, s + groups[j].1);
+                let candidate = text.get(a..b)?;
+                // The whole run was already refused.
+                if (a, b) != (s, e) && self.accepts(text, a, candidate) {
+                    return Some((a, b));
+                }
+            }
+            // A single group can be a whole unspaced value too.
+            let (a, b) = (s + groups[i].0, s + groups[i].1);
+            if (a, b) != (s, e)
+                && let Some(candidate) = text.get(a..b)
+                && self.accepts(text, a, candidate)
+            {
+                return Some((a, b));
+            }
+        }
+        None
+    }
+}
+
 /// Whether digits go on around `text[start..start+len]` through a `.` (an address or a
 /// version, not a phone number).
 fn number_continues(text: &str, start: usize, len: usize) -> bool {
@@ -133,7 +173,10 @@ fn detector_regexes(d: Detector) -> Vec<(Kind, &'static str)> {
             r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.[A-Za-z]{2,}\b",
         )],
         Detector::Phone => vec![
-            (Kind::IntlPhone, r"\+\d{1,3}(?:[ .-]?\(?\d{1,4}\)?){2,6}"),
+            (
+                Kind::IntlPhone,
+                r"\+[1-9]\d{0,2}(?:[ .-]?\(?\d{1,4}\)?){2,6}",
+            ),
             (
                 Kind::Phone,
                 r"(?:\(\d{3}\) ?|\b\d{3}[-. ])\d{3}[-. ]\d{4}\b",
@@ -216,12 +259,16 @@ impl Redactor {
     /// Whether a body of media type `media` (lower case, no parameters) is masked, and how:
     /// `Some(true)` as JSON, `Some(false)` as text.
     pub fn treats(&self, media: &str) -> Option<bool> {
+        // An event stream is never buffered whole: it would stop streaming.
+        if media == "text/event-stream" {
+            return None;
+        }
         let (ty, sub) = media.split_once('/')?;
         let listed = self.content_types.iter().any(|p| {
             let Some((pty, psub)) = p.split_once('/') else {
                 return false;
             };
-            pty == ty
+            (pty == ty || (pty == "*" && psub == "*"))
                 && (psub == "*"
                     || psub == sub
                     || psub
@@ -231,17 +278,32 @@ impl Redactor {
         listed.then(|| sub == "json" || sub.ends_with("+json"))
     }
 
-    /// Masks a body of media type `media`: JSON value by value, text as a whole. `None` when
-    /// the body is not of a masked type; a body claiming JSON that does not parse is masked
-    /// as text.
-    pub fn redact_body(&self, media: &str, body: &[u8]) -> Option<Vec<u8>> {
-        let json = self.treats(media)?;
-        if json && let Ok(mut v) = serde_json::from_slice::<Value>(body) {
+    /// Masks a body of media type `media` (`None`: no `Content-Type`, masked as text): JSON
+    /// value by value, text as a whole. `Ok(None)` when the body is not of a masked type. A
+    /// body claiming JSON that does not parse is an error: its fields could not be found, so
+    /// it must not be sent.
+    pub fn redact_body(&self, media: Option<&str>, body: &[u8]) -> Result<Option<Vec<u8>>, String> {
+        let json = match media {
+            Some(m) => match self.treats(m) {
+                Some(json) => json,
+                None => return Ok(None),
+            },
+            None => false,
+        };
+        if json {
+            let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
+            let mut v: Value = serde_json::from_slice(body)
+                .map_err(|e| format!("a JSON body to mask does not parse: {e}"))?;
             self.redact_json(&mut v);
-            return serde_json::to_vec(&v).ok();
+            return serde_json::to_vec(&v).map(Some).map_err(|e| e.to_string());
         }
         let text = String::from_utf8_lossy(body);
-        Some(self.redact_text(&text).into_owned().into_bytes())
+        Ok(Some(self.redact_text(&text).into_owned().into_bytes()))
+    }
+
+    /// Whether fields are masked by path or name (which only a parsed document allows).
+    pub fn has_fields(&self) -> bool {
+        !self.pointers.is_empty() || !self.names.is_empty()
     }
 
     /// Masks a JSON document in place.
@@ -311,11 +373,11 @@ impl Redactor {
                         !self
                             .names
                             .iter()
-                            .any(|(n, a)| n == k && *a == MaskAction::Remove)
+                            .any(|(n, a)| n.eq_ignore_ascii_case(k) && *a == MaskAction::Remove)
                     });
                 }
                 for (k, child) in m.iter_mut() {
-                    match self.names.iter().find(|(n, _)| n == k) {
+                    match self.names.iter().find(|(n, _)| n.eq_ignore_ascii_case(k)) {
                         Some((_, action)) => *child = self.masked(child, *action),
                         None => self.walk(child),
                     }
@@ -325,6 +387,12 @@ impl Redactor {
             Value::String(s) => {
                 if let Cow::Owned(masked) = self.redact_text(s) {
                     *s = masked;
+                }
+            }
+            // A card number sent as a JSON number is still a card number.
+            Value::Number(n) => {
+                if let Cow::Owned(masked) = self.redact_text(&n.to_string()) {
+                    *v = Value::String(masked);
                 }
             }
             _ => {}
@@ -363,7 +431,12 @@ impl Redactor {
             return format!("{first}***@{domain}");
         }
         let total = text.chars().filter(|c| c.is_alphanumeric()).count();
-        let mask = total.saturating_sub(self.keep);
+        // A value no longer than what would be kept (a CVV, a PIN) is masked whole.
+        let mask = if total <= self.keep {
+            total
+        } else {
+            total - self.keep
+        };
         let mut seen = 0;
         text.chars()
             .map(|c| {
@@ -382,26 +455,49 @@ impl Redactor {
         if self.finders.is_empty() {
             return Cow::Borrowed(text);
         }
-        let mut spans: Vec<(usize, usize, Kind, MaskAction)> = Vec::new();
+        // start → (end, kind, action); spans never overlap, so the one starting last before
+        // a candidate's end is the only one that can overlap it.
+        let mut spans: BTreeMap<usize, (usize, Kind, MaskAction)> = BTreeMap::new();
+        let free = |spans: &BTreeMap<usize, (usize, Kind, MaskAction)>, s: usize, e: usize| {
+            spans
+                .range(..e)
+                .next_back()
+                .is_none_or(|(_, (end, _, _))| *end <= s)
+        };
         for f in &self.finders {
-            for m in f.regex.find_iter(text) {
+            let mut at = 0;
+            while let Some(m) = f.regex.find_at(text, at) {
                 let (s, e) = (m.start(), m.end());
-                if m.is_empty()
-                    || spans.iter().any(|&(a, b, _, _)| s < b && a < e)
-                    || !f.kind.accepts(text, s, m.as_str())
-                {
+                if m.is_empty() {
+                    at = next_char(text, s);
                     continue;
                 }
-                spans.push((s, e, f.kind, f.action));
+                // A greedy match can take in a neighbour (`qty 2 4111...`, `... 12/27`):
+                // when the whole fails its check, its sub-runs of groups are tried.
+                let found = if f.kind.accepts(text, s, m.as_str()) {
+                    Some((s, e))
+                } else {
+                    f.kind.sub_match(text, s, e)
+                };
+                match found {
+                    Some((s, e)) => {
+                        if free(&spans, s, e) {
+                            spans.insert(s, (e, f.kind, f.action));
+                        }
+                        at = e;
+                    }
+                    // Nothing here: look again from the next group, so a value that starts
+                    // inside this match is still seen.
+                    None => at = next_group(text, s, e),
+                }
             }
         }
         if spans.is_empty() {
             return Cow::Borrowed(text);
         }
-        spans.sort_by_key(|s| s.0);
         let mut out = String::with_capacity(text.len());
         let mut at = 0;
-        for (s, e, kind, action) in spans {
+        for (s, (e, kind, action)) in spans {
             out.push_str(text.get(at..s).unwrap_or(""));
             let found = text.get(s..e).unwrap_or("");
             match action {
@@ -413,6 +509,28 @@ impl Redactor {
         }
         out.push_str(text.get(at..).unwrap_or(""));
         Cow::Owned(out)
+    }
+}
+
+/// The byte after the character at `i`.
+fn next_char(text: &str, i: usize) -> usize {
+    text.get(i..)
+        .and_then(|r| r.chars().next())
+        .map_or(text.len(), |c| i + c.len_utf8())
+}
+
+/// Where the second group of `text[s..e]` starts (after the first run of letters and
+/// digits and the separators after it), or the next character when there is one group.
+fn next_group(text: &str, s: usize, e: usize) -> usize {
+    let m = text.get(s..e).unwrap_or("");
+    let first = m.find(|c: char| !c.is_alphanumeric()).unwrap_or(m.len());
+    let second = m
+        .get(first..)
+        .and_then(|r| r.find(char::is_alphanumeric))
+        .map(|i| first + i);
+    match second {
+        Some(i) if i > 0 => s + i,
+        _ => next_char(text, s),
     }
 }
 
@@ -525,6 +643,72 @@ mod tests {
     }
 
     #[test]
+    fn values_next_to_other_groups_are_still_found() {
+        let r = with(&[Detector::Card, Detector::Iban]);
+        for (input, want) in [
+            ("4111 1111 1111 1111 12/27", "**** **** **** 1111 12/27"),
+            ("qty 2 4111111111111111", "qty 2 ************1111"),
+            ("4111111111111111 1", "************1111 1"),
+            ("ref 12-4111-1111-1111-1111", "ref 12-****-****-****-1111"),
+            (
+                "4111111111111111 5500005555555559",
+                "************1111 ************5559",
+            ),
+            ("DE89370400440532013000 OK", "******************3000 OK"),
+            (
+                "GB82 WEST 1234 5698 7654 32 BIC NWBKGB2L",
+                "**** **** **** **** **54 32 BIC NWBKGB2L",
+            ),
+        ] {
+            assert_eq!(r.redact_text(input), want, "{input}");
+        }
+        let r = with(&[Detector::Phone]);
+        assert_eq!(r.redact_text("10:30:00 +0100 2024"), "10:30:00 +0100 2024");
+    }
+
+    #[test]
+    fn numbers_short_values_and_names_in_any_case() {
+        let r = Redactor::new(&DataMaskingConfig {
+            fields: vec![
+                MaskField {
+                    path: None,
+                    name: Some("cvv".into()),
+                    action: None,
+                },
+                MaskField {
+                    path: None,
+                    name: Some("pin".into()),
+                    action: None,
+                },
+                MaskField {
+                    path: None,
+                    name: Some("password".into()),
+                    action: Some(MaskAction::Remove),
+                },
+            ],
+            detectors: vec![Detector::Card],
+            ..DataMaskingConfig::default()
+        })
+        .unwrap();
+        let mut v =
+            json!({"cvv": "123", "PIN": 1234, "Password": "x", "card": 4111111111111111u64});
+        r.redact_json(&mut v);
+        assert_eq!(
+            v,
+            json!({"cvv": "***", "PIN": "****", "card": "************1111"})
+        );
+    }
+
+    #[test]
+    fn many_matches() {
+        // Spans are kept in a map: each match costs a lookup, not a scan of the others.
+        let r = with(&[Detector::Email]);
+        let text = "a@example.com ".repeat(20_000);
+        let out = r.redact_text(&text);
+        assert_eq!(out.matches("a***@example.com").count(), 20_000);
+    }
+
+    #[test]
     fn cards_are_not_taken_for_phones() {
         let r = with(&[Detector::Phone, Detector::Card]);
         assert_eq!(
@@ -601,20 +785,33 @@ mod tests {
         assert_eq!(r.treats("application/problem+json"), Some(true));
         assert_eq!(r.treats("text/plain"), Some(false));
         assert_eq!(r.treats("image/png"), None);
+        assert_eq!(r.treats("text/event-stream"), None);
+        let masked =
+            |media: Option<&str>, body: &[u8]| r.redact_body(media, body).unwrap().unwrap();
         assert_eq!(
-            r.redact_body("text/plain", b"to ada@example.com").unwrap(),
+            masked(Some("text/plain"), b"to ada@example.com"),
             b"to a***@example.com"
         );
         assert_eq!(
-            r.redact_body("application/json", br#"{"a": "ada@example.com"}"#)
+            masked(None, b"to ada@example.com"),
+            b"to a***@example.com",
+            "no type: text"
+        );
+        assert_eq!(
+            r.redact_body(Some("image/png"), b"ada@example.com")
                 .unwrap(),
+            None
+        );
+        assert_eq!(
+            masked(
+                Some("application/json"),
+                b"\xEF\xBB\xBF{\"a\": \"ada@example.com\"}"
+            ),
             br#"{"a":"a***@example.com"}"#
         );
-        // JSON that does not parse is still masked, as text.
-        assert_eq!(
-            r.redact_body("application/json", br#"{"a": "ada@example.com"#)
-                .unwrap(),
-            br#"{"a": "a***@example.com"#
-        );
+        // JSON that does not parse cannot be masked field by field: refused.
+        for bad in [&br#"{"a": "ada@example.com"#[..], br#"{"a":1}{"b":2}"#] {
+            assert!(r.redact_body(Some("application/json"), bad).is_err());
+        }
     }
 }

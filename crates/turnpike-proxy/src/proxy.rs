@@ -772,7 +772,7 @@ async fn aggregate(
         body: client_body.as_ref(),
         ..caller.vars(parts)
     };
-    let prepared = agg.prepare(&vars, &parts.method)?;
+    let prepared = agg.prepare(&vars)?;
     let original_host = host_header_value(parts);
     let calls = prepared.iter().map(|p| {
         let mut headers = p.headers.clone();

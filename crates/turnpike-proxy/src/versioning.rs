@@ -25,6 +25,8 @@ pub struct VersionFacts {
     link: Option<HeaderValue>,
     retired: bool,
     successor: Option<String>,
+    /// The request headers that choose the version (`Vary`).
+    vary: Vec<HeaderValue>,
 }
 
 impl VersionFacts {
@@ -57,6 +59,15 @@ impl VersionFacts {
                 .successor
                 .as_deref()
                 .map(|s| canonical_version(s).to_owned()),
+            vary: api
+                .strategies
+                .iter()
+                .filter_map(|s| match s {
+                    VersionStrategy::Header => HeaderValue::from_str(&api.header).ok(),
+                    VersionStrategy::Accept => Some(HeaderValue::from_static("accept")),
+                    VersionStrategy::Path | VersionStrategy::Query => None,
+                })
+                .collect(),
         }))
     }
 
@@ -80,6 +91,10 @@ impl VersionFacts {
     /// Refuses a request for a retired version (410), or adds the deprecation headers of a
     /// deprecated one to `out` (headers for every answer the client gets).
     pub fn check(&self, path: &str, out: &mut HeaderMap) -> Result<(), GatewayError> {
+        // The same URL answers differently by these headers: caches must keep them apart.
+        for v in &self.vary {
+            out.append(header::VARY, v.clone());
+        }
         let link = self.successor_link(path);
         if self.retired {
             if let Some(l) = link {

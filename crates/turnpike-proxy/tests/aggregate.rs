@@ -200,3 +200,31 @@ async fn fan_out_writes_report_each_status() {
     assert_eq!(res["c"]["status"], 502);
     assert_eq!(res["c"]["error"]["code"], "upstream_unreachable");
 }
+
+/// Calls default to GET whatever the client's method, and a query value cannot add
+/// parameters to a call.
+#[tokio::test]
+async fn calls_default_to_get_and_values_stay_in_their_parameter() {
+    let a = part(200, json!({}), Duration::ZERO).await;
+    let gw = Gw::start(&gw_yaml(
+        &[("a", a.addr)],
+        r#"      calls:
+        - {name: a, upstream: a, path: "/search/${param.id}?q=${query.q}&limit=10"}
+"#,
+    ))
+    .await;
+    let r = call(
+        &gw,
+        "DELETE",
+        "/profile/x%3Fy?q=a%26limit%3D100000%26admin%3Dtrue",
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let seen = &r.json()["a"]["_seen"];
+    assert_eq!(seen["method"], "GET");
+    assert_eq!(
+        seen["path"],
+        "/search/x%3Fy?q=a%26limit%3D100000%26admin%3Dtrue&limit=10"
+    );
+}

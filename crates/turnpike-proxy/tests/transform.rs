@@ -914,10 +914,14 @@ async fn sensitive() -> Mock {
             ),
             "/api/text" => ("text/plain", "Card 5500005555555559, phone (415) 555-0123."),
             "/api/png" => ("image/png", "ada@example.com"),
+            "/api/broken" => ("application/json", r#"{"a": "ada@example.com""#),
+            "/api/untyped" => ("", "mail ada@example.com"),
             _ => ("application/json", r#"{"a": "ada@example.com"}"#),
         };
         let mut r = Response::new(full(body));
-        r.headers_mut().insert("content-type", ct.parse().unwrap());
+        if !ct.is_empty() {
+            r.headers_mut().insert("content-type", ct.parse().unwrap());
+        }
         r.headers_mut().insert("cache-control", "public, max-age=60".parse().unwrap());
         r.headers_mut().insert("x-upstream-saw-accept-encoding", ae.parse().unwrap());
         if req.uri().path() == "/api/gz" {
@@ -1017,6 +1021,13 @@ async fn data_masking_fails_closed_past_its_bound() {
     assert!(!r.text().contains("ada@example.com"));
     let r = call(&gw, "GET", "/api/other", &[("authorization", &auth)]).await;
     assert_eq!(r.json(), json!({"a": "a***@example.com"}));
+    // JSON that does not parse cannot be masked field by field: refused, not leaked.
+    let r = call(&gw, "GET", "/api/broken", &[("authorization", &auth)]).await;
+    assert_eq!(r.status, 502);
+    assert_eq!(r.json()["error"]["code"], "response_transform_failed");
+    // No Content-Type: masked as text.
+    let r = call(&gw, "GET", "/api/untyped", &[("authorization", &auth)]).await;
+    assert_eq!(r.text(), "mail a***@example.com");
 }
 
 /// A body an inspecting policy left unread (a `waf` that skips bodies) is still read whole

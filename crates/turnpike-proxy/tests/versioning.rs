@@ -168,6 +168,48 @@ async fn unversioned_paths_and_unknown_versions() {
     assert_eq!(r.status, 404);
 }
 
+/// A path naming a version no route serves is not taken by the default version's catch-all,
+/// and versioned answers vary by the headers that choose them.
+#[tokio::test]
+async fn unserved_path_versions_do_not_fall_to_the_default_and_answers_vary() {
+    let v2 = named("v2").await;
+    let gw = Gw::start(&format!(
+        r#"
+upstreams: [{{name: v2, targets: [{{address: "{}"}}]}}]
+versioning:
+  - {{name: api, default: "2", versions: [{{name: "0", retired: true}}, {{name: "2"}}]}}
+routes:
+  - {{name: all-v2, paths: [{{prefix: /}}], upstream: v2, api_version: {{api: api, name: "2"}}}}
+"#,
+        v2.addr
+    ))
+    .await;
+    assert_eq!(call(&gw, "GET", "/v0/users", &[]).await.status, 404);
+    let r = call(&gw, "GET", "/users", &[]).await;
+    assert_eq!(r.status, 200);
+    let vary: Vec<&str> = r
+        .headers
+        .get_all("vary")
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .collect();
+    assert!(
+        vary.contains(&"x-api-version") && vary.contains(&"accept"),
+        "{vary:?}"
+    );
+    // `q=0` refuses a media type: it names no version.
+    let r = call(
+        &gw,
+        "GET",
+        "/users",
+        &[("accept", "application/vnd.api.v0+json;q=0")],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["served_by"], "v2");
+    assert_eq!(v2.hits(), 2);
+}
+
 #[tokio::test]
 async fn bad_versioning_is_refused_naming_the_field() {
     for (versioning, route_version, path) in [

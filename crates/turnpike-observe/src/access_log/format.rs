@@ -122,7 +122,13 @@ impl Formatter {
             if let Some(b) = body {
                 let mut v = b.to_value(&self.mask_fields);
                 if let Some(r) = &e.redact {
-                    r.redact_json(&mut v);
+                    if r.has_fields() && v.is_string() {
+                        // Cut or not JSON: the fields to mask cannot be found, so none of
+                        // it is written.
+                        v = Value::String(crate::redact::REDACTED.into());
+                    } else {
+                        r.redact_json(&mut v);
+                    }
                 }
                 put(key, v);
                 if b.truncated {

@@ -210,7 +210,17 @@ impl Api {
                     .filter_map(|v| v.to_str().ok())
                     .flat_map(|v| v.split(','))
                     .find_map(|range| {
-                        let media = range.split(';').next()?.trim().to_ascii_lowercase();
+                        let mut params = range.split(';');
+                        let media = params.next()?.trim().to_ascii_lowercase();
+                        // `q=0` says "not this one".
+                        let refused = params.any(|p| {
+                            p.trim()
+                                .strip_prefix("q=")
+                                .is_some_and(|q| q.trim().parse::<f32>().is_ok_and(|q| q <= 0.0))
+                        });
+                        if refused {
+                            return None;
+                        }
                         let rest = media.strip_prefix(&self.media_prefix)?;
                         let version = rest.split('+').next()?;
                         (!version.is_empty()).then(|| Cow::Owned(version.to_owned()))
@@ -438,15 +448,23 @@ impl Router {
             && let Some((version, rest)) = path_version(req.path)
         {
             let stripped = RequestView { path: rest, ..*req };
-            let r = self.route_pass(&stripped, Some(version));
+            let r = self.route_pass(&stripped, Some(version), false);
             if r != RouteResult::NotFound {
                 return r;
             }
+            // The path named a version no route serves: the API's routes must not take it
+            // as a request naming none (their default).
+            return self.route_pass(req, None, true);
         }
-        self.route_pass(req, None)
+        self.route_pass(req, None, false)
     }
 
-    fn route_pass(&self, req: &RequestView<'_>, path_version: Option<&str>) -> RouteResult {
+    fn route_pass(
+        &self,
+        req: &RequestView<'_>,
+        path_version: Option<&str>,
+        named_in_path: bool,
+    ) -> RouteResult {
         let host = req.host.map(canonical_host);
         let host = host.as_deref();
 
@@ -457,7 +475,7 @@ impl Router {
                     // Sorted list: nothing further down can beat what we have.
                     break;
                 }
-                if self.matches(candidate, req, true, path_version) {
+                if self.matches(candidate, req, true, path_version, named_in_path) {
                     best = Some(*candidate);
                     break;
                 }
@@ -487,7 +505,7 @@ impl Router {
                     // A route without methods would have matched in the first pass.
                     if !route.methods.is_empty()
                         && !route.methods.contains(req.method)
-                        && self.matches(candidate, req, false, path_version)
+                        && self.matches(candidate, req, false, path_version, named_in_path)
                     {
                         allowed.extend(route.methods.iter().cloned());
                     }
@@ -529,6 +547,7 @@ impl Router {
         req: &RequestView<'_>,
         check_method: bool,
         path_version: Option<&str>,
+        named_in_path: bool,
     ) -> bool {
         let Some(route) = self.routes.get(candidate.route) else {
             return false;
@@ -538,10 +557,14 @@ impl Router {
             None if path_version.is_some() => return false,
             None => {}
             Some((api, _)) if path_version.is_some() && !api.uses_path() => return false,
+            Some((api, _)) if named_in_path && api.uses_path() => return false,
             Some((api, name)) => {
                 let wanted = match api.requested(req, path_version) {
-                    Some(v) => v == name.as_str(),
-                    None => api.default.as_deref() == Some(name.as_str()),
+                    Some(v) => v.eq_ignore_ascii_case(name),
+                    None => api
+                        .default
+                        .as_deref()
+                        .is_some_and(|d| d.eq_ignore_ascii_case(name)),
                 };
                 if !wanted {
                     return false;

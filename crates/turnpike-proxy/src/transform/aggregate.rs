@@ -131,17 +131,13 @@ impl Aggregate {
         self.calls.iter().any(|c| c.body.is_some())
     }
 
-    /// Renders every call from the client's request; `client_method` is the default method.
-    pub fn prepare<'a>(
-        &'a self,
-        vars: &Vars<'_>,
-        client_method: &Method,
-    ) -> Result<Vec<Prepared<'a>>, GatewayError> {
+    /// Renders every call from the client's request.
+    pub fn prepare<'a>(&'a self, vars: &Vars<'_>) -> Result<Vec<Prepared<'a>>, GatewayError> {
         let failed = |e: String| GatewayError::new(ErrorKind::RequestTransformFailed, e);
         self.calls
             .iter()
             .map(|c| {
-                let pq = vars.render(&c.path, template::path_segment);
+                let pq = vars.render_url(&c.path);
                 if template::has_dot_segment(pq.split('?').next().unwrap_or("")) {
                     return Err(failed(format!(
                         "the path of call `{}` has a `.` or `..` segment",
@@ -173,7 +169,9 @@ impl Aggregate {
                 Ok(Prepared {
                     name: &c.name,
                     upstream: &c.upstream,
-                    method: c.method.clone().unwrap_or_else(|| client_method.clone()),
+                    // A composite is a read unless a call says otherwise: the client's method
+                    // (a DELETE) must not fan out to every upstream.
+                    method: c.method.clone().unwrap_or(Method::GET),
                     path_and_query: pq,
                     headers,
                     body,

@@ -748,14 +748,14 @@ async fn mask(
     idle: Duration,
 ) -> Result<Response<ProxyBody>, GatewayError> {
     let status = resp.status().as_u16();
+    // No `Content-Type` is masked as text: an API that leaves it out is not exempt.
     let media = resp
         .headers()
         .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(media_type);
-    let Some(media) = media.filter(|m| r.treats(m).is_some()) else {
+        .map(|v| media_type(v.to_str().unwrap_or("")));
+    if media.as_deref().is_some_and(|m| r.treats(m).is_none()) {
         return Ok(resp);
-    };
+    }
     if head || matches!(status, 100..=199 | 204 | 304) {
         return Ok(resp);
     }
@@ -771,9 +771,11 @@ async fn mask(
     }
     let (mut parts, mut body) = resp.into_parts();
     let bytes = read_response(&mut body, r.max_bytes, idle).await?;
-    let masked = r
-        .redact_body(&media, &bytes)
-        .unwrap_or_else(|| bytes.to_vec());
+    let masked = match r.redact_body(media.as_deref(), &bytes) {
+        Ok(Some(m)) => m,
+        Ok(None) => bytes.to_vec(),
+        Err(e) => return Err(GatewayError::new(ErrorKind::ResponseTransformFailed, e)),
+    };
     rewrote_body(&mut parts.headers, masked.len(), None);
     Ok(Response::from_parts(parts, crate::body::full(masked)))
 }

@@ -150,6 +150,32 @@ impl<'a> Vars<'a> {
         out
     }
 
+    /// Renders a path-and-query template: variables before the first literal `?` are
+    /// encoded for the path ([`path_segment`]), after it as query components (`&`, `=`, `+`,
+    /// `#` escaped), so a value cannot add parameters.
+    pub fn render_url(&self, t: &Template) -> String {
+        let mut out = String::new();
+        let mut in_query = false;
+        for p in &t.0 {
+            match p {
+                Piece::Text(s) => {
+                    in_query |= s.contains('?');
+                    out.push_str(s);
+                }
+                Piece::Var(v) => {
+                    if let Some(s) = self.text(v) {
+                        if in_query {
+                            out.extend(form_urlencoded::byte_serialize(s.as_bytes()));
+                        } else {
+                            path_segment(&s, &mut out);
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// Renders a compiled JSON template.
     pub fn render_json(&self, t: &JsonTemplate) -> Value {
         match t {
