@@ -246,7 +246,7 @@ pub(crate) fn policy_types() -> Response {
     let items: Vec<Value> = POLICY_TYPES
         .iter()
         .map(|t| {
-            let stage = stage_of(t).map(|s| format!("{s:?}").to_ascii_lowercase());
+            let stage = stage_of(t).map(|s| s.name());
             json!({
                 "type": t,
                 "stage": stage,

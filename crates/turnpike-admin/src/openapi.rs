@@ -420,7 +420,7 @@ fn components() -> Map<String, Value> {
                             "required": ["type", "stage", "schema"],
                             "properties": {
                                 "type": { "type": "string" },
-                                "stage": { "type": "string", "enum": ["admission", "authentication", "authorization", "limit", "cors", "inspection", "upstream"] },
+                                "stage": { "type": "string", "enum": turnpike_model::policy::Stage::ALL.map(|s| s.name()) },
                                 "schema": { "type": "string" }
                             }
                         }

@@ -49,6 +49,34 @@ pub enum Stage {
     Upstream,
 }
 
+impl Stage {
+    /// Every stage, in running order.
+    pub const ALL: [Stage; 8] = [
+        Stage::Admission,
+        Stage::Authentication,
+        Stage::Authorization,
+        Stage::Limit,
+        Stage::Cors,
+        Stage::Inspection,
+        Stage::Transform,
+        Stage::Upstream,
+    ];
+
+    /// The stage's name in the Admin API (`admission`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Admission => "admission",
+            Stage::Authentication => "authentication",
+            Stage::Authorization => "authorization",
+            Stage::Limit => "limit",
+            Stage::Cors => "cors",
+            Stage::Inspection => "inspection",
+            Stage::Transform => "transform",
+            Stage::Upstream => "upstream",
+        }
+    }
+}
+
 /// Every policy type with its typed configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "type", content = "config", rename_all = "snake_case")]
