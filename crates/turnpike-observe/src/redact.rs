@@ -82,15 +82,22 @@ impl Kind {
             return None;
         }
         let m = text.get(s..e)?;
-        let groups: Vec<(usize, usize)> = m
-            .split(|c: char| !c.is_alphanumeric())
-            .scan(0usize, |pos, g| {
-                let start = *pos;
-                *pos += g.len() + 1;
-                Some((start, start + g.len()))
-            })
-            .filter(|(a, b)| b > a)
-            .collect();
+        // Runs of letters and digits, as byte ranges of `m` (separators may be multi-byte).
+        let mut groups: Vec<(usize, usize)> = Vec::new();
+        let mut open: Option<usize> = None;
+        for (i, c) in m.char_indices() {
+            match (c.is_alphanumeric(), open) {
+                (true, None) => open = Some(i),
+                (false, Some(a)) => {
+                    groups.push((a, i));
+                    open = None;
+                }
+                _ => {}
+            }
+        }
+        if let Some(a) = open {
+            groups.push((a, m.len()));
+        }
         for i in 0..groups.len() {
             for j in (i + 1..groups.len()).rev() {
                 let (a, b) = (s + groups[i].0, s + groups[j].1);
@@ -146,7 +153,12 @@ fn luhn(digits: &[u32]) -> bool {
 
 fn iban_ok(m: &str) -> bool {
     let compact: String = m.chars().filter(|c| !c.is_whitespace()).collect();
-    if !(15..=34).contains(&compact.len()) {
+    // Two letters (the country), two check digits, then letters and digits.
+    let shaped = compact.len() >= 4
+        && compact.bytes().take(2).all(|b| b.is_ascii_uppercase())
+        && compact.bytes().skip(2).take(2).all(|b| b.is_ascii_digit())
+        && compact.bytes().all(|b| b.is_ascii_alphanumeric());
+    if !shaped || !(15..=34).contains(&compact.len()) {
         return false;
     }
     let (head, tail) = compact.split_at(4);
