@@ -739,10 +739,7 @@ async fn aggregate(
         .headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|t| {
-            let m = crate::transform::media_type(t);
-            m == "application/json" || m.ends_with("+json")
-        });
+        .is_some_and(|t| crate::transform::is_format(t, turnpike_model::policy::BodyFormat::Json));
     let client_body: Option<serde_json::Value> = if agg.has_bodies() && !body.is_empty() {
         if !json_body {
             return Err(GatewayError::new(

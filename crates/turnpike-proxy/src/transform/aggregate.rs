@@ -207,10 +207,7 @@ impl Aggregate {
         if self.merge == MergeMode::Statuses {
             return Ok(statuses(prepared, outcomes));
         }
-        let mut merged = match self.merge {
-            MergeMode::Deep => Value::Object(Map::new()),
-            _ => Value::Object(Map::new()),
-        };
+        let mut merged = Value::Object(Map::new());
         let mut missing: Vec<(&str, Value)> = Vec::new();
         for (p, outcome) in prepared.iter().zip(outcomes) {
             let why = match outcome {

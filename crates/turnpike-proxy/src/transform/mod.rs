@@ -334,7 +334,7 @@ enum Plan {
 }
 
 /// Whether a `Content-Type` is of `format`.
-fn is_format(content_type: &str, format: BodyFormat) -> bool {
+pub(crate) fn is_format(content_type: &str, format: BodyFormat) -> bool {
     let media = media_type(content_type);
     match format {
         BodyFormat::Json => media == "application/json" || media.ends_with("+json"),
