@@ -7,6 +7,7 @@
 //! reports [`ConfigError`]s with a path, and [`Source::locate`] fills in the line.
 
 pub mod config;
+pub mod grpc;
 mod locate;
 pub mod managed;
 pub mod mgmt;

@@ -133,10 +133,14 @@ pub enum PolicyKind {
     DataMasking(Box<DataMaskingConfig>),
     /// A composite answer from several concurrent upstream calls.
     Aggregate(Box<AggregateConfig>),
+    /// REST/JSON in front of a gRPC upstream, from `.proto` files.
+    GrpcTranscode(Box<crate::grpc::GrpcTranscodeConfig>),
+    /// gRPC-Web clients in front of a gRPC upstream.
+    GrpcWeb(crate::grpc::GrpcWebConfig),
 }
 
 /// The policy type names, in a stable order.
-pub const POLICY_TYPES: [&str; 26] = [
+pub const POLICY_TYPES: [&str; 28] = [
     "key_auth",
     "basic_auth",
     "jwt",
@@ -163,6 +167,8 @@ pub const POLICY_TYPES: [&str; 26] = [
     "compression",
     "data_masking",
     "aggregate",
+    "grpc_transcode",
+    "grpc_web",
 ];
 
 impl PolicyKind {
@@ -209,6 +215,8 @@ impl PolicyKind {
             "compression" => Self::Compression(typed(config)?),
             "data_masking" => Self::DataMasking(typed(config)?),
             "aggregate" => Self::Aggregate(typed(config)?),
+            "grpc_transcode" => Self::GrpcTranscode(typed(config)?),
+            "grpc_web" => Self::GrpcWeb(typed(config)?),
             other => {
                 return Err(ConfigError::at(
                     "",
@@ -273,6 +281,8 @@ impl PolicyKind {
             Self::Compression(_) => "compression",
             Self::DataMasking(_) => "data_masking",
             Self::Aggregate(_) => "aggregate",
+            Self::GrpcTranscode(_) => "grpc_transcode",
+            Self::GrpcWeb(_) => "grpc_web",
         }
     }
 
@@ -421,6 +431,8 @@ impl PolicyKind {
             Self::Compression(c) => c.check()?,
             Self::DataMasking(c) => c.check()?,
             Self::Aggregate(c) => c.check()?,
+            Self::GrpcTranscode(c) => c.check()?,
+            Self::GrpcWeb(c) => c.check()?,
         }
         Ok(())
     }
@@ -436,7 +448,7 @@ pub fn stage_of(policy_type: &str) -> Option<Stage> {
         "cors" => Stage::Cors,
         "waf" | "request_validation" => Stage::Inspection,
         "circuit_breaker" | "bulkhead" | "fallback" | "fault_injection" | "traffic_split"
-        | "mirror" | "cache" | "aggregate" => Stage::Upstream,
+        | "mirror" | "cache" | "aggregate" | "grpc_transcode" | "grpc_web" => Stage::Upstream,
         "request_transform" | "response_transform" | "compression" | "data_masking" => {
             Stage::Transform
         }
@@ -477,6 +489,8 @@ pub fn policy_schema(policy_type: &str) -> Option<Value> {
         "compression" => schema::<CompressionConfig>(),
         "data_masking" => schema::<DataMaskingConfig>(),
         "aggregate" => schema::<AggregateConfig>(),
+        "grpc_transcode" => schema::<crate::grpc::GrpcTranscodeConfig>(),
+        "grpc_web" => schema::<crate::grpc::GrpcWebConfig>(),
         _ => return None,
     })
 }

@@ -98,6 +98,10 @@ pub enum ErrorKind {
     ResponseTooLarge,
     /// A required call of an `aggregate` route failed.
     AggregateFailed,
+    /// A `grpc_transcode` request could not be made into the method's message.
+    GrpcRequestInvalid,
+    /// A `grpc_transcode` upstream's answer is not a gRPC answer the gateway can read.
+    GrpcResponseInvalid,
 }
 
 impl ErrorKind {
@@ -142,6 +146,8 @@ impl ErrorKind {
             Self::ResponseTransformFailed => "response_transform_failed",
             Self::ResponseTooLarge => "response_too_large",
             Self::AggregateFailed => "aggregate_failed",
+            Self::GrpcRequestInvalid => "grpc_request_invalid",
+            Self::GrpcResponseInvalid => "grpc_response_invalid",
         }
     }
 
@@ -178,10 +184,11 @@ impl ErrorKind {
             Self::WafBlocked => StatusCode::FORBIDDEN,
             Self::RequestInvalid => StatusCode::BAD_REQUEST,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::RequestTransformFailed => StatusCode::BAD_REQUEST,
-            Self::ResponseTransformFailed | Self::ResponseTooLarge | Self::AggregateFailed => {
-                StatusCode::BAD_GATEWAY
-            }
+            Self::RequestTransformFailed | Self::GrpcRequestInvalid => StatusCode::BAD_REQUEST,
+            Self::ResponseTransformFailed
+            | Self::ResponseTooLarge
+            | Self::AggregateFailed
+            | Self::GrpcResponseInvalid => StatusCode::BAD_GATEWAY,
         }
     }
 
@@ -222,10 +229,12 @@ impl ErrorKind {
             Self::WafBlocked
             | Self::RequestInvalid
             | Self::UnsupportedMediaType
-            | Self::RequestTransformFailed => Origin::Client,
-            Self::ResponseTransformFailed | Self::ResponseTooLarge | Self::AggregateFailed => {
-                Origin::Upstream
-            }
+            | Self::RequestTransformFailed
+            | Self::GrpcRequestInvalid => Origin::Client,
+            Self::ResponseTransformFailed
+            | Self::ResponseTooLarge
+            | Self::AggregateFailed
+            | Self::GrpcResponseInvalid => Origin::Upstream,
         }
     }
 
@@ -257,9 +266,14 @@ impl ErrorKind {
             | Self::FaultInjected => 14, // UNAVAILABLE
             Self::Internal => 13,                         // INTERNAL
             Self::WafBlocked => 7,                        // PERMISSION_DENIED
-            Self::RequestInvalid | Self::UnsupportedMediaType | Self::RequestTransformFailed => 3, // INVALID_ARGUMENT
-            Self::ResponseTransformFailed | Self::ResponseTooLarge => 13, // INTERNAL
-            Self::AggregateFailed => 14,                                  // UNAVAILABLE
+            Self::RequestInvalid
+            | Self::UnsupportedMediaType
+            | Self::RequestTransformFailed
+            | Self::GrpcRequestInvalid => 3, // INVALID_ARGUMENT
+            Self::ResponseTransformFailed | Self::ResponseTooLarge | Self::GrpcResponseInvalid => {
+                13 // INTERNAL
+            }
+            Self::AggregateFailed => 14, // UNAVAILABLE
         }
     }
 

@@ -19,6 +19,7 @@ pub mod router;
 pub mod snapshot;
 pub mod status;
 pub mod tls;
+pub mod transcode;
 pub mod transform;
 pub mod upstream;
 pub mod versioning;

@@ -411,19 +411,44 @@ async fn proxy(
     );
     let (body, host) = match up.request_transform() {
         Some(t) => {
-            let read = crate::transform::BodyRead {
-                limit: route.max_body_bytes,
-                idle: route.timeouts.write,
-                total: route.timeouts.total,
-            };
             let body = t
-                .apply(&mut parts, &mut forward_path, body, &caller, &read)
+                .apply(
+                    &mut parts,
+                    &mut forward_path,
+                    body,
+                    &caller,
+                    &body_read(route),
+                )
                 .await?;
             // The transform may have set `Host`.
             (body, request_host(&parts))
         }
         None => (body, host),
     };
+    // gRPC translation: the client's JSON (or gRPC-Web) request becomes the gRPC call. Native
+    // gRPC requests on the route pass as they are.
+    let web_mode = up
+        .grpc_web()
+        .and_then(|w| crate::transcode::web::Mode::of(&parts.headers).map(|m| (w, m)));
+    let mut transcoded = None;
+    let body = match (up.transcoder(), web_mode) {
+        (_, Some((w, mode))) => w.request(mode, &mut parts, body, &body_read(route)).await?,
+        (Some(t), None) if !crate::error::is_grpc(&parts.headers) => {
+            let (body, pending) = t
+                .request(
+                    &mut parts,
+                    &path,
+                    &mut forward_path,
+                    body,
+                    &body_read(route),
+                )
+                .await?;
+            transcoded = Some(pending);
+            body
+        }
+        _ => body,
+    };
+    let web_mode = web_mode.map(|(_, m)| m);
     if up.response_transform().is_some_and(|t| t.reads_body()) || up.masking.is_some() {
         // The response transform or masking reads the whole body: the upstream must send it
         // unencoded (no `Accept-Encoding` at all would allow any coding) and whole (a range,
@@ -498,9 +523,22 @@ async fn proxy(
     {
         dest = Dest::named(snap, route, name)?;
     }
+    if (transcoded.is_some() || web_mode.is_some()) && !dest.upstream.config.http2 {
+        return Err(GatewayError::new(
+            ErrorKind::GrpcResponseInvalid,
+            format!(
+                "upstream `{}` is not HTTP/2 (`http2: true`), which gRPC needs",
+                dest.upstream.name
+            ),
+        ));
+    }
     // The response cache: answer from it, or learn what to do with the upstream's answer.
+    // Translated gRPC calls are not cached: the stored answer would be the gRPC one.
     let mut cached: Option<Box<crate::cache::Pending>> = None;
-    if let Some(rc) = up.cache() {
+    if let Some(rc) = up.cache()
+        && transcoded.is_none()
+        && web_mode.is_none()
+    {
         // Everything the upstream is told of the caller is keyed with it: the application
         // and its granted scopes.
         let caller = rc
@@ -695,6 +733,14 @@ async fn proxy(
 
     // Phase `upstream_response`.
     let mut resp = finish_response(resp, guard, upgrade, route, &timeouts)?;
+    if let Some(pending) = transcoded {
+        resp = pending
+            .response(resp, request_id.to_str().unwrap_or("-"), timeouts.read)
+            .await?;
+    }
+    if let Some(mode) = web_mode {
+        resp = crate::transcode::web::response(resp, mode);
+    }
     if route.chain.cors.is_some() {
         // The route's `cors` policy alone decides: the upstream's own `Access-Control-*`
         // headers could allow an origin the policy does not.
@@ -718,6 +764,16 @@ async fn proxy(
         );
     }
     shaped(shaper.as_ref(), resp).await
+}
+
+/// How a policy that rewrites the request body reads it: within the route's limit and
+/// timeouts.
+fn body_read(route: &CompiledRoute) -> crate::transform::BodyRead {
+    crate::transform::BodyRead {
+        limit: route.max_body_bytes,
+        idle: route.timeouts.write,
+        total: route.timeouts.total,
+    }
 }
 
 /// Answers an `aggregate` route: its calls, made concurrently with the gateway's forwarding
@@ -754,6 +810,7 @@ async fn aggregate(
             parts,
             route.timeouts.write,
             route.timeouts.total,
+            "the aggregate reads",
         )
         .await?;
         Some(serde_json::from_slice(&bytes).map_err(|e| {

@@ -205,15 +205,16 @@ pub async fn run(
 }
 
 /// Reads the whole body, up to `bound` bytes (413 past it), for a transformation that
-/// rewrites it. `total` (zero: none) bounds the whole read, `idle` each pause.
+/// rewrites it. `total` (zero: none) bounds the whole read, `idle` each pause; `what` names
+/// the reader in the 413 message (`the request transform reads`).
 pub(crate) async fn read_whole(
     body: ReqBody,
     bound: u64,
     parts: &Parts,
     idle: Duration,
     total: Duration,
+    what: &str,
 ) -> Result<Bytes, GatewayError> {
-    let what = "the request transform reads";
     let (head, incoming) = match body {
         ReqBody::Buffered(b) if b.len() as u64 > bound => return Err(too_large(bound, what)),
         ReqBody::Buffered(b) => return Ok(b),

@@ -137,6 +137,10 @@ pub enum Policy {
     DataMasking(Arc<turnpike_observe::redact::Redactor>),
     /// `aggregate`.
     Aggregate(Box<crate::transform::aggregate::Aggregate>),
+    /// `grpc_transcode`.
+    GrpcTranscode(Arc<crate::transcode::Transcoder>),
+    /// `grpc_web`.
+    GrpcWeb(crate::transcode::web::GrpcWeb),
 }
 
 impl Policy {
@@ -155,7 +159,9 @@ impl Policy {
             | Self::TrafficSplit(_)
             | Self::Mirror(_)
             | Self::Cache(_)
-            | Self::Aggregate(_) => Stage::Upstream,
+            | Self::Aggregate(_)
+            | Self::GrpcTranscode(_)
+            | Self::GrpcWeb(_) => Stage::Upstream,
             Self::Oauth2Introspection(_) | Self::HmacAuth(_) | Self::Mtls(_) => {
                 Stage::Authentication
             }
@@ -218,6 +224,10 @@ pub struct UpstreamChain {
     pub masking: Option<Arc<Compiled>>,
     /// `aggregate`.
     pub aggregate: Option<Arc<Compiled>>,
+    /// `grpc_transcode`.
+    pub transcode: Option<Arc<Compiled>>,
+    /// `grpc_web`.
+    pub grpc_web: Option<Arc<Compiled>>,
 }
 
 impl UpstreamChain {
@@ -272,6 +282,22 @@ impl UpstreamChain {
         }
     }
 
+    /// The compiled gRPC transcoder, if any.
+    pub fn transcoder(&self) -> Option<&crate::transcode::Transcoder> {
+        match &self.transcode.as_ref()?.policy {
+            Policy::GrpcTranscode(t) => Some(t),
+            _ => None,
+        }
+    }
+
+    /// The compiled gRPC-Web translation, if any.
+    pub fn grpc_web(&self) -> Option<&crate::transcode::web::GrpcWeb> {
+        match &self.grpc_web.as_ref()?.policy {
+            Policy::GrpcWeb(w) => Some(w),
+            _ => None,
+        }
+    }
+
     /// The compiled data masking, if any.
     pub fn masking(&self) -> Option<&Arc<turnpike_observe::redact::Redactor>> {
         match &self.masking.as_ref()?.policy {
@@ -301,6 +327,8 @@ impl UpstreamChain {
             Policy::Compression(_) => &mut self.compression,
             Policy::DataMasking(_) => &mut self.masking,
             Policy::Aggregate(_) => &mut self.aggregate,
+            Policy::GrpcTranscode(_) => &mut self.transcode,
+            Policy::GrpcWeb(_) => &mut self.grpc_web,
             _ => {
                 self.mirrors.push(c);
                 return;
@@ -593,6 +621,10 @@ async fn build(
         PolicyKind::DataMasking(c) => {
             Policy::DataMasking(Arc::new(turnpike_observe::redact::Redactor::new(&c)?))
         }
+        PolicyKind::GrpcTranscode(c) => {
+            Policy::GrpcTranscode(Arc::new(crate::transcode::Transcoder::new(&c)?))
+        }
+        PolicyKind::GrpcWeb(c) => Policy::GrpcWeb(crate::transcode::web::GrpcWeb::new(&c)),
     })
 }
 
@@ -636,6 +668,8 @@ pub fn precheck(
         PolicyKind::RateLimit(c) if c.mode == turnpike_model::policy::RateLimitMode::Redis => {
             limit::check_redis_url(&c.redis.url)
         }
+        // The `.proto` files must compile: a store policy naming a missing file is left out.
+        PolicyKind::GrpcTranscode(c) => crate::transcode::Transcoder::new(c).map(drop),
         _ => Ok(()),
     }
 }

@@ -453,7 +453,12 @@ impl RequestTransform {
                     Plan::Transform => {
                         let bound = ops.max_bytes.min(read.limit);
                         let bytes = crate::policy::inspect::read_whole(
-                            body, bound, parts, read.idle, read.total,
+                            body,
+                            bound,
+                            parts,
+                            read.idle,
+                            read.total,
+                            "the request transform reads",
                         )
                         .await?;
                         if bytes.is_empty() && ops.shape.is_none() {
