@@ -190,7 +190,8 @@ policies:
 fn from_files() -> String {
     format!(
         "      proto_files: [\"{dir}/library.proto\"]\n      import_paths: [\"{dir}\"]\n      \
-         methods:\n        - {{grpc: library.v1.Library/Ping, method: GET, path: \"/v1/ping/{{name}}\"}}",
+         methods:\n        - {{grpc: library.v1.Library/Ping, method: GET, path: \"/v1/ping/{{name}}\"}}\n        \
+         - {{grpc: library.v1.Library/ListBooks, method: GET, path: \"/v2/by/{{author.display_name}}/{{order_by}}\"}}",
         dir = proto_dir()
     )
 }
@@ -293,6 +294,31 @@ async fn unary_methods_follow_their_http_annotations() {
             {"name": "shelves/s2/books/0", "title": "Ada", "genre": "FICTION", "tags": ["a", "b"]},
             {"name": "shelves/s2/books/1", "title": "Ada", "genre": "FICTION", "tags": ["a", "b"]}
         ])
+    );
+
+    // An empty list is `[]`, not left out.
+    let r = call(&gw, "GET", "/v1/shelves/s2/books?page_size=0", &[], "").await;
+    assert_eq!(r.json(), serde_json::json!([]));
+
+    // A query parameter cannot override what the path binds, by either of its names, nor
+    // set a oneof sibling of it.
+    let r = call(
+        &gw,
+        "GET",
+        "/v2/by/Ada/title?page_size=1&author.displayName=Eve&author.display_name=Eve",
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.json()["books"][0]["title"], "Ada");
+    let r = call(&gw, "GET", "/v2/by/Ada/title?newestFirst=true", &[], "").await;
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("order_by")
     );
 
     // `body: "book"`: the JSON body is that field; the shelf comes from the path.
@@ -485,6 +511,10 @@ async fn server_streams_as_events_end_with_the_status() {
         serde_json::from_str(events[2].split_once("data: ").unwrap().1).unwrap();
     assert_eq!(err["error"]["code"], "grpc_aborted");
     assert_eq!(err["error"]["message"], "shelf closed");
+    assert_eq!(
+        err["error"]["request_id"].as_str(),
+        r.header("x-request-id")
+    );
 
     // An error before any message (trailers-only) is the HTTP status itself.
     let r = call(&gw, "GET", "/v1/shelves/none:watch?count=2", &[], "").await;
@@ -559,6 +589,13 @@ policies:
                 proto_dir()
             ),
             "library.v1.Library/Nope",
+        ),
+        (
+            format!(
+                "      proto_files: [\"{}/library.proto\"]\n      methods:\n        - {{grpc: library.v1.Library/ListBooks, path: \"/x/{{author}}\"}}",
+                proto_dir()
+            ),
+            "well-known",
         ),
         (
             format!(
@@ -694,6 +731,48 @@ policies:
     .await;
     assert_eq!(resp.status, 200);
     assert_eq!(resp.header("grpc-status"), Some("5"));
+
+    // With grpc_transcode on the route, only the methods it exposes pass (`native_grpc:
+    // mapped`, the default).
+    let gw = Gw::start(&format!(
+        r#"{routes}
+policies:
+  - {{name: web, type: grpc_web, scope: route, target: all, config: {{}}}}
+  - name: tc
+    type: grpc_transcode
+    scope: route
+    target: all
+    config:
+      proto_files: ["{dir}/library.proto"]
+      use_annotations: false
+      methods: [{{grpc: library.v1.Library/Ping, path: /ping, body: "*"}}]
+"#,
+        routes = one_route(up, "    http2: true", ""),
+        dir = proto_dir()
+    ))
+    .await;
+    let ping = GetBookRequest { name: "p".into() };
+    let resp = open_bytes(
+        &gw,
+        "/library.v1.Library/Ping",
+        "application/grpc-web",
+        web_frame(&ping),
+    )
+    .await;
+    assert_eq!(resp.status, 200);
+    let (msgs, _) = web_frames(resp.body.clone());
+    assert_eq!(
+        GetBookRequest::decode(msgs[0].clone()).unwrap().name,
+        "pong p"
+    );
+    let resp = open_bytes(
+        &gw,
+        "/library.v1.Library/GetBook",
+        "application/grpc-web",
+        web_frame(&ping),
+    )
+    .await;
+    assert_eq!(resp.status, 404);
 }
 
 async fn open_bytes(gw: &Gw, path: &str, ct: &str, body: Bytes) -> Reply {

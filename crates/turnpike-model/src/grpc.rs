@@ -50,6 +50,23 @@ pub struct GrpcTranscodeConfig {
     /// Largest request body read, and largest message accepted from the upstream.
     #[serde(default = "default_max_message_bytes")]
     pub max_message_bytes: u64,
+    /// Which native gRPC (and gRPC-Web) requests on the route reach the upstream.
+    #[serde(default)]
+    pub native_grpc: NativeGrpc,
+}
+
+/// Which native gRPC requests a transcoded route passes to its upstream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum NativeGrpc {
+    /// Only calls to the methods this policy exposes as JSON: `services` and `methods` are an
+    /// allow-list for gRPC clients too.
+    #[default]
+    Mapped,
+    /// Every method of the upstream.
+    All,
+    /// None: the route is JSON only.
+    None,
 }
 
 fn yes() -> bool {

@@ -412,7 +412,7 @@ pub fn grpc_error_response(kind: ErrorKind, message: &str) -> Response<ProxyBody
 
 /// Percent-encodes a `grpc-message` as the gRPC HTTP/2 spec asks: everything outside
 /// printable ASCII, and `%` itself.
-fn grpc_percent_encode(s: &str) -> String {
+pub(crate) fn grpc_percent_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if (0x20..=0x7e).contains(&b) && b != b'%' {

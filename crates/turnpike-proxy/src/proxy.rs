@@ -430,6 +430,15 @@ async fn proxy(
     let web_mode = up
         .grpc_web()
         .and_then(|w| crate::transcode::web::Mode::of(&parts.headers).map(|m| (w, m)));
+    if let Some(t) = up.transcoder()
+        && (web_mode.is_some() || crate::error::is_grpc(&parts.headers))
+        && !t.passes_native(&forward_path)
+    {
+        return Err(GatewayError::new(
+            ErrorKind::RouteNotFound,
+            "this gRPC method is not exposed on the route",
+        ));
+    }
     let mut transcoded = None;
     let body = match (up.transcoder(), web_mode) {
         (_, Some((w, mode))) => w.request(mode, &mut parts, body, &body_read(route)).await?,

@@ -25,7 +25,7 @@ use prost_reflect::{
     DescriptorPool, DeserializeOptions, DynamicMessage, FieldDescriptor, Kind, MessageDescriptor,
     MethodDescriptor, ReflectMessage as _, SerializeOptions, Value,
 };
-use turnpike_model::grpc::{GrpcTranscodeConfig, PathTemplate, StreamFormat};
+use turnpike_model::grpc::{GrpcTranscodeConfig, NativeGrpc, PathTemplate, StreamFormat};
 
 use crate::body::{BoxError, ProxyBody};
 use crate::error::{ErrorKind, GatewayError};
@@ -40,6 +40,7 @@ pub struct Transcoder {
     proto_names: bool,
     ignore_unknown: bool,
     max_message: u64,
+    native: NativeGrpc,
 }
 
 /// One HTTP form of one method.
@@ -53,6 +54,9 @@ struct Rule {
     grpc_path: Arc<str>,
     body: BodyTo,
     response_body: Option<FieldDescriptor>,
+    /// The fields the path variables and the body field set, as descriptor chains: query
+    /// parameters cannot reach them (by either of their names) or their oneof siblings.
+    bound: Vec<Vec<FieldDescriptor>>,
 }
 
 enum BodyTo {
@@ -132,6 +136,15 @@ impl Transcoder {
                     if !opts.has_extension(&ext) {
                         continue;
                     }
+                    if method.is_client_streaming() {
+                        // Annotated, but not something JSON over HTTP can carry: the rest of
+                        // the service still loads.
+                        tracing::warn!(
+                            method = method.full_name(),
+                            "grpc_transcode skips a client-streaming method"
+                        );
+                        continue;
+                    }
                     let at = format!("{} (google.api.http)", method.full_name());
                     let Some(rule) = opts.get_extension(&ext).as_message().cloned() else {
                         continue;
@@ -183,7 +196,17 @@ impl Transcoder {
             proto_names: c.json.proto_names,
             ignore_unknown: c.ignore_unknown_fields,
             max_message: c.max_message_bytes,
+            native: c.native_grpc,
         })
+    }
+
+    /// Whether a native gRPC (or gRPC-Web) call to `path` (`/pkg.Service/Method`) may pass.
+    pub fn passes_native(&self, path: &str) -> bool {
+        match self.native {
+            NativeGrpc::All => true,
+            NativeGrpc::None => false,
+            NativeGrpc::Mapped => self.rules.iter().any(|r| &*r.grpc_path == path),
+        }
     }
 
     /// Turns the client's JSON request into the gRPC call: the method, path, headers and
@@ -230,12 +253,24 @@ impl Transcoder {
         let input = rule.method.input();
         let mut msg = match &rule.body {
             BodyTo::Nothing => {
-                // A body sent where none is mapped is not silently dropped.
+                // A body sent where none is mapped is not silently dropped. A chunked or
+                // HTTP/2 body may turn out empty: it is read to know.
                 if !body.is_empty() {
-                    return Err(invalid(format!(
-                        "{} {} takes no body",
-                        rule.verb, rule.path
-                    )));
+                    let bytes = crate::policy::inspect::read_whole(
+                        body,
+                        self.max_message.min(read.limit),
+                        parts,
+                        read.idle,
+                        read.total,
+                        "the gRPC transcoder reads",
+                    )
+                    .await?;
+                    if !bytes.is_empty() {
+                        return Err(invalid(format!(
+                            "{} {} takes no body",
+                            rule.verb, rule.path
+                        )));
+                    }
                 }
                 DynamicMessage::new(input.clone())
             }
@@ -267,14 +302,22 @@ impl Transcoder {
         {
             for (k, v) in form_urlencoded::parse(q.as_bytes()) {
                 let field: Vec<String> = k.split('.').map(str::to_owned).collect();
+                let chain = match resolve(&input, &field) {
+                    Ok(c) => c,
+                    Err(FieldError::Unknown(_)) if self.ignore_unknown => continue,
+                    Err(e) => return Err(invalid(format!("query parameter `{k}`: {e}"))),
+                };
                 // A parameter for a field the path or the body sets is not the client's to
-                // override.
-                let bound = vars
-                    .iter()
-                    .any(|(f, _)| f.starts_with(&field) || field.starts_with(f))
-                    || matches!(&rule.body, BodyTo::Field(b) if b.name() == field[0]);
-                if bound {
-                    continue;
+                // override; nor may it set a oneof sibling, which would clear that field.
+                match rule.conflict(&chain) {
+                    Some(Conflict::Same) => continue,
+                    Some(Conflict::Oneof(other)) => {
+                        return Err(invalid(format!(
+                            "query parameter `{k}` is in a oneof with `{other}`, which the \
+                             path or body sets"
+                        )));
+                    }
+                    None => {}
                 }
                 match set_field(&mut msg, &field, &v, true) {
                     Ok(()) => {}
@@ -404,6 +447,10 @@ impl Rule {
             check_path(&input, &v.field)
                 .map_err(|e| format!("{path}: `{}` {e}", v.field.join(".")))?;
         }
+        let mut bound = Vec::new();
+        for v in &template.variables {
+            bound.push(resolve(&input, &v.field).map_err(|e| e.to_string())?);
+        }
         let body = match body {
             None => BodyTo::Nothing,
             Some("*") => BodyTo::Whole,
@@ -430,7 +477,31 @@ impl Rule {
             grpc_path: grpc_path.into(),
             body,
             response_body,
+            bound,
         })
+    }
+
+    /// How a query parameter's field chain meets the fields the path and body set.
+    fn conflict(&self, chain: &[FieldDescriptor]) -> Option<Conflict> {
+        let body = match &self.body {
+            BodyTo::Field(f) => Some(vec![f.clone()]),
+            _ => None,
+        };
+        for b in self.bound.iter().chain(body.as_ref()) {
+            if b.starts_with(chain) || chain.starts_with(b) {
+                return Some(Conflict::Same);
+            }
+            // Where the chains part: two members of one oneof.
+            if let Some((x, y)) = b.iter().zip(chain).find(|(x, y)| x != y)
+                && let (Some(ox), Some(oy)) = (x.containing_oneof(), y.containing_oneof())
+                && ox == oy
+            {
+                let at = b.iter().position(|f| f == x).unwrap_or(0);
+                let name: Vec<&str> = b[..=at].iter().map(FieldDescriptor::name).collect();
+                return Some(Conflict::Oneof(name.join(".")));
+            }
+        }
+        None
     }
 }
 
@@ -524,14 +595,51 @@ fn check_path(msg: &MessageDescriptor, field: &[String]) -> Result<(), String> {
         if f.is_list() || f.is_map() {
             return Err("must be a singular field".into());
         }
-        if i + 1 < field.len() {
-            match f.kind() {
-                Kind::Message(m) => cur = m,
-                _ => return Err(format!("`{name}` is not a message")),
+        match f.kind() {
+            Kind::Message(m) if i + 1 < field.len() => cur = m,
+            _ if i + 1 < field.len() => return Err(format!("`{name}` is not a message")),
+            // The last field takes text: a scalar, an enum, or a well-known type written as
+            // text (`Timestamp`, wrappers), not a message of the user's.
+            Kind::Message(m) if !m.full_name().starts_with("google.protobuf.") => {
+                return Err("must be a scalar, an enum or a well-known type".into());
             }
+            _ => {}
         }
     }
     Ok(())
+}
+
+enum Conflict {
+    /// The same field (or one inside it, or its parent).
+    Same,
+    /// A member of the same oneof as this bound field.
+    Oneof(String),
+}
+
+/// The field descriptors along `path` (proto or JSON names), through singular messages.
+fn resolve(input: &MessageDescriptor, path: &[String]) -> Result<Vec<FieldDescriptor>, FieldError> {
+    let mut cur = input.clone();
+    let mut out = Vec::with_capacity(path.len());
+    for (i, name) in path.iter().enumerate() {
+        let f = cur
+            .get_field_by_name(name)
+            .or_else(|| cur.get_field_by_json_name(name))
+            .ok_or_else(|| {
+                FieldError::Unknown(format!("{} has no field `{name}`", cur.full_name()))
+            })?;
+        if i + 1 < path.len() {
+            match f.kind() {
+                Kind::Message(m) if !f.is_list() && !f.is_map() => cur = m,
+                _ => {
+                    return Err(FieldError::Bad(format!(
+                        "`{name}` is not a singular message"
+                    )));
+                }
+            }
+        }
+        out.push(f);
+    }
+    Ok(out)
 }
 
 #[derive(Debug)]
@@ -824,10 +932,13 @@ impl Pending {
             if self.stream.is_none() {
                 return Err(invalid_answer("the upstream answered no message"));
             }
-            return Ok(self.stream_response(headers, crate::body::empty()));
+            // An empty stream, already complete.
+            let mut resp = self.stream_response(headers, crate::body::empty(), request_id);
+            *resp.body_mut() = crate::body::empty();
+            return Ok(resp);
         }
         if self.stream.is_some() {
-            return Ok(self.stream_response(headers, body));
+            return Ok(self.stream_response(headers, body, request_id));
         }
 
         // Unary: one message, then the trailers.
@@ -919,7 +1030,18 @@ impl Pending {
                 } else {
                     f.json_name()
                 };
-                json.get(key).cloned().unwrap_or(serde_json::Value::Null)
+                match json.get(key) {
+                    Some(v) => v.clone(),
+                    // Left out as a default value: the field's default, not `null`.
+                    None => DynamicMessage::new(self.output.clone())
+                        .serialize_with_options(
+                            serde_json::value::Serializer,
+                            &self.ser.clone().skip_default_fields(false),
+                        )
+                        .ok()
+                        .and_then(|all| all.get(key).cloned())
+                        .unwrap_or(serde_json::Value::Null),
+                }
             }
             None => json,
         };
@@ -941,7 +1063,12 @@ impl Pending {
 
     /// A server-streaming answer: each message written as it arrives, the status last (an
     /// error as a final JSON line or an `error` event).
-    fn stream_response(self, mut headers: HeaderMap, body: ProxyBody) -> Response<ProxyBody> {
+    fn stream_response(
+        self,
+        mut headers: HeaderMap,
+        body: ProxyBody,
+        request_id: &str,
+    ) -> Response<ProxyBody> {
         let format = self.stream.unwrap_or_default();
         let ct = match format {
             StreamFormat::Ndjson => "application/x-ndjson",
@@ -954,6 +1081,7 @@ impl Pending {
             buf: BytesMut::new(),
             pending: self,
             format,
+            request_id: request_id.to_owned(),
             done: false,
         };
         let stream = futures_util::stream::unfold(state, |mut st| async move {
@@ -975,6 +1103,7 @@ struct StreamState {
     buf: BytesMut,
     pending: Pending,
     format: StreamFormat,
+    request_id: String,
     done: bool,
 }
 
@@ -1000,8 +1129,14 @@ impl StreamState {
                     return Ok(self.close_with("the gRPC stream ended without a status"));
                 }
                 Some(Err(e)) => {
+                    // Cut short (the read timeout, a reset): the client learns why in the
+                    // stream's own terms, as with a status.
+                    let s = Status {
+                        code: 14,
+                        message: format!("the upstream stream failed: {e}"),
+                    };
                     self.done = true;
-                    return Err(e);
+                    return Ok(self.error_event(&s));
                 }
                 Some(Ok(f)) => match f.into_data() {
                     Ok(d) => self.buf.extend_from_slice(&d),
@@ -1047,8 +1182,7 @@ impl StreamState {
     }
 
     fn error_event(&self, s: &Status) -> Bytes {
-        // The request id is in the response headers already.
-        let json = s.error_json("").to_string();
+        let json = s.error_json(&self.request_id).to_string();
         self.event(json.as_bytes(), Some("error"))
     }
 

@@ -34,11 +34,12 @@ impl Mode {
     pub fn of(headers: &HeaderMap) -> Option<Self> {
         let ct = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
         let ct = ct.split(';').next().unwrap_or("").trim();
-        if let Some(rest) = ct.strip_prefix("application/grpc-web-text") {
-            return (rest.is_empty() || rest.starts_with('+')).then_some(Self::Text);
+        // Only protobuf messages: `+json` would reach the upstream labelled as protobuf.
+        match ct {
+            "application/grpc-web-text" | "application/grpc-web-text+proto" => Some(Self::Text),
+            "application/grpc-web" | "application/grpc-web+proto" => Some(Self::Binary),
+            _ => None,
         }
-        let rest = ct.strip_prefix("application/grpc-web")?;
-        (rest.is_empty() || rest.starts_with('+')).then_some(Self::Binary)
     }
 
     fn content_type(self) -> &'static str {
@@ -193,8 +194,15 @@ impl WebState {
                     return Ok(self.encode(trailer_frame(&h), true));
                 }
                 Some(Err(e)) => {
+                    // Cut short (the read timeout, a reset): a status the client can read.
+                    let mut h = HeaderMap::new();
+                    h.insert("grpc-status", HeaderValue::from_static("14"));
+                    let msg = format!("upstream stream failed: {e}");
+                    if let Ok(v) = HeaderValue::from_str(&crate::error::grpc_percent_encode(&msg)) {
+                        h.insert("grpc-message", v);
+                    }
                     self.done = true;
-                    return Err(e);
+                    return Ok(self.encode(trailer_frame(&h), true));
                 }
                 Some(Ok(f)) => match f.into_data() {
                     Ok(d) if d.is_empty() => {}
