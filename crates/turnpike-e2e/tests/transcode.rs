@@ -794,3 +794,48 @@ async fn open_bytes(gw: &Gw, path: &str, ct: &str, body: Bytes) -> Reply {
         body,
     }
 }
+
+#[tokio::test]
+async fn the_upstream_gets_a_grpc_call_and_non_grpc_answers_are_errors() {
+    let busy = Upstream::start(|s| {
+        if s.path_and_query.contains("Ping") {
+            status(StatusCode::SERVICE_UNAVAILABLE, "busy")
+        } else {
+            status(StatusCode::OK, "plain text")
+        }
+    })
+    .await;
+    let gw = gateway(busy.addr, &from_files(), "").await;
+
+    let r = call(
+        &gw,
+        "GET",
+        "/v1/ping/x?name=other",
+        &[("x-caller", "c")],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 503, "{:?}", r.body);
+    assert_eq!(r.json()["error"]["code"], "grpc_unavailable");
+
+    // What the upstream saw: a gRPC call, its message framed, no query (the path binds
+    // `name`: the parameter is ignored).
+    let seen = busy.seen();
+    let s = &seen[0];
+    assert_eq!(s.method, "POST");
+    assert_eq!(s.path_and_query, "/library.v1.Library/Ping");
+    assert_eq!(s.version, http::Version::HTTP_2);
+    assert_eq!(s.header("content-type"), Some("application/grpc"));
+    assert_eq!(s.header("te"), Some("trailers"));
+    assert_eq!(s.header("x-caller"), Some("c"));
+    assert_eq!(s.body[0], 0);
+    let len = u32::from_be_bytes([s.body[1], s.body[2], s.body[3], s.body[4]]) as usize;
+    assert_eq!(len, s.body.len() - 5);
+    let msg = GetBookRequest::decode(&s.body[5..]).unwrap();
+    assert_eq!(msg.name, "x");
+
+    // A 200 that is not gRPC.
+    let r = call(&gw, "GET", "/v1/shelves/s/books/b", &[], "").await;
+    assert_eq!(r.status, 502, "{:?}", r.body);
+    assert_eq!(r.json()["error"]["code"], "grpc_response_invalid");
+}

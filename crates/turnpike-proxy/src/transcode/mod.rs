@@ -256,15 +256,7 @@ impl Transcoder {
                 // A body sent where none is mapped is not silently dropped. A chunked or
                 // HTTP/2 body may turn out empty: it is read to know.
                 if !body.is_empty() {
-                    let bytes = crate::policy::inspect::read_whole(
-                        body,
-                        self.max_message.min(read.limit),
-                        parts,
-                        read.idle,
-                        read.total,
-                        "the gRPC transcoder reads",
-                    )
-                    .await?;
+                    let bytes = self.read(body, parts, read).await?;
                     if !bytes.is_empty() {
                         return Err(invalid(format!(
                             "{} {} takes no body",
@@ -414,6 +406,16 @@ impl Transcoder {
                 "an encoded body cannot be transcoded",
             ));
         }
+        self.read(body, parts, read).await
+    }
+
+    /// Reads the whole body within `max_message_bytes` and the route's limits.
+    async fn read(
+        &self,
+        body: ReqBody,
+        parts: &Parts,
+        read: &crate::transform::BodyRead,
+    ) -> Result<Bytes, GatewayError> {
         crate::policy::inspect::read_whole(
             body,
             self.max_message.min(read.limit),
@@ -895,10 +897,21 @@ impl Pending {
     ) -> Result<Response<ProxyBody>, GatewayError> {
         let (parts, mut body) = resp.into_parts();
         if parts.status != StatusCode::OK {
-            return Err(invalid_answer(format!(
-                "the gRPC upstream answered HTTP {}",
-                parts.status.as_u16()
-            )));
+            // Not a gRPC answer (a proxy or load balancer in between): its status read as
+            // gRPC clients read it.
+            let code = match parts.status.as_u16() {
+                400 => 13,
+                401 => 16,
+                403 => 7,
+                404 => 12,
+                429 | 502..=504 => 14,
+                _ => 2,
+            };
+            let status = Status {
+                code,
+                message: format!("the gRPC upstream answered HTTP {}", parts.status.as_u16()),
+            };
+            return Ok(self.error(&status, HeaderMap::new(), request_id));
         }
         let ct = parts
             .headers
@@ -1084,18 +1097,30 @@ impl Pending {
             request_id: request_id.to_owned(),
             done: false,
         };
-        let stream = futures_util::stream::unfold(state, |mut st| async move {
-            if st.done {
-                return None;
-            }
-            let out = st.next_chunk().await;
-            Some((out.map(http_body::Frame::data), st))
-        });
-        let body = http_body_util::StreamBody::new(stream);
-        let mut resp = Response::new(BodyExt::boxed_unsync(body));
+        let mut resp = Response::new(chunked(state));
         *resp.headers_mut() = headers;
         resp
     }
+}
+
+/// A stream of chunks written one at a time until the writer is done.
+pub(crate) trait Chunks: Send + 'static {
+    /// Whether the last chunk was written.
+    fn done(&self) -> bool;
+    /// The next chunk (the last one sets `done`).
+    fn next_chunk(&mut self) -> impl std::future::Future<Output = Result<Bytes, BoxError>> + Send;
+}
+
+/// A response body that writes what `chunks` produces, as it comes.
+pub(crate) fn chunked<C: Chunks>(chunks: C) -> ProxyBody {
+    let stream = futures_util::stream::unfold(chunks, |mut c| async move {
+        if c.done() {
+            return None;
+        }
+        let out = c.next_chunk().await;
+        Some((out.map(http_body::Frame::data), c))
+    });
+    BodyExt::boxed_unsync(http_body_util::StreamBody::new(stream))
 }
 
 struct StreamState {
@@ -1107,7 +1132,11 @@ struct StreamState {
     done: bool,
 }
 
-impl StreamState {
+impl Chunks for StreamState {
+    fn done(&self) -> bool {
+        self.done
+    }
+
     /// The next piece of the client's stream: a message, or the closing error.
     async fn next_chunk(&mut self) -> Result<Bytes, BoxError> {
         loop {
@@ -1159,7 +1188,9 @@ impl StreamState {
             }
         }
     }
+}
 
+impl StreamState {
     fn event(&self, json: &[u8], event: Option<&str>) -> Bytes {
         let mut out = BytesMut::with_capacity(json.len() + 16);
         match self.format {

@@ -157,17 +157,7 @@ pub fn response(resp: Response<ProxyBody>, mode: Mode) -> Response<ProxyBody> {
         carry: BytesMut::new(),
         done: false,
     };
-    let stream = futures_util::stream::unfold(state, |mut st| async move {
-        if st.done {
-            return None;
-        }
-        let out = st.next_chunk().await;
-        Some((out.map(http_body::Frame::data), st))
-    });
-    Response::from_parts(
-        parts,
-        BodyExt::boxed_unsync(http_body_util::StreamBody::new(stream)),
-    )
+    Response::from_parts(parts, super::chunked(state))
 }
 
 struct WebState {
@@ -178,7 +168,11 @@ struct WebState {
     done: bool,
 }
 
-impl WebState {
+impl super::Chunks for WebState {
+    fn done(&self) -> bool {
+        self.done
+    }
+
     async fn next_chunk(&mut self) -> Result<Bytes, BoxError> {
         loop {
             match self.body.frame().await {
@@ -217,7 +211,9 @@ impl WebState {
             }
         }
     }
+}
 
+impl WebState {
     fn encode(&mut self, data: Bytes, last: bool) -> Bytes {
         if self.mode == Mode::Binary {
             return data;
