@@ -9,6 +9,8 @@
 //! - `/stream/{n}` — `n` JSON lines, one chunk each.
 //! - `/sse?n=3&interval_ms=100` — `n` server-sent events, flushed one by one.
 //! - `/health` — `200 ok`.
+//! - gRPC (HTTP/2), service `demo.v1.Greeter` of [`GREETER_PROTO`]: `SayHello` (unary) and
+//!   `Countdown` (server streaming, one message each 100 ms).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -137,6 +139,7 @@ async fn respond(name: &str, req: Request<Incoming>) -> Response<ProxyBody> {
             r
         }
         "sse" => sse(req.uri().query().unwrap_or("")),
+        "demo.v1.Greeter" => greeter(rest, req).await,
         "cached" => {
             // Cacheable for `rest` seconds; the time shows whether a cache answered.
             let secs = rest.parse::<u64>().unwrap_or(60).min(86_400);
@@ -163,6 +166,115 @@ async fn respond(name: &str, req: Request<Incoming>) -> Response<ProxyBody> {
         resp.headers_mut().insert("x-served-by", v);
     }
     resp
+}
+
+/// The demo's gRPC service, as a `.proto` (the quickstart's `grpc_transcode` carries the same
+/// text, with its HTTP annotations).
+pub const GREETER_PROTO: &str = r#"syntax = "proto3";
+package demo.v1;
+
+service Greeter {
+  rpc SayHello(HelloRequest) returns (HelloReply);
+  rpc Countdown(CountdownRequest) returns (stream HelloReply);
+}
+
+message HelloRequest { string name = 1; }
+message HelloReply { string message = 1; }
+message CountdownRequest { uint32 from = 1; }
+"#;
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct HelloRequest {
+    #[prost(string, tag = "1")]
+    name: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct HelloReply {
+    #[prost(string, tag = "1")]
+    message: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct CountdownRequest {
+    #[prost(uint32, tag = "1")]
+    from: u32,
+}
+
+/// `demo.v1.Greeter`: one framed request message in, framed replies and a status out.
+async fn greeter(method: &str, req: Request<Incoming>) -> Response<ProxyBody> {
+    use prost::Message as _;
+    let status_only = |code: u8, msg: &'static str| {
+        let mut r = Response::new(body::empty());
+        let h = r.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("application/grpc"),
+        );
+        h.insert("grpc-status", header::HeaderValue::from(u16::from(code)));
+        h.insert("grpc-message", header::HeaderValue::from_static(msg));
+        r
+    };
+    let Ok(bytes) = Limited::new(req.into_body(), 64 * 1024).collect().await else {
+        return status_only(8, "request too large");
+    };
+    let bytes = bytes.to_bytes();
+    let Some(msg) = bytes.get(5..).filter(|_| bytes.first() == Some(&0)) else {
+        return status_only(13, "not a gRPC message");
+    };
+    let frame = |reply: &HelloReply| {
+        let body = reply.encode_to_vec();
+        let mut out = Vec::with_capacity(5 + body.len());
+        out.push(0);
+        out.extend_from_slice(&u32::try_from(body.len()).unwrap_or(0).to_be_bytes());
+        out.extend_from_slice(&body);
+        Frame::data(Bytes::from(out))
+    };
+    let mut ok = http::HeaderMap::new();
+    ok.insert("grpc-status", header::HeaderValue::from_static("0"));
+    let frames: Vec<Frame<Bytes>> = match method {
+        "SayHello" => {
+            let Ok(r) = HelloRequest::decode(msg) else {
+                return status_only(13, "not a HelloRequest");
+            };
+            if r.name.is_empty() {
+                return status_only(3, "name is required");
+            }
+            vec![frame(&HelloReply {
+                message: format!("Hello, {}!", r.name),
+            })]
+        }
+        "Countdown" => {
+            let Ok(r) = CountdownRequest::decode(msg) else {
+                return status_only(13, "not a CountdownRequest");
+            };
+            (1..=r.from.min(10))
+                .rev()
+                .map(|n| {
+                    frame(&HelloReply {
+                        message: n.to_string(),
+                    })
+                })
+                .collect()
+        }
+        _ => return status_only(12, "no such method"),
+    };
+    let spaced = method == "Countdown";
+    use futures_util::StreamExt as _;
+    let stream = futures_util::stream::iter(frames.into_iter().chain([Frame::trailers(ok)]))
+        .enumerate()
+        .then(move |(i, f)| async move {
+            if spaced && i > 0 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Ok::<_, crate::body::BoxError>(f)
+        });
+    let mut r = Response::new(StreamBody::new(stream).boxed_unsync());
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/grpc"),
+    );
+    r
 }
 
 async fn echo(name: &str, req: Request<Incoming>) -> Response<ProxyBody> {
