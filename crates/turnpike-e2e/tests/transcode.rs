@@ -351,6 +351,12 @@ async fn unary_methods_follow_their_http_annotations() {
     assert_eq!(r.status, 200, "{:?}", r.body);
     assert_eq!(r.json()["name"], "shelves/s4/books/emma");
 
+    // HEAD is answered as GET, without the body.
+    let r = call(&gw, "HEAD", "/v1/shelves/s1/books/b1", &[], "").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    assert!(r.body.is_empty());
+
     // The explicit mapping of a method without annotation.
     let r = call(&gw, "GET", "/v1/ping/x", &[], "").await;
     assert_eq!(r.status, 200, "{:?}", r.body);

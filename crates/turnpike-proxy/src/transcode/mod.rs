@@ -223,7 +223,10 @@ impl Transcoder {
         let mut found = None;
         for rule in &self.rules {
             if let Some(vars) = rule.template.matches(path) {
-                if rule.verb == parts.method {
+                // HEAD asks what GET would answer (the body is not sent).
+                if rule.verb == parts.method
+                    || (parts.method == Method::HEAD && rule.verb == Method::GET)
+                {
                     found = Some((rule, vars));
                     break;
                 }
@@ -332,9 +335,9 @@ impl Transcoder {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
         let stream = rule.method.is_server_streaming().then(|| {
-            if accept.contains("text/event-stream") {
+            if accepts(accept, "text/event-stream") {
                 StreamFormat::Sse
-            } else if accept.contains("application/x-ndjson") {
+            } else if accepts(accept, "application/x-ndjson") {
                 StreamFormat::Ndjson
             } else {
                 self.stream
@@ -764,6 +767,21 @@ fn scalar(kind: &Kind, raw: &str) -> Result<Value, String> {
             };
             Value::Message(msg)
         }
+    })
+}
+
+/// Whether an `Accept` value names `media` with a non-zero quality.
+fn accepts(accept: &str, media: &str) -> bool {
+    accept.split(',').any(|range| {
+        let mut params = range.split(';');
+        let name = params.next().unwrap_or("").trim();
+        let q_zero = params.any(|p| {
+            p.trim()
+                .strip_prefix("q=")
+                .and_then(|q| q.trim().parse::<f32>().ok())
+                .is_some_and(|q| q <= 0.0)
+        });
+        name.eq_ignore_ascii_case(media) && !q_zero
     })
 }
 
@@ -1260,6 +1278,17 @@ fn frame_len(data: &[u8], max: u64) -> Result<Option<usize>, String> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn accept_ranges_with_zero_quality_do_not_choose() {
+        assert!(accepts("text/event-stream", "text/event-stream"));
+        assert!(accepts(
+            "application/json, Text/Event-Stream;q=0.5",
+            "text/event-stream"
+        ));
+        assert!(!accepts("text/event-stream;q=0", "text/event-stream"));
+        assert!(!accepts("text/event-streamx", "text/event-stream"));
+    }
 
     #[test]
     fn statuses_map_to_http() {
