@@ -778,7 +778,13 @@ policies:
         web_frame(&ping),
     )
     .await;
-    assert_eq!(resp.status, 404);
+    // Refused as gRPC-Web: trailers-only, UNIMPLEMENTED.
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.header("grpc-status"), Some("12"));
+    assert_eq!(
+        resp.header("content-type"),
+        Some("application/grpc-web+proto")
+    );
 }
 
 async fn open_bytes(gw: &Gw, path: &str, ct: &str, body: Bytes) -> Reply {

@@ -116,6 +116,8 @@ pub async fn handle(
         .then(|| observe::Pending::new(&mut req, conn, request_id, shared.observer.capture()));
 
     let grpc = crate::error::is_grpc(req.headers());
+    // gRPC-Web clients read the gateway's errors as gRPC ones too, in their own framing.
+    let grpc_web = crate::transcode::web::Mode::of(req.headers());
 
     let mut outcome = LogFacts {
         request_body: observed
@@ -131,7 +133,14 @@ pub async fn handle(
         Ok(r) => r,
         Err(e) => {
             outcome.error = Some(e.kind.code());
-            e.into_response_for(grpc, request_id)
+            let mut r = e.into_response_for(grpc || grpc_web.is_some(), request_id);
+            if let Some(mode) = grpc_web {
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static(mode.content_type()),
+                );
+            }
+            r
         }
     };
     if !outcome.response_headers.is_empty() {

@@ -42,7 +42,8 @@ impl Mode {
         }
     }
 
-    fn content_type(self) -> &'static str {
+    /// The content type answers in this form carry.
+    pub fn content_type(self) -> &'static str {
         match self {
             Self::Binary => "application/grpc-web+proto",
             Self::Text => "application/grpc-web-text+proto",
