@@ -668,8 +668,20 @@ pub fn precheck(
         PolicyKind::RateLimit(c) if c.mode == turnpike_model::policy::RateLimitMode::Redis => {
             limit::check_redis_url(&c.redis.url)
         }
-        // The `.proto` files must compile: a store policy naming a missing file is left out.
-        PolicyKind::GrpcTranscode(c) => crate::transcode::Transcoder::new(c).map(drop),
+        // Store policies come from Admin API users, who must not make the gateway read (and
+        // echo in errors) files of its machine: their `.proto` files are inline, and imports
+        // resolve only among them. They must compile, or the policy is left out.
+        PolicyKind::GrpcTranscode(c) => {
+            if !c.proto_files.is_empty() || !c.import_paths.is_empty() {
+                return Err((
+                    "proto_files".into(),
+                    "Admin API policies give their .proto files inline in `proto_sources`; \
+                     `proto_files` and `import_paths` are for the configuration file"
+                        .into(),
+                ));
+            }
+            crate::transcode::Transcoder::new(c).map(drop)
+        }
         _ => Ok(()),
     }
 }

@@ -1280,6 +1280,36 @@ mod tests {
     use super::*;
 
     #[test]
+    fn store_policies_cannot_read_files_of_the_gateway() {
+        let kind = |config: serde_json::Value| {
+            turnpike_model::policy::PolicyKind::parse_attachment("grpc_transcode", &config).unwrap()
+        };
+        let managed = turnpike_model::managed::Managed::default();
+        let scope = turnpike_model::mgmt::PolicyScope::Global;
+        for config in [
+            serde_json::json!({"proto_files": ["/etc/x.proto"]}),
+            serde_json::json!({"proto_sources": {"a.proto": "syntax = \"proto3\";"}, "import_paths": ["/"]}),
+        ] {
+            let e = crate::policy::precheck(&kind(config), &scope, &managed).unwrap_err();
+            assert!(e.1.contains("inline"), "{e:?}");
+        }
+        // Inline sources compile; an import outside them is not found.
+        let ok = serde_json::json!({
+            "proto_sources": {"a.proto": "syntax = \"proto3\"; package a; message M {} service S { rpc Get(M) returns (M); }"},
+            "use_annotations": false,
+            "methods": [{"grpc": "a.S/Get", "path": "/m"}]
+        });
+        assert!(crate::policy::precheck(&kind(ok), &scope, &managed).is_ok());
+        let escape = serde_json::json!({
+            "proto_sources": {"a.proto": "syntax = \"proto3\"; import \"etc/passwd\";"},
+            "use_annotations": false,
+            "methods": [{"grpc": "a.S/Get", "path": "/m"}]
+        });
+        let e = crate::policy::precheck(&kind(escape), &scope, &managed).unwrap_err();
+        assert!(e.1.contains("etc/passwd"), "{e:?}");
+    }
+
+    #[test]
     fn accept_ranges_with_zero_quality_do_not_choose() {
         assert!(accepts("text/event-stream", "text/event-stream"));
         assert!(accepts(
