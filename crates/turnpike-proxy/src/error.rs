@@ -336,7 +336,7 @@ impl GatewayError {
                         "details": details,
                     }
                 });
-                json_error(self.kind, body)
+                json_error(self.kind.status(), body)
             }
         }
     }
@@ -365,12 +365,13 @@ pub fn error_response(kind: ErrorKind, message: &str, request_id: &str) -> Respo
     let body = serde_json::json!({
         "error": { "code": kind.code(), "message": message, "request_id": request_id }
     });
-    json_error(kind, body)
+    json_error(kind.status(), body)
 }
 
-fn json_error(kind: ErrorKind, body: serde_json::Value) -> Response<ProxyBody> {
+/// A JSON error body with `status`, not to be stored by caches.
+pub(crate) fn json_error(status: StatusCode, body: serde_json::Value) -> Response<ProxyBody> {
     let mut resp = Response::new(crate::body::full(body.to_string()));
-    *resp.status_mut() = kind.status();
+    *resp.status_mut() = status;
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),

@@ -964,12 +964,10 @@ impl Pending {
                 return Err(invalid_answer("the upstream answered no message"));
             }
             // An empty stream, already complete.
-            let mut resp = self.stream_response(headers, crate::body::empty(), request_id);
-            *resp.body_mut() = crate::body::empty();
-            return Ok(resp);
+            return Ok(self.stream_response(headers, None, request_id));
         }
         if self.stream.is_some() {
-            return Ok(self.stream_response(headers, body, request_id));
+            return Ok(self.stream_response(headers, Some(body), request_id));
         }
 
         // Unary: one message, then the trailers.
@@ -1080,24 +1078,21 @@ impl Pending {
     }
 
     fn error(&self, status: &Status, headers: HeaderMap, request_id: &str) -> Response<ProxyBody> {
-        let mut resp = Response::new(crate::body::full(status.error_json(request_id).to_string()));
-        *resp.status_mut() = http_status(status.code);
-        *resp.headers_mut() = headers;
-        resp.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        resp.headers_mut()
-            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        let mut resp =
+            crate::error::json_error(http_status(status.code), status.error_json(request_id));
+        // The upstream's headers, with the error's own type and caching.
+        let ours = std::mem::replace(resp.headers_mut(), headers);
+        resp.headers_mut().extend(ours);
         resp
     }
 
-    /// A server-streaming answer: each message written as it arrives, the status last (an
-    /// error as a final JSON line or an `error` event).
+    /// A server-streaming answer: each message of `body` written as it arrives, the status
+    /// last (an error as a final JSON line or an `error` event); `None`: an empty stream
+    /// whose OK status came with the headers.
     fn stream_response(
         self,
         mut headers: HeaderMap,
-        body: ProxyBody,
+        body: Option<ProxyBody>,
         request_id: &str,
     ) -> Response<ProxyBody> {
         let format = self.stream.unwrap_or_default();
@@ -1107,15 +1102,18 @@ impl Pending {
         };
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-        let state = StreamState {
-            body,
-            buf: BytesMut::new(),
-            pending: self,
-            format,
-            request_id: request_id.to_owned(),
-            done: false,
+        let body = match body {
+            Some(body) => chunked(StreamState {
+                body,
+                buf: BytesMut::new(),
+                pending: self,
+                format,
+                request_id: request_id.to_owned(),
+                done: false,
+            }),
+            None => crate::body::empty(),
         };
-        let mut resp = Response::new(chunked(state));
+        let mut resp = Response::new(body);
         *resp.headers_mut() = headers;
         resp
     }
