@@ -23,6 +23,7 @@ use turnpike_model::config::ClientIpHeader;
 
 use crate::access::{self, Access};
 use crate::body::{self, ProxyBody};
+use crate::client::UpstreamBody;
 use crate::clientcert::ClientCert;
 use crate::error::{ErrorKind, GatewayError, error_response};
 use crate::observe;
@@ -1030,7 +1031,7 @@ async fn guarded_send(
     headers: HeaderMap,
     upgrade: bool,
     log: &mut LogFacts,
-) -> Result<(Response<Incoming>, ResponseGuard), GatewayError> {
+) -> Result<(Response<UpstreamBody>, ResponseGuard), GatewayError> {
     let up = &route.chain.upstream;
     let permit = match &up.bulkhead {
         Some(c) => match &c.policy {
@@ -1176,7 +1177,7 @@ async fn send_with_retries(
     target_breaker: Option<&Arc<resilience::Breaker>>,
     tees: &[(tokio::sync::mpsc::Sender<traffic::Chunk>, u64)],
     log: &mut LogFacts,
-) -> Result<(Response<Incoming>, ResponseGuard), GatewayError> {
+) -> Result<(Response<UpstreamBody>, ResponseGuard), GatewayError> {
     let upstream = dest.upstream;
     let cfg = &upstream.config;
     let method = call.method;
@@ -1414,7 +1415,7 @@ fn end_attempt(
 }
 
 fn finish_response(
-    resp: Response<Incoming>,
+    resp: Response<UpstreamBody>,
     guard: ResponseGuard,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     route: &CompiledRoute,
