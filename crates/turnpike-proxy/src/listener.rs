@@ -35,6 +35,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use http::{Request, Response};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::server::conn::{http1, http2};
@@ -42,7 +43,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
@@ -590,50 +591,93 @@ struct Watch<'a> {
 }
 
 impl Watch<'_> {
+    /// Polls the connection to its end, closing it when [`Activity`] says it expired and
+    /// draining it on shutdown.
+    ///
+    /// This runs on every wake-up of every connection, so it avoids the costs a `select!`
+    /// loop would pay each time: the shutdown token is checked through its flag and its waiter
+    /// registered once per waker (polling `cancelled()` takes the token's lock, shared by all
+    /// connections), the timer is re-armed only when the deadline moves earlier (a later one
+    /// is picked up when it fires), and changes made while the watchdog itself is polling do
+    /// not wake the task again.
     async fn run<C, E>(self, conn: C, graceful: impl Fn(Pin<&mut C>)) -> Result<(), Closed>
     where
         C: Future<Output = Result<(), E>>,
         E: Display,
     {
+        let activity = self.activity;
         let mut conn = pin!(conn);
         let mut timer = pin!(tokio::time::sleep(Duration::ZERO));
+        // When the timer is set to fire; `None` while it is not armed.
+        let mut armed: Option<Instant> = None;
         let mut draining = false;
         // Set once an idle HTTP/2 connection was sent GOAWAY: the client gets this long to
         // close before the connection is dropped.
         let mut hard_stop: Option<Instant> = None;
-        loop {
-            let deadline = hard_stop.or_else(|| self.activity.deadline(self.limits));
-            if let Some(deadline) = deadline {
-                timer.as_mut().reset(deadline);
-            }
-            tokio::select! {
-                biased;
-                result = conn.as_mut() => {
-                    return result.map_err(|e| Closed::Error(e.to_string()));
+        let mut cancelled = pin!(self.shutdown.cancelled());
+        let mut shutdown_waker: Option<std::task::Waker> = None;
+        std::future::poll_fn(|cx| {
+            activity.watcher.register(cx.waker());
+            activity.watching.store(true, Ordering::SeqCst);
+            let outcome = loop {
+                if let Poll::Ready(result) = conn.as_mut().poll(cx) {
+                    break Poll::Ready(result.map_err(|e| Closed::Error(e.to_string())));
                 }
-                () = self.shutdown.cancelled(), if !draining => {
-                    draining = true;
-                    graceful(conn.as_mut());
-                }
-                // Woken when a request ends or a head starts: recompute the deadline.
-                () = self.activity.changed.notified() => {}
-                () = timer.as_mut(), if deadline.is_some() => {
-                    if hard_stop.is_some() {
-                        return Err(Closed::Idle);
+                if !draining {
+                    let fresh = !shutdown_waker
+                        .as_ref()
+                        .is_some_and(|w| w.will_wake(cx.waker()));
+                    if fresh {
+                        shutdown_waker = Some(cx.waker().clone());
                     }
-                    match self.activity.expired(Instant::now(), self.limits) {
-                        None => {}
-                        Some(Closed::HeaderTimeout) => return Err(Closed::HeaderTimeout),
-                        Some(_) if self.activity.h2.load(Ordering::Acquire) && !draining => {
+                    if self.shutdown.is_cancelled()
+                        || (fresh && cancelled.as_mut().poll(cx).is_ready())
+                    {
+                        draining = true;
+                        graceful(conn.as_mut());
+                        continue;
+                    }
+                }
+                let deadline = hard_stop.or_else(|| activity.deadline(self.limits));
+                if let Some(d) = deadline
+                    && armed.is_none_or(|at| d < at)
+                {
+                    timer.as_mut().reset(d);
+                    armed = Some(d);
+                }
+                if armed.is_some() && timer.as_mut().poll(cx).is_ready() {
+                    armed = None;
+                    if hard_stop.is_some() {
+                        break Poll::Ready(Err(Closed::Idle));
+                    }
+                    match activity.expired(Instant::now(), self.limits) {
+                        // Fired for a deadline that has moved: arm for the new one.
+                        None => continue,
+                        Some(Closed::HeaderTimeout) => {
+                            break Poll::Ready(Err(Closed::HeaderTimeout));
+                        }
+                        Some(_) if activity.h2.load(Ordering::Acquire) && !draining => {
                             draining = true;
                             graceful(conn.as_mut());
                             hard_stop = Some(Instant::now() + self.limits.header_read_timeout);
+                            continue;
                         }
-                        Some(closed) => return Err(closed),
+                        Some(closed) => break Poll::Ready(Err(closed)),
                     }
                 }
-            }
-        }
+                // Changes made from here on wake the task; one made since the deadline was
+                // read did not, so read it again.
+                activity.watching.store(false, Ordering::SeqCst);
+                std::sync::atomic::fence(Ordering::SeqCst);
+                if hard_stop.or_else(|| activity.deadline(self.limits)) == deadline {
+                    break Poll::Pending;
+                }
+                activity.watching.store(true, Ordering::SeqCst);
+            };
+            activity.watching.store(false, Ordering::SeqCst);
+            outcome
+        })
+        .await
     }
 }
 
@@ -652,7 +696,11 @@ struct Activity {
     idle_since: AtomicU64,
     /// The stream turned out to be HTTP/2 (idle rules differ: control frames keep arriving).
     h2: AtomicBool,
-    changed: Notify,
+    /// The watchdog's task, woken when the deadline may have moved.
+    watcher: AtomicWaker,
+    /// The watchdog is polling and reads the state again before it sleeps, so a change needs
+    /// no wake-up (most changes happen inside the connection's own poll).
+    watching: AtomicBool,
 }
 
 impl Activity {
@@ -664,7 +712,16 @@ impl Activity {
             head_since: AtomicU64::new(0),
             idle_since: AtomicU64::new(0),
             h2: AtomicBool::new(false),
-            changed: Notify::new(),
+            watcher: AtomicWaker::new(),
+            watching: AtomicBool::new(false),
+        }
+    }
+
+    /// The deadline may have moved: wake the watchdog unless it will look anyway.
+    fn changed(&self) {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if !self.watching.load(Ordering::SeqCst) {
+            self.watcher.wake();
         }
     }
 
@@ -686,7 +743,7 @@ impl Activity {
                 .compare_exchange(NEVER, self.now_ms(), Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
         {
-            self.changed.notify_one();
+            self.changed();
         }
     }
 
@@ -695,7 +752,7 @@ impl Activity {
         self.h2.store(true, Ordering::Release);
         self.idle_since.store(self.now_ms(), Ordering::Release);
         self.head_since.store(NEVER, Ordering::Release);
-        self.changed.notify_one();
+        self.changed();
     }
 
     /// A request head is complete and handed to the service.
@@ -708,7 +765,7 @@ impl Activity {
     fn end(&self) {
         if self.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.idle_since.store(self.now_ms(), Ordering::Release);
-            self.changed.notify_one();
+            self.changed();
         }
     }
 
