@@ -13,6 +13,13 @@ use turnpike_proxy::demo::DemoServer;
 use turnpike_proxy::gateway::Gateway;
 use turnpike_store::Store;
 
+/// jemalloc instead of the C library's allocator. Profiles of the proxy benchmark showed
+/// glibc's malloc on its slow path (bin consolidation) for the 8 KiB read buffers hyper
+/// allocates as connections read; side by side, jemalloc took about 7 % less CPU per request
+/// (median of 7 interleaved runs) for about 3 MiB more peak RSS.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// The quickstart configuration, used when no `--config` is given.
 const QUICKSTART: &str = include_str!("../../../examples/quickstart.yaml");
 
