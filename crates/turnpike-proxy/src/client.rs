@@ -5,11 +5,12 @@
 //! server name configured for the upstream (or the target's host name) in SNI — never the IP
 //! when a name is known.
 //!
-//! HTTP/1.1 upstreams go through [`H1Pool`], our own pool over hyper's connection API: the
-//! request runs on the caller's task, and a connection goes back to the pool when its answer's
-//! body has been read to the end, without a task per request to watch for that. (hyper-util's
-//! pooled client spawned one per request and cost about a sixth of the proxy's CPU.) HTTP/2
-//! upstreams keep hyper-util's client, which multiplexes requests over one connection.
+//! HTTP/1.1 upstreams go through [`H1Pool`], our own pool over hyper's connection API: each
+//! connection has its task (which writes requests and reads answers), and a connection goes
+//! back to the pool when its answer's body has been read to the end, without a task per
+//! request to watch for that. (hyper-util's pooled client spawned one per request and cost
+//! about a sixth of the proxy's CPU.) HTTP/2 upstreams keep hyper-util's client, which
+//! multiplexes requests over one connection.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -37,10 +38,10 @@ use turnpike_model::{UpstreamConfig, UpstreamScheme};
 
 use crate::body::{BoxError, ProxyBody};
 
-/// Longest a request waits for a pooled connection that is still finishing its previous
-/// exchange (its answer was read, but hyper has not yet marked it idle) before it gives that
-/// connection up and dials a new one.
-const POOLED_READY_WAIT: Duration = Duration::from_millis(500);
+/// Longest a request waits for a pooled connection to accept it. Connections are pooled only
+/// once ready, so this is a safety net for one that turns busy or closes meanwhile: past it,
+/// the request gives that connection up and takes the next one, or dials.
+const POOLED_READY_WAIT: Duration = Duration::from_millis(100);
 
 /// Client for one upstream.
 #[derive(Clone)]
@@ -278,9 +279,14 @@ impl H1Pool {
                     // An idle connection the upstream closed just as we picked it: the
                     // request was never written, so it goes out on another one, whatever
                     // its method.
-                    if reused && let Some(unsent) = e.take_message() {
-                        req = unsent;
-                        continue;
+                    if let Some(unsent) = e.take_message() {
+                        if reused {
+                            req = unsent;
+                            continue;
+                        }
+                        // A new connection that ended before the request was written:
+                        // nothing was sent, which the caller may retry whatever the method.
+                        return Err(ClientError::connect(e.into_error()));
                     }
                     return Err(ClientError {
                         connect: false,
@@ -303,7 +309,7 @@ impl H1Pool {
         let back = if parts.status == StatusCode::SWITCHING_PROTOCOLS {
             None
         } else if body.is_end_stream() {
-            self.put(addr, sender);
+            self.checkin(addr, sender);
             None
         } else {
             Some(Checkin {
@@ -345,6 +351,29 @@ impl H1Pool {
         None
     }
 
+    /// Pools a connection whose answer has been read. One that cannot take a request yet is
+    /// pooled only once it can: usually hyper's connection task has just not marked it idle
+    /// yet, but after an early answer (a 413 or 401 while the client still uploads) it may
+    /// still be sending the request body, and a request picking it would wait for the upload.
+    fn checkin(self: &Arc<Self>, addr: SocketAddr, mut sender: SendRequest<ProxyBody>) {
+        if sender.is_ready() {
+            self.put(addr, sender);
+            return;
+        }
+        if self.max_idle == 0 || sender.is_closed() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let pool = Arc::clone(self);
+        runtime.spawn(async move {
+            if let Ok(Ok(())) = tokio::time::timeout(pool.idle_timeout, sender.ready()).await {
+                pool.put(addr, sender);
+            }
+        });
+    }
+
     fn put(self: &Arc<Self>, addr: SocketAddr, sender: SendRequest<ProxyBody>) {
         if self.max_idle == 0 || sender.is_closed() {
             return;
@@ -354,6 +383,10 @@ impl H1Pool {
             return;
         };
         let list = idle.entry(addr).or_default();
+        if list.len() >= self.max_idle {
+            // Connections the upstream closed since the last sweep do not hold a place.
+            list.retain(|e| !e.sender.is_closed());
+        }
         if list.len() < self.max_idle {
             list.push(Idle {
                 sender,
@@ -422,7 +455,7 @@ struct Checkin {
 
 impl Checkin {
     fn back(self) {
-        self.pool.put(self.addr, self.sender);
+        self.pool.checkin(self.addr, self.sender);
     }
 }
 
@@ -450,7 +483,9 @@ impl Body for UpstreamBody {
         let this = self.get_mut();
         let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
         match &frame {
-            Some(Ok(_)) if !this.inner.is_end_stream() => {}
+            // Trailers end the body (readers stop there), though hyper's HTTP/1 body only
+            // reports its end on the next poll.
+            Some(Ok(f)) if !f.is_trailers() && !this.inner.is_end_stream() => {}
             Some(Err(_)) => this.back = None,
             // The last frame, or the end: the exchange is complete on our side.
             _ => {
@@ -700,6 +735,41 @@ mod tests {
         }
     }
 
+    /// A raw TCP upstream on port 0: `serve` gets each accepted connection; also returns the
+    /// count of connections accepted.
+    async fn raw_upstream<F, Fut>(serve: F) -> (SocketAddr, Arc<AtomicUsize>)
+    where
+        F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let a = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                a.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(serve(tcp));
+            }
+        });
+        (addr, accepted)
+    }
+
+    /// Reads into `buf` until it holds a request head; the head's length, or `None` at EOF.
+    async fn read_head(tcp: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Option<usize> {
+        use tokio::io::AsyncReadExt;
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                return Some(i + 4);
+            }
+            match tcp.read(&mut chunk).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
     fn client(max_idle: usize, idle_timeout: Duration) -> UpstreamClient {
         let mut cfg: UpstreamConfig = serde_json::from_value(serde_json::json!({
             "name": "t",
@@ -797,33 +867,18 @@ mod tests {
     #[tokio::test]
     async fn a_connection_the_upstream_closed_while_idle_is_not_reused() {
         // Answers each request with keep-alive, then closes the socket anyway.
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let a = accepted.clone();
-        tokio::spawn(async move {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            while let Ok((mut tcp, _)) = listener.accept().await {
-                a.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 4096];
-                    let mut seen = Vec::new();
-                    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                        let Ok(n) = tcp.read(&mut buf).await else {
-                            return;
-                        };
-                        if n == 0 {
-                            return;
-                        }
-                        seen.extend_from_slice(&buf[..n]);
-                    }
-                    let _ = tcp
-                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                        .await;
-                    let _ = tcp.shutdown().await;
-                });
+        let (addr, accepted) = raw_upstream(|mut tcp| async move {
+            use tokio::io::AsyncWriteExt;
+            let mut buf = Vec::new();
+            if read_head(&mut tcp, &mut buf).await.is_none() {
+                return;
             }
-        });
+            let _ = tcp
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await;
+            let _ = tcp.shutdown().await;
+        })
+        .await;
         let c = client(8, Duration::from_secs(60));
         for i in 0..5 {
             let mut req = Request::new(crate::body::full(Bytes::from_static(b"{}")));
@@ -841,6 +896,83 @@ mod tests {
             );
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 5);
+    }
+
+    #[tokio::test]
+    async fn a_connection_still_uploading_after_an_early_answer_is_pooled_only_when_done() {
+        // Answers each request as soon as its head arrives, then reads its body (keep-alive).
+        let (addr, accepted) = raw_upstream(|mut tcp| async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut buf = Vec::new();
+            let mut chunk = vec![0u8; 4096];
+            while let Some(head_end) = read_head(&mut tcp, &mut buf).await {
+                let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map_or(0, |v| v.trim().parse().unwrap());
+                buf.drain(..head_end);
+                if tcp
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                while buf.len() < length {
+                    match tcp.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                buf.drain(..length);
+            }
+        })
+        .await;
+        let c = client(8, Duration::from_secs(60));
+        let post = |body: ProxyBody, length: usize| {
+            let mut req = Request::new(body);
+            *req.method_mut() = http::Method::POST;
+            *req.uri_mut() = c.uri_for(addr, "/").unwrap();
+            req.headers_mut()
+                .insert(http::header::HOST, http::HeaderValue::from_static("up"));
+            req.headers_mut()
+                .insert(http::header::CONTENT_LENGTH, length.into());
+            req
+        };
+        // An upload the client is still sending when the answer has been read.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
+        let slow = StreamBody::new(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)))
+            .boxed_unsync();
+        tx.send(Ok(Frame::data(Bytes::from_static(b"first half "))))
+            .await
+            .unwrap();
+        let resp = c.request(post(slow, 22)).await.unwrap();
+        assert_eq!(
+            &resp.into_body().collect().await.unwrap().to_bytes()[..],
+            b"ok"
+        );
+        assert_eq!(
+            c.idle_connections(addr),
+            0,
+            "a connection still sending its request body is not offered to other requests"
+        );
+        // Another request meanwhile gets a connection of its own at once.
+        let resp = c.request(post(crate::body::full("{}"), 2)).await.unwrap();
+        resp.into_body().collect().await.unwrap();
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        // The upload ends: its connection joins the pool.
+        tx.send(Ok(Frame::data(Bytes::from_static(b"second half"))))
+            .await
+            .unwrap();
+        drop(tx);
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while c.idle_connections(addr) < 2 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the connection that finished its upload is pooled");
     }
 
     #[tokio::test]

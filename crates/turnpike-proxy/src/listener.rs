@@ -585,7 +585,7 @@ enum Closed {
 
 /// The per-connection watchdog: polls the connection and enforces the timeouts and drain.
 struct Watch<'a> {
-    activity: &'a Activity,
+    activity: &'a Arc<Activity>,
     limits: &'a Limits,
     shutdown: &'a CancellationToken,
 }
@@ -595,11 +595,11 @@ impl Watch<'_> {
     /// draining it on shutdown.
     ///
     /// This runs on every wake-up of every connection, so it avoids the costs a `select!`
-    /// loop would pay each time: the shutdown token is checked through its flag and its waiter
-    /// registered once per waker (polling `cancelled()` takes the token's lock, shared by all
-    /// connections), the timer is re-armed only when the deadline moves earlier (a later one
-    /// is picked up when it fires), and changes made while the watchdog itself is polling do
-    /// not wake the task again.
+    /// loop would pay each time: the shutdown token (whose `cancelled()` and `is_cancelled()`
+    /// both take a lock shared by all connections) is polled once, with a waker of our own
+    /// that raises a flag of this connection, the timer is re-armed only when the deadline
+    /// moves earlier (a later one is picked up when it fires), and changes made while the
+    /// watchdog itself is polling do not wake the task again.
     async fn run<C, E>(self, conn: C, graceful: impl Fn(Pin<&mut C>)) -> Result<(), Closed>
     where
         C: Future<Output = Result<(), E>>,
@@ -615,7 +615,11 @@ impl Watch<'_> {
         // close before the connection is dropped.
         let mut hard_stop: Option<Instant> = None;
         let mut cancelled = pin!(self.shutdown.cancelled());
-        let mut shutdown_waker: Option<std::task::Waker> = None;
+        let shutdown_waker = std::task::Waker::from(Arc::new(ShutdownWake(Arc::clone(activity))));
+        let mut token_cancelled = cancelled
+            .as_mut()
+            .poll(&mut Context::from_waker(&shutdown_waker))
+            .is_ready();
         std::future::poll_fn(|cx| {
             activity.watcher.register(cx.waker());
             activity.watching.store(true, Ordering::SeqCst);
@@ -624,15 +628,13 @@ impl Watch<'_> {
                     break Poll::Ready(result.map_err(|e| Closed::Error(e.to_string())));
                 }
                 if !draining {
-                    let fresh = !shutdown_waker
-                        .as_ref()
-                        .is_some_and(|w| w.will_wake(cx.waker()));
-                    if fresh {
-                        shutdown_waker = Some(cx.waker().clone());
+                    if !token_cancelled && activity.shutdown_woke.swap(false, Ordering::AcqRel) {
+                        token_cancelled = cancelled
+                            .as_mut()
+                            .poll(&mut Context::from_waker(&shutdown_waker))
+                            .is_ready();
                     }
-                    if self.shutdown.is_cancelled()
-                        || (fresh && cancelled.as_mut().poll(cx).is_ready())
-                    {
+                    if token_cancelled {
                         draining = true;
                         graceful(conn.as_mut());
                         continue;
@@ -701,6 +703,23 @@ struct Activity {
     /// The watchdog is polling and reads the state again before it sleeps, so a change needs
     /// no wake-up (most changes happen inside the connection's own poll).
     watching: AtomicBool,
+    /// The shutdown token woke this connection's waiter: the watchdog polls it again.
+    shutdown_woke: AtomicBool,
+}
+
+/// The waker the shutdown token's waiter is registered with: raises the connection's flag and
+/// wakes its watchdog, so the watchdog never polls the token (and takes its lock) otherwise.
+struct ShutdownWake(Arc<Activity>);
+
+impl std::task::Wake for ShutdownWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.shutdown_woke.store(true, Ordering::Release);
+        self.0.watcher.wake();
+    }
 }
 
 impl Activity {
@@ -714,6 +733,7 @@ impl Activity {
             h2: AtomicBool::new(false),
             watcher: AtomicWaker::new(),
             watching: AtomicBool::new(false),
+            shutdown_woke: AtomicBool::new(false),
         }
     }
 
@@ -763,8 +783,12 @@ impl Activity {
 
     /// A response finished (or was abandoned).
     fn end(&self) {
+        // Stamped before the count drops, so a watchdog on another thread that sees no request
+        // in flight never reads the idle time of before this request (it would close, or send
+        // GOAWAY to, a connection just used). Harmless while others are still in flight: the
+        // last one to end stamps it again.
+        self.idle_since.store(self.now_ms(), Ordering::Release);
         if self.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.idle_since.store(self.now_ms(), Ordering::Release);
             self.changed();
         }
     }
