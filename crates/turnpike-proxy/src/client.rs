@@ -453,12 +453,6 @@ struct Checkin {
     sender: SendRequest<ProxyBody>,
 }
 
-impl Checkin {
-    fn back(self) {
-        self.pool.checkin(self.addr, self.sender);
-    }
-}
-
 /// The body of an upstream's answer. For a pooled HTTP/1 connection, reading it to the end
 /// returns the connection to the pool; dropping it earlier lets the connection close.
 pub struct UpstreamBody {
@@ -490,7 +484,7 @@ impl Body for UpstreamBody {
             // The last frame, or the end: the exchange is complete on our side.
             _ => {
                 if let Some(c) = this.back.take() {
-                    c.back();
+                    c.pool.checkin(c.addr, c.sender);
                 }
             }
         }
