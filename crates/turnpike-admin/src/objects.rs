@@ -448,6 +448,17 @@ pub(crate) async fn replace(ctx: &Ctx, kind: Kind, patch: bool) -> AdminResult<R
                 o.remove("decision");
             }
         }
+        // A member set to null vanishes in the merge, so the spec's own check of unknown
+        // members never sees it: the patch's members are checked against the published schema.
+        if let (Some(known), Some(members)) =
+            (crate::openapi::patch_members(kind), body.as_object())
+            && let Some(unknown) = members.keys().find(|k| !known.contains_key(*k))
+        {
+            return Err(AdminError::validation(
+                unknown.clone(),
+                format!("unknown field `{unknown}`"),
+            ));
+        }
         merge_patch(&mut merged, &body);
         merged
     } else {

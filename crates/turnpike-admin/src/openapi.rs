@@ -20,6 +20,16 @@ pub(crate) fn document() -> &'static Value {
     &DOCUMENT
 }
 
+/// The members a merge patch of `kind` may name, from the patch schema this document
+/// publishes; `None` when that schema is open (specs whose members depend on a tag).
+pub(crate) fn patch_members(kind: Kind) -> Option<&'static Map<String, Value>> {
+    let schema = DOCUMENT.pointer(&format!("/components/schemas/{}Patch", pascal(kind)))?;
+    if schema.get("additionalProperties") != Some(&Value::Bool(false)) {
+        return None;
+    }
+    schema.get("properties")?.as_object()
+}
+
 fn schema_ref(name: &str) -> Value {
     json!({ "$ref": format!("#/components/schemas/{name}") })
 }

@@ -357,6 +357,15 @@ async fn crud_every_kind(s: &Server) {
             .await;
         // No body: a 400, not a change.
         r.expect_error(400, "bad_request");
+        if !matches!(case.kind, Kind::Credential | Kind::Policy) {
+            // A member the spec does not have is refused even when the patch removes it
+            // (null), which the merged spec alone would never show.
+            let r = s
+                .patch(&item, a, json!({ "no_such_member": null }))
+                .await
+                .expect_error(422, "validation_failed");
+            assert_eq!(r.body["error"]["field"], "no_such_member", "{ctx}");
+        }
         let r = s.patch(&item, a, patch.clone()).await.expect(200);
         assert_eq!(r.body["revision"], 3, "{ctx}");
         assert_eq!(
