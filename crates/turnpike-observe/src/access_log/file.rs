@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use turnpike_model::observe::access_log::FileSink;
 
-use super::worker::{Blocking, LineWriter};
+use super::worker::{Blocking, LineWriter, Lines};
 
 /// The file being written and when it must be rotated.
 pub(crate) struct FileWriter {
@@ -97,45 +97,48 @@ fn remove_if_exists(p: &std::path::Path) -> std::io::Result<()> {
 }
 
 impl LineWriter for FileWriter {
-    fn write_lines(&mut self, lines: &[String]) -> std::io::Result<()> {
-        let mut buf = Vec::new();
-        for l in lines {
-            let len = l.len() as u64 + 1;
-            let day = today();
-            if self.daily && day != self.day {
-                self.flush_buf(&mut buf)?;
-                self.rotate()?;
-                self.day = day;
-            }
-            // The size counts what is buffered too; a file is never left empty by rotation.
-            let pending = self.size + buf.len() as u64;
+    fn write_lines(&mut self, lines: &Lines) -> std::io::Result<()> {
+        let bytes = lines.bytes();
+        // A batch spans milliseconds: the day is read once for it.
+        let day = today();
+        if self.daily && day != self.day {
+            self.rotate()?;
+            self.day = day;
+        }
+        // Lines from `from` on are not written yet; they go in as few writes as rotation
+        // allows (one, usually).
+        let mut from = 0;
+        let mut line_start = 0;
+        for &end in lines.ends() {
+            let len = (end - line_start) as u64;
+            // The size counts what is pending too; a file is never left empty by rotation.
+            let pending = self.size + (line_start - from) as u64;
             if self.max_bytes > 0 && pending > 0 && pending + len > self.max_bytes {
-                self.flush_buf(&mut buf)?;
+                self.append(&bytes[from..line_start])?;
+                from = line_start;
                 if self.size > 0 {
                     self.rotate()?;
                 }
             }
-            buf.extend_from_slice(l.as_bytes());
-            buf.push(b'\n');
+            line_start = end;
         }
-        self.flush_buf(&mut buf)
+        self.append(&bytes[from..])
     }
 }
 
 impl FileWriter {
-    fn flush_buf(&mut self, buf: &mut Vec<u8>) -> std::io::Result<()> {
-        if buf.is_empty() {
+    fn append(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        if bytes.is_empty() {
             return Ok(());
         }
         let f = self.open()?;
-        let result = f.write_all(buf);
+        let result = f.write_all(bytes);
         if result.is_err() {
             // Reopen next time: the file may have been removed or the disk remounted.
             self.file = None;
         }
         result?;
-        self.size += buf.len() as u64;
-        buf.clear();
+        self.size += bytes.len() as u64;
         Ok(())
     }
 }
@@ -145,29 +148,49 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
 
-    #[test]
-    fn rotates_by_size_and_keeps_n() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("logs/access.log");
-        let mut w = FileWriter {
-            path: path.clone(),
+    /// A writer of `path` rotating past 25 bytes, keeping 2 old files.
+    fn small(path: &std::path::Path) -> FileWriter {
+        FileWriter {
+            path: path.to_path_buf(),
             max_bytes: 25,
             daily: false,
             keep: 2,
             file: None,
             size: 0,
             day: today(),
-        };
+        }
+    }
+
+    #[test]
+    fn rotates_by_size_and_keeps_n() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("logs/access.log");
+        let mut w = small(&path);
         let line = |i: usize| format!("{{\"n\":{i:0>5}}}"); // 11 bytes + newline
         for i in 0..8 {
-            w.write_lines(&[line(i)]).unwrap();
+            let mut one = Lines::default();
+            one.push(&line(i));
+            w.write_lines(&one).unwrap();
         }
+        // The same in one batch, into a fresh directory.
+        let dir2 = tempfile::tempdir().unwrap();
+        let path2 = dir2.path().join("access.log");
+        let mut w2 = small(&path2);
+        let mut all = Lines::default();
+        for i in 0..8 {
+            all.push(&line(i));
+        }
+        w2.write_lines(&all).unwrap();
         // 2 lines per file: 0-1, 2-3, 4-5, 6-7; the oldest two are gone.
         let read = |p: &PathBuf| std::fs::read_to_string(p).unwrap();
         assert_eq!(read(&path), format!("{}\n{}\n", line(6), line(7)));
         assert_eq!(read(&w.rotated(1)), format!("{}\n{}\n", line(4), line(5)));
         assert_eq!(read(&w.rotated(2)), format!("{}\n{}\n", line(2), line(3)));
         assert!(!w.rotated(3).exists());
+        assert_eq!(read(&path2), read(&path));
+        assert_eq!(read(&w2.rotated(1)), read(&w.rotated(1)));
+        assert_eq!(read(&w2.rotated(2)), read(&w.rotated(2)));
+        assert!(!w2.rotated(3).exists());
     }
 
     #[test]
@@ -183,9 +206,14 @@ mod tests {
             size: 0,
             day: today(),
         };
-        w.write_lines(&["1".into()]).unwrap();
+        let one = |text: &str| {
+            let mut l = Lines::default();
+            l.push(text);
+            l
+        };
+        w.write_lines(&one("1")).unwrap();
         w.day -= 1; // as if the file had been opened yesterday
-        w.write_lines(&["2".into()]).unwrap();
+        w.write_lines(&one("2")).unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "2\n");
         assert_eq!(std::fs::read_to_string(w.rotated(1)).unwrap(), "1\n");
     }

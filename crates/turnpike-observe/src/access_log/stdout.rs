@@ -2,7 +2,7 @@
 
 use std::io::Write;
 
-use super::worker::{Blocking, LineWriter};
+use super::worker::{Blocking, LineWriter, Lines};
 
 /// Writes each group of lines with one lock of stdout, so lines from concurrent writers
 /// never interleave mid-line.
@@ -14,20 +14,15 @@ impl Stdout {
     }
 }
 
-/// Appends `lines` to `out`, one per line.
-pub(crate) fn write_lines(out: &mut impl Write, lines: &[String]) -> std::io::Result<()> {
-    for l in lines {
-        out.write_all(l.as_bytes())?;
-        out.write_all(b"\n")?;
-    }
+/// Appends `lines` to `out`.
+pub(crate) fn write_lines(out: &mut impl Write, lines: &Lines) -> std::io::Result<()> {
+    out.write_all(lines.bytes())?;
     out.flush()
 }
 
 impl LineWriter for Stdout {
-    fn write_lines(&mut self, lines: &[String]) -> std::io::Result<()> {
-        let stdout = std::io::stdout();
-        let mut out = std::io::BufWriter::new(stdout.lock());
-        write_lines(&mut out, lines)
+    fn write_lines(&mut self, lines: &Lines) -> std::io::Result<()> {
+        write_lines(&mut std::io::stdout().lock(), lines)
     }
 }
 
@@ -36,6 +31,7 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
     use crate::access_log::format::Formatter;
+    use std::sync::Arc;
     use turnpike_model::observe::access_log::AccessField;
 
     #[test]
@@ -43,7 +39,11 @@ mod tests {
         let f = Formatter::new(AccessField::BASIC, None);
         let e = crate::tests::event();
         let mut out = Vec::new();
-        write_lines(&mut out, &[f.line(&e), f.line(&e)]).unwrap();
+        write_lines(
+            &mut out,
+            &Lines::format(&[Arc::new(e.clone()), Arc::new(e)], &f),
+        )
+        .unwrap();
         let text = String::from_utf8(out).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 2);

@@ -202,7 +202,53 @@ pub(crate) struct Blocking<W> {
 
 /// A writer of JSON lines that may block.
 pub(crate) trait LineWriter: Send + 'static {
-    fn write_lines(&mut self, lines: &[String]) -> std::io::Result<()>;
+    fn write_lines(&mut self, lines: &Lines) -> std::io::Result<()>;
+}
+
+/// A batch of JSON lines in one buffer, each ending with a newline.
+#[derive(Debug, Default)]
+pub(crate) struct Lines {
+    buf: Vec<u8>,
+    /// Where each line ends in `buf` (one past its newline).
+    ends: Vec<usize>,
+}
+
+impl Lines {
+    /// The records of `events`, one line each.
+    pub(crate) fn format(events: &[Arc<CallEvent>], fmt: &Formatter) -> Self {
+        let mut lines = Self {
+            buf: Vec::with_capacity(events.len() * 320),
+            ends: Vec::with_capacity(events.len()),
+        };
+        for e in events {
+            fmt.write_line(e, &mut lines.buf);
+            lines.end_line();
+        }
+        lines
+    }
+
+    /// Ends the line written so far.
+    pub(crate) fn end_line(&mut self) {
+        self.buf.push(b'\n');
+        self.ends.push(self.buf.len());
+    }
+
+    /// Adds one line (without its newline).
+    #[cfg(test)]
+    pub(crate) fn push(&mut self, line: &str) {
+        self.buf.extend_from_slice(line.as_bytes());
+        self.end_line();
+    }
+
+    /// Every line, newlines included.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.buf
+    }
+
+    /// Where each line ends in [`Self::bytes`].
+    pub(crate) fn ends(&self) -> &[usize] {
+        &self.ends
+    }
 }
 
 impl<W: LineWriter> Blocking<W> {
@@ -215,7 +261,7 @@ impl<W: LineWriter> Blocking<W> {
 
 impl<W: LineWriter> Deliver for Blocking<W> {
     async fn deliver(&mut self, events: &[Arc<CallEvent>], fmt: &Formatter) -> Result<(), String> {
-        let lines: Vec<String> = events.iter().map(|e| fmt.line(e)).collect();
+        let lines = Lines::format(events, fmt);
         let Some(mut w) = self.writer.take() else {
             return Err("writer lost".into());
         };
