@@ -9,15 +9,19 @@
 
 pub mod process;
 
-use std::collections::HashSet;
-use std::sync::{Arc, RwLock};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
+use arc_swap::ArcSwap;
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{EncodeLabel, EncodeLabelSet, LabelSetEncoder};
+use prometheus_client::encoding::{
+    EncodeLabel, EncodeLabelSet, EncodeMetric, LabelSetEncoder, MetricEncoder, NoLabelSet,
+};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::{Family, MetricConstructor};
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 
 use crate::{CallEvent, CallSink};
@@ -82,8 +86,8 @@ pub struct Metrics {
     registry: Registry,
     per_application: bool,
     requests: Family<RequestLabels, Counter>,
-    duration: Family<RouteLabels, Histogram, Buckets>,
-    upstream_duration: Family<UpstreamLabels, Histogram, Buckets>,
+    duration: Family<RouteLabels, AtomicHistogram, Buckets>,
+    upstream_duration: Family<UpstreamLabels, AtomicHistogram, Buckets>,
     bytes_in: Family<TrafficLabels, Counter>,
     bytes_out: Family<TrafficLabels, Counter>,
     errors: Family<CodeLabels, Counter>,
@@ -94,6 +98,9 @@ pub struct Metrics {
     retries: Family<UpstreamOnly, Counter>,
     applications: AppBound,
     empty: Arc<str>,
+    /// The series each (route, service, upstream, application) feeds, so a request finds
+    /// them with one lookup instead of hashing a label set and locking each family.
+    series: SeriesIndex,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -126,6 +133,7 @@ impl Metrics {
             retries: Family::default(),
             applications: AppBound::new(options.max_applications),
             empty: Arc::from(""),
+            series: SeriesIndex::default(),
         };
         if options.count_requests {
             registry.register(
@@ -216,48 +224,67 @@ impl Metrics {
 
 impl CallSink for Metrics {
     fn offer(&self, e: &Arc<CallEvent>) {
-        let service = self.label(e.service.as_ref());
-        let route = self.label(e.route.as_ref());
         let application = self
             .per_application
             .then(|| self.applications.label(e.application.as_ref(), &self.empty));
-        self.requests
-            .get_or_create(&RequestLabels {
-                service: service.clone(),
-                route: route.clone(),
-                method: method_label(&e.method),
-                status_class: status_class(e.status),
-                application: application.clone(),
+        self.with_series(e, application, |series| self.count(e, series));
+    }
+}
+
+impl Metrics {
+    /// Counts `e` into its series and the families.
+    fn count(&self, e: &CallEvent, series: &Series) {
+        let (method, class) = (method_index(&e.method), status_index(e.status));
+        series.requests[method][class]
+            .get_or_init(|| {
+                self.requests
+                    .get_or_create(&RequestLabels {
+                        service: series.service.clone(),
+                        route: series.route.clone(),
+                        method: METHODS[method],
+                        status_class: STATUS_CLASSES[class],
+                        application: series.application.clone(),
+                    })
+                    .clone()
             })
             .inc();
-        let at = RouteLabels {
-            service: service.clone(),
-            route: route.clone(),
-        };
-        self.duration
-            .get_or_create(&at)
-            .observe(e.duration_us as f64 / 1e6);
-        let traffic = TrafficLabels {
-            service: service.clone(),
-            route: route.clone(),
-            application,
+        series.duration.observe_us(e.duration_us);
+        let traffic = || TrafficLabels {
+            service: series.service.clone(),
+            route: series.route.clone(),
+            application: series.application.clone(),
         };
         if e.bytes_in > 0 {
-            self.bytes_in.get_or_create(&traffic).inc_by(e.bytes_in);
+            series
+                .bytes_in
+                .get_or_init(|| self.bytes_in.get_or_create(&traffic()).clone())
+                .inc_by(e.bytes_in);
         }
         if e.bytes_out > 0 {
-            self.bytes_out.get_or_create(&traffic).inc_by(e.bytes_out);
+            series
+                .bytes_out
+                .get_or_init(|| self.bytes_out.get_or_create(&traffic()).clone())
+                .inc_by(e.bytes_out);
         }
+        if let (Some(upstream), Some(us)) = (&series.upstream, e.upstream_us) {
+            series
+                .upstream_duration
+                .get_or_init(|| {
+                    self.upstream_duration
+                        .get_or_create(&UpstreamLabels {
+                            service: series.service.clone(),
+                            route: series.route.clone(),
+                            upstream: upstream.clone(),
+                        })
+                        .clone()
+                })
+                .observe_us(us);
+        }
+        // The rest happens on few requests (retries, errors, cached routes, aborted
+        // responses): the families are used directly.
+        let service = &series.service;
+        let route = &series.route;
         if let Some(upstream) = &e.upstream {
-            if let Some(us) = e.upstream_us {
-                self.upstream_duration
-                    .get_or_create(&UpstreamLabels {
-                        service: service.clone(),
-                        route: route.clone(),
-                        upstream: upstream.clone(),
-                    })
-                    .observe(us as f64 / 1e6);
-            }
             if e.attempts > 1 {
                 self.retries
                     .get_or_create(&UpstreamOnly {
@@ -293,8 +320,67 @@ impl CallSink for Metrics {
                 .inc();
         }
         if !e.completed {
-            self.aborted.get_or_create(&at).inc();
+            self.aborted
+                .get_or_create(&RouteLabels {
+                    service: service.clone(),
+                    route: route.clone(),
+                })
+                .inc();
         }
+    }
+
+    /// Runs `f` on the series `e` feeds, made on first use. The common case takes no lock
+    /// and touches no shared reference count.
+    fn with_series<R>(
+        &self,
+        e: &CallEvent,
+        application: Option<Arc<str>>,
+        f: impl FnOnce(&Series) -> R,
+    ) -> R {
+        {
+            let map = self.series.map.load();
+            if let Some(found) = map
+                .get(e.route.as_deref().unwrap_or(""))
+                .and_then(|all| all.iter().find(|s| s.is_for(e, application.as_deref())))
+            {
+                return f(found);
+            }
+        }
+        let made = self.make_series(e, application);
+        f(&made)
+    }
+
+    /// The series for `e`, added to the index unless another thread just did.
+    fn make_series(&self, e: &CallEvent, application: Option<Arc<str>>) -> Arc<Series> {
+        let _one_writer = self.series.grow.lock().unwrap_or_else(|e| e.into_inner());
+        let current = self.series.map.load_full();
+        if let Some(found) = current
+            .get(e.route.as_deref().unwrap_or(""))
+            .and_then(|all| all.iter().find(|s| s.is_for(e, application.as_deref())))
+        {
+            return Arc::clone(found);
+        }
+        let labels = RouteLabels {
+            service: self.label(e.service.as_ref()),
+            route: self.label(e.route.as_ref()),
+        };
+        let made = Arc::new(Series {
+            duration: self.duration.get_or_create(&labels).clone(),
+            service: labels.service,
+            route: labels.route,
+            upstream: e.upstream.clone(),
+            application,
+            requests: Default::default(),
+            bytes_in: OnceLock::new(),
+            bytes_out: OnceLock::new(),
+            upstream_duration: OnceLock::new(),
+        });
+        let mut next = HashMap::clone(&current);
+        next.entry(Arc::clone(&made.route))
+            .or_default()
+            .push(Arc::clone(&made));
+        self.series.map.store(Arc::new(next));
+        made
     }
 }
 
@@ -337,6 +423,139 @@ pub fn method_label(m: &str) -> &'static str {
         "CONNECT" => "CONNECT",
         "TRACE" => "TRACE",
         _ => OTHER,
+    }
+}
+
+/// Every value [`method_label`] gives, in [`method_index`] order.
+const METHODS: [&str; 10] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE", OTHER,
+];
+
+/// Where `m`'s label is in [`METHODS`].
+fn method_index(m: &str) -> usize {
+    let label = method_label(m);
+    METHODS
+        .iter()
+        .position(|l| std::ptr::eq(*l, label) || *l == label)
+        .unwrap_or(METHODS.len() - 1)
+}
+
+/// Every value [`status_class`] gives, in [`status_index`] order.
+const STATUS_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", OTHER];
+
+/// Where `status`'s class is in [`STATUS_CLASSES`].
+fn status_index(status: u16) -> usize {
+    match status {
+        100..=599 => usize::from(status / 100 - 1),
+        _ => STATUS_CLASSES.len() - 1,
+    }
+}
+
+/// The request series of one (service, route, upstream, application): handles on the
+/// families' own metrics, so counting through them is what the families export.
+struct Series {
+    service: Arc<str>,
+    route: Arc<str>,
+    upstream: Option<Arc<str>>,
+    application: Option<Arc<str>>,
+    /// By [`METHODS`] then [`STATUS_CLASSES`]; made on first use, so only label sets
+    /// that occurred are exported.
+    requests: [[OnceLock<Counter>; STATUS_CLASSES.len()]; METHODS.len()],
+    duration: AtomicHistogram,
+    bytes_in: OnceLock<Counter>,
+    bytes_out: OnceLock<Counter>,
+    upstream_duration: OnceLock<AtomicHistogram>,
+}
+
+impl Series {
+    /// Whether `e` (with this application label) is counted here; the route was the
+    /// index's key.
+    fn is_for(&self, e: &CallEvent, application: Option<&str>) -> bool {
+        *self.service == *e.service.as_deref().unwrap_or("")
+            && self.upstream.as_deref() == e.upstream.as_deref()
+            && self.application.as_deref() == application
+    }
+}
+
+/// The [`Series`] made so far, by route label. Read without a lock on every request;
+/// replaced whole (under `grow`) when a new combination appears, which the configuration
+/// and the application bound keep rare and finite.
+#[derive(Default)]
+struct SeriesIndex {
+    map: ArcSwap<HashMap<Arc<str>, Vec<Arc<Series>>>>,
+    grow: Mutex<()>,
+}
+
+/// A latency histogram counted with atomics alone. prometheus-client's own histogram
+/// takes a mutex per observation, which the worker threads contend for on every
+/// request; this one exports the same buckets, count and sum.
+#[derive(Clone, Debug)]
+pub struct AtomicHistogram(Arc<HistogramCells>);
+
+#[derive(Debug)]
+struct HistogramCells {
+    /// Upper bounds in seconds, increasing, the last one `+Inf`.
+    bounds: Box<[f64]>,
+    /// Observations per bucket (not cumulative).
+    counts: Box<[AtomicU64]>,
+    /// Sum of the observations in microseconds.
+    sum_us: AtomicU64,
+}
+
+impl AtomicHistogram {
+    /// A histogram with these upper bounds (seconds; `+Inf` is added).
+    pub fn new(bounds: impl IntoIterator<Item = f64>) -> Self {
+        let bounds: Box<[f64]> = bounds
+            .into_iter()
+            .filter(|b| b.is_finite())
+            .chain(std::iter::once(f64::INFINITY))
+            .collect();
+        let counts = bounds.iter().map(|_| AtomicU64::new(0)).collect();
+        Self(Arc::new(HistogramCells {
+            bounds,
+            counts,
+            sum_us: AtomicU64::new(0),
+        }))
+    }
+
+    /// Counts one observation of `us` microseconds.
+    pub fn observe_us(&self, us: u64) {
+        let seconds = us as f64 / 1e6;
+        let cells = &*self.0;
+        let i = cells
+            .bounds
+            .iter()
+            .position(|b| seconds <= *b)
+            .unwrap_or(cells.bounds.len() - 1);
+        if let Some(c) = cells.counts.get(i) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+        cells.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+}
+
+impl TypedMetric for AtomicHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for AtomicHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let cells = &*self.0;
+        let buckets: Vec<(f64, u64)> = cells
+            .bounds
+            .iter()
+            .zip(cells.counts.iter())
+            .map(|(b, c)| (*b, c.load(Ordering::Relaxed)))
+            .collect();
+        // The count is the buckets' total, so a scrape racing an observation stays
+        // consistent with its own buckets.
+        let count = buckets.iter().map(|(_, c)| c).sum();
+        let sum = cells.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
     }
 }
 
@@ -407,9 +626,9 @@ impl AppBound {
 #[derive(Clone, Debug)]
 struct Buckets(Arc<[f64]>);
 
-impl MetricConstructor<Histogram> for Buckets {
-    fn new_metric(&self) -> Histogram {
-        Histogram::new(self.0.iter().copied())
+impl MetricConstructor<AtomicHistogram> for Buckets {
+    fn new_metric(&self) -> AtomicHistogram {
+        AtomicHistogram::new(self.0.iter().copied())
     }
 }
 
@@ -711,6 +930,116 @@ mod tests {
         assert!(text.contains("turnpike_build_info"));
         #[cfg(target_os = "linux")]
         assert!(sample(&text, "process_resident_memory_bytes", &[]).unwrap() > 0.0);
+    }
+
+    #[test]
+    fn atomic_histogram_exports_what_the_library_histogram_does() {
+        use prometheus_client::metrics::histogram::Histogram;
+        let bounds = [0.005, 0.01, 0.1, 1.0, f64::INFINITY];
+        let ours = AtomicHistogram::new(bounds);
+        let theirs = Histogram::new(bounds);
+        for us in [
+            0,
+            7,
+            4_999,
+            5_000,
+            5_001,
+            10_000,
+            99_999,
+            2_000_000,
+            3_600_000_000,
+        ] {
+            ours.observe_us(us);
+            theirs.observe(us as f64 / 1e6);
+        }
+        let render = |register: &dyn Fn(&mut Registry)| {
+            let mut r = Registry::default();
+            register(&mut r);
+            let mut out = String::new();
+            prometheus_client::encoding::text::encode(&mut out, &r).unwrap();
+            out
+        };
+        let ours = render(&|r| r.register("h", "h", ours.clone()));
+        let theirs = render(&|r| r.register("h", "h", theirs.clone()));
+        let (mut our_lines, mut their_lines) = (ours.lines(), theirs.lines());
+        for (a, b) in our_lines.by_ref().zip(their_lines.by_ref()) {
+            if a.starts_with("h_sum ") {
+                // Summed in whole microseconds against in float seconds.
+                let value = |l: &str| l["h_sum ".len()..].parse::<f64>().unwrap();
+                assert!((value(a) - value(b)).abs() < 1e-9, "{a} / {b}");
+            } else {
+                assert_eq!(a, b);
+            }
+        }
+        assert_eq!(our_lines.next(), None);
+        assert_eq!(their_lines.next(), None);
+        assert!(ours.contains("h_count 9"), "{ours}");
+        assert!(ours.contains("h_bucket{le=\"0.005\"} 4"), "{ours}");
+        assert!(ours.contains("h_bucket{le=\"+Inf\"} 9"), "{ours}");
+    }
+
+    #[test]
+    fn series_follow_route_service_upstream_and_application() {
+        let m = Metrics::new(
+            &MetricsOptions {
+                per_application: true,
+                ..MetricsOptions::default()
+            },
+            Vec::new(),
+        );
+        let mut a = (*event(200, Some("app-a"))).clone();
+        a.method = "GET".into();
+        a.route = Some(Arc::from("r1"));
+        a.upstream = Some(Arc::from("u1"));
+        let mut b = a.clone();
+        b.upstream = Some(Arc::from("u2"));
+        let mut c = a.clone();
+        c.application = Some(Arc::from("app-c"));
+        let mut d = a.clone();
+        d.route = Some(Arc::from("r2"));
+        d.method = "BREW".into();
+        d.status = 503;
+        for (e, n) in [(&a, 3), (&b, 2), (&c, 1), (&d, 1)] {
+            for _ in 0..n {
+                m.offer(&Arc::new(e.clone()));
+            }
+        }
+        let text = m.render().unwrap();
+        let requests = |route: &str, method: &str, class: &str, app: &str| {
+            sample(
+                &text,
+                "turnpike_http_requests_total",
+                &[
+                    ("route", route),
+                    ("method", method),
+                    ("status_class", class),
+                    ("application", app),
+                ],
+            )
+        };
+        // u1 and u2 feed the same request counter (it has no upstream label).
+        assert_eq!(requests("r1", "GET", "2xx", "app-a"), Some(5.0), "{text}");
+        assert_eq!(requests("r1", "GET", "2xx", "app-c"), Some(1.0), "{text}");
+        assert_eq!(requests("r2", "other", "5xx", "app-a"), Some(1.0), "{text}");
+        assert_eq!(requests("r2", "GET", "2xx", "app-a"), None, "{text}");
+        let upstream = |u: &str| {
+            sample(
+                &text,
+                "turnpike_upstream_duration_seconds_count",
+                &[("route", "r1"), ("upstream", u)],
+            )
+        };
+        assert_eq!(upstream("u1"), Some(4.0), "{text}");
+        assert_eq!(upstream("u2"), Some(2.0), "{text}");
+        let duration = |route: &str| {
+            sample(
+                &text,
+                "turnpike_http_request_duration_seconds_count",
+                &[("route", route)],
+            )
+        };
+        assert_eq!(duration("r1"), Some(6.0), "{text}");
+        assert_eq!(duration("r2"), Some(1.0), "{text}");
     }
 
     #[test]
