@@ -45,16 +45,14 @@ pub(crate) struct Pending {
 }
 
 impl Pending {
-    /// Copies what the event needs from the request before the pipeline consumes it, and
-    /// leaves a [`BytesIn`] counter in its extensions for the body wrappers to feed.
+    /// Copies what the event needs from the request before the pipeline consumes it.
     pub(crate) fn new<B>(
-        req: &mut Request<B>,
+        req: &Request<B>,
         conn: &ClientConn,
         request_id: &str,
         capture: Option<Arc<Capture>>,
     ) -> Self {
         let bytes_in = BytesIn::default();
-        req.extensions_mut().insert(bytes_in.clone());
         let time_unix_ms = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
@@ -93,6 +91,12 @@ impl Pending {
                 .map(|c| Arc::new(Mutex::new(c.body()))),
             capture,
         }
+    }
+
+    /// The counter the body readers feed (kept in the log facts, not the request's
+    /// extensions: a first extension costs the request a map of its own).
+    pub(crate) fn bytes_in(&self) -> BytesIn {
+        self.bytes_in.clone()
     }
 
     /// Where the upstream attempt copies the start of the request body, when captured.

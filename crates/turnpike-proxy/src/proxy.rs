@@ -101,7 +101,7 @@ impl ClientConn {
 pub async fn handle(
     shared: Arc<Shared>,
     conn: &ClientConn,
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let snap = shared.snapshot.load_full();
     let started = Instant::now();
@@ -114,7 +114,7 @@ pub async fn handle(
     let observed = shared
         .observer
         .is_active()
-        .then(|| observe::Pending::new(&mut req, conn, request_id, shared.observer.capture()));
+        .then(|| observe::Pending::new(&req, conn, request_id, shared.observer.capture()));
 
     let grpc = crate::error::is_grpc(req.headers());
     // gRPC-Web clients read the gateway's errors as gRPC ones too, in their own framing.
@@ -124,6 +124,7 @@ pub async fn handle(
         request_body: observed
             .as_ref()
             .and_then(observe::Pending::request_body_capture),
+        bytes_in: observed.as_ref().map(observe::Pending::bytes_in),
         trace: shared
             .observer
             .tracing()
@@ -220,6 +221,8 @@ pub(crate) struct LogFacts {
     pub(crate) trace: Option<Box<turnpike_observe::trace::TraceFacts>>,
     /// The route's `data_masking`, when it masks logged bodies.
     pub(crate) redact: Option<Arc<turnpike_observe::redact::Redactor>>,
+    /// Counts the request body bytes read, when the call is observed.
+    pub(crate) bytes_in: Option<crate::reqbody::BytesIn>,
     /// Headers policies add to whatever response the client gets (CORS, `RateLimit`,
     /// `WWW-Authenticate`), error responses included.
     response_headers: HeaderMap,
@@ -396,6 +399,7 @@ async fn proxy(
             request_id: request_id.to_str().unwrap_or("-"),
             route: &route.name,
             path: &path,
+            counted: log.bytes_in.as_ref(),
         },
     )
     .await?;
@@ -427,7 +431,7 @@ async fn proxy(
                     &mut forward_path,
                     body,
                     &caller,
-                    &body_read(route),
+                    &body_read(route, log),
                 )
                 .await?;
             // The transform may have set `Host`.
@@ -451,7 +455,10 @@ async fn proxy(
     }
     let mut transcoded = None;
     let body = match (up.transcoder(), web_mode) {
-        (_, Some((w, mode))) => w.request(mode, &mut parts, body, &body_read(route)).await?,
+        (_, Some((w, mode))) => {
+            w.request(mode, &mut parts, body, &body_read(route, log))
+                .await?
+        }
         (Some(t), None) if !crate::error::is_grpc(&parts.headers) => {
             let (body, pending) = t
                 .request(
@@ -459,7 +466,7 @@ async fn proxy(
                     &path,
                     &mut forward_path,
                     body,
-                    &body_read(route),
+                    &body_read(route, log),
                 )
                 .await?;
             transcoded = Some(pending);
@@ -530,7 +537,16 @@ async fn proxy(
     if let Some(agg) = up.aggregate() {
         // A composite route answers itself from its calls; nothing else is called.
         let resp = aggregate(
-            snap, route, agg, &parts, body, &caller, conn, request_id, &identity,
+            snap,
+            route,
+            agg,
+            &parts,
+            body,
+            &caller,
+            conn,
+            request_id,
+            &identity,
+            log.bytes_in.as_ref(),
         )
         .await?;
         return shaped(shaper.as_ref(), resp).await;
@@ -676,7 +692,7 @@ async fn proxy(
     let slot = body.into_slot(
         route.max_body_bytes,
         route.timeouts.write,
-        parts.extensions.get::<crate::reqbody::BytesIn>().cloned(),
+        log.bytes_in.clone(),
     );
     let method_override = cached.as_mut().and_then(|c| c.method.take());
     let call = Call {
@@ -787,11 +803,12 @@ async fn proxy(
 
 /// How a policy that rewrites the request body reads it: within the route's limit and
 /// timeouts.
-fn body_read(route: &CompiledRoute) -> crate::transform::BodyRead {
+fn body_read(route: &CompiledRoute, log: &LogFacts) -> crate::transform::BodyRead {
     crate::transform::BodyRead {
         limit: route.max_body_bytes,
         idle: route.timeouts.write,
         total: route.timeouts.total,
+        counted: log.bytes_in.clone(),
     }
 }
 
@@ -808,6 +825,7 @@ async fn aggregate(
     conn: &ClientConn,
     request_id: &HeaderValue,
     identity: &crate::policy::Identity,
+    counted: Option<&crate::reqbody::BytesIn>,
 ) -> Result<Response<ProxyBody>, GatewayError> {
     use crate::transform::aggregate::Outcome as CallOutcome;
     let json_body = parts
@@ -829,6 +847,7 @@ async fn aggregate(
             parts,
             route.timeouts.write,
             route.timeouts.total,
+            counted,
             "the aggregate reads",
         )
         .await?;

@@ -71,14 +71,19 @@ fn answer(status: u16, body: &'static str) -> Response<turnpike_proxy::body::Pro
     r
 }
 
+/// An upstream that reads each request body to the end (so the gateway streams all of
+/// it), then answers 200 with `body`.
+async fn draining(body: &'static str) -> Mock {
+    Mock::start(move |req| async move {
+        let _ = http_body_util::BodyExt::collect(req.into_body()).await;
+        answer(200, body)
+    })
+    .await
+}
+
 #[tokio::test]
 async fn a_known_sequence_of_requests_gives_exact_metrics() {
-    let up = Mock::start(|req| async move {
-        // Read the body so the gateway streams all of it.
-        let _ = http_body_util::BodyExt::collect(req.into_body()).await;
-        answer(200, "hello")
-    })
-    .await;
+    let up = draining("hello").await;
     let missing = Mock::start(|_req| async move { answer(404, "no") }).await;
     let bad = Mock::start(|req| async move {
         let _ = http_body_util::BodyExt::collect(req.into_body()).await;
@@ -251,11 +256,7 @@ routes:
 
 #[tokio::test]
 async fn request_bodies_are_counted_exactly_as_read() {
-    let up = Mock::start(|req| async move {
-        let _ = http_body_util::BodyExt::collect(req.into_body()).await;
-        answer(200, "")
-    })
-    .await;
+    let up = draining("").await;
     let gw = Gw::start(&yaml(up.addr, &metrics(""))).await;
     let r = send(
         req("PUT", &gw.url("/api/x"))
@@ -272,6 +273,60 @@ async fn request_bodies_are_counted_exactly_as_read() {
         "turnpike_http_request_bytes_total",
         &[("route", "api")],
         16.0,
+    )
+    .await;
+}
+
+/// Bodies read by the gateway itself before they go upstream (a WAF inspecting the start,
+/// a transform reading it whole) are counted once, as read.
+#[tokio::test]
+async fn request_bodies_read_by_policies_are_counted() {
+    let up = draining("").await;
+    let gw = Gw::start(&yaml(
+        up.addr,
+        &metrics(
+            r#"policies:
+  - {name: waf, type: waf, scope: route, target: api}
+  - name: t
+    type: request_transform
+    scope: route
+    target: open
+    config:
+      body:
+        ops: [{op: remove, path: /a}]
+"#,
+        ),
+    ))
+    .await;
+    let put = |path: &str, body: &'static str| {
+        req("PUT", &gw.url(path))
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                body.as_bytes(),
+            )))
+            .unwrap()
+    };
+    // 16 bytes through the WAF's inspection, then upstream.
+    assert_eq!(send(put("/api/x", r#"{"q":"harmless"}"#)).await.status, 200);
+    // 21 bytes read whole by the transform (what goes upstream is shorter).
+    assert_eq!(
+        send(put("/open/x", r#"{"a":1,"b":"kept..."}"#))
+            .await
+            .status,
+        200
+    );
+    wait_for(
+        &gw,
+        "turnpike_http_request_bytes_total",
+        &[("route", "api")],
+        16.0,
+    )
+    .await;
+    wait_for(
+        &gw,
+        "turnpike_http_request_bytes_total",
+        &[("route", "open")],
+        21.0,
     )
     .await;
 }

@@ -80,6 +80,8 @@ pub struct Target<'a> {
     pub route: &'a str,
     /// The normalised path the route matched.
     pub path: &'a str,
+    /// Counts the bytes read, when the call is observed.
+    pub counted: Option<&'a BytesIn>,
 }
 
 /// Runs the route's inspecting policies; see the module docs.
@@ -107,8 +109,13 @@ pub async fn run(
     }
     let read = match bound {
         Some(b) if !http_body::Body::is_end_stream(&body) => {
-            let counted = parts.extensions.get::<BytesIn>();
-            let read = read_bounded(body, b.min(t.route_limit), &parts.headers, t.idle, counted);
+            let read = read_bounded(
+                body,
+                b.min(t.route_limit),
+                &parts.headers,
+                t.idle,
+                t.counted,
+            );
             if t.total.is_zero() {
                 read.await?
             } else {
@@ -205,14 +212,16 @@ pub async fn run(
 }
 
 /// Reads the whole body, up to `bound` bytes (413 past it), for a transformation that
-/// rewrites it. `total` (zero: none) bounds the whole read, `idle` each pause; `what` names
-/// the reader in the 413 message (`the request transform reads`).
+/// rewrites it. `total` (zero: none) bounds the whole read, `idle` each pause; `counted`
+/// (when the call is observed) learns the bytes read; `what` names the reader in the 413
+/// message (`the request transform reads`).
 pub(crate) async fn read_whole(
     body: ReqBody,
     bound: u64,
     parts: &Parts,
     idle: Duration,
     total: Duration,
+    counted: Option<&BytesIn>,
     what: &str,
 ) -> Result<Bytes, GatewayError> {
     let (head, incoming) = match body {
@@ -226,7 +235,6 @@ pub(crate) async fn read_whole(
     if head.len() as u64 > bound || content_length(&parts.headers).is_some_and(|n| n > bound) {
         return Err(too_large(bound, what));
     }
-    let counted = parts.extensions.get::<BytesIn>();
     let rest_bound = bound - head.len() as u64;
     // The declared length was checked against the whole bound above.
     let no_length = http::HeaderMap::new();

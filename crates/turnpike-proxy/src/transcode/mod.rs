@@ -425,6 +425,7 @@ impl Transcoder {
             parts,
             read.idle,
             read.total,
+            read.counted.as_ref(),
             "the gRPC transcoder reads",
         )
         .await

@@ -77,6 +77,7 @@ impl GrpcWeb {
                     parts,
                     read.idle,
                     read.total,
+                    read.counted.as_ref(),
                     "grpc_web decodes",
                 )
                 .await?;

@@ -458,6 +458,7 @@ impl RequestTransform {
                             parts,
                             read.idle,
                             read.total,
+                            read.counted.as_ref(),
                             "the request transform reads",
                         )
                         .await?;
@@ -587,6 +588,8 @@ pub struct BodyRead {
     pub idle: Duration,
     /// The whole read (zero: none).
     pub total: Duration,
+    /// Counts the bytes read, when the call is observed.
+    pub counted: Option<crate::reqbody::BytesIn>,
 }
 
 /// A compiled `response_transform`.
