@@ -36,8 +36,8 @@ impl std::error::Error for BodyIdleTimeout {}
 pub type LimitedBody = IdleTimeoutBody<http_body_util::Limited<Prefixed>>;
 
 /// Request body bytes read from the client so far, shared between the body wrappers that
-/// read it and the call event. Put in the request's extensions only when a sink listens, so
-/// the usual path counts nothing.
+/// read it and the call event. Made only when a sink listens (and carried in the log facts
+/// to each reader), so the usual path counts nothing.
 #[derive(Clone, Debug, Default)]
 pub struct BytesIn(pub Arc<AtomicU64>);
 

@@ -1,9 +1,9 @@
 //! Prometheus metrics: counters and histograms fed by every [`CallEvent`], plus collectors
 //! that read live state (the process, and whatever the data plane registers) at scrape time.
 //!
-//! [`Metrics`] is a [`CallSink`]: [`CallSink::offer`] only bumps atomics in label families
-//! (a read lock on a map, a write lock the first time a label set appears), so it never
-//! waits on I/O. Every label value is bounded: service, route and upstream names come from
+//! [`Metrics`] is a [`CallSink`]: [`CallSink::offer`] finds the call's series (one
+//! lock-free lookup; a lock only the first time a route, service and upstream are seen) and
+//! bumps atomics, so it never waits on I/O. Every label value is bounded: service, route and upstream names come from
 //! the configuration, methods outside the standard set are `other`, error codes are the
 //! gateway's fixed list, and applications (opt-in) are capped, the rest counted as `other`.
 
@@ -224,10 +224,7 @@ impl Metrics {
 
 impl CallSink for Metrics {
     fn offer(&self, e: &Arc<CallEvent>) {
-        let application = self
-            .per_application
-            .then(|| self.applications.label(e.application.as_ref(), &self.empty));
-        self.with_series(e, application, |series| self.count(e, series));
+        self.with_series(e, |series| self.count(e, series));
     }
 }
 
@@ -235,37 +232,64 @@ impl Metrics {
     /// Counts `e` into its series and the families.
     fn count(&self, e: &CallEvent, series: &Series) {
         let (method, class) = (method_index(&e.method), status_index(e.status));
-        series.requests[method][class]
-            .get_or_init(|| {
-                self.requests
-                    .get_or_create(&RequestLabels {
-                        service: series.service.clone(),
-                        route: series.route.clone(),
-                        method: METHODS[method],
-                        status_class: STATUS_CLASSES[class],
-                        application: series.application.clone(),
-                    })
-                    .clone()
-            })
-            .inc();
+        if self.per_application {
+            // Application labels: as many label sets as applications (up to the cap) per
+            // route, so these go through the families' own hashed lookup instead of a
+            // handle per combination.
+            let application = Some(self.applications.label(e.application.as_ref(), &self.empty));
+            self.requests
+                .get_or_create(&RequestLabels {
+                    service: series.service.clone(),
+                    route: series.route.clone(),
+                    method: METHODS[method],
+                    status_class: STATUS_CLASSES[class],
+                    application: application.clone(),
+                })
+                .inc();
+            let traffic = TrafficLabels {
+                service: series.service.clone(),
+                route: series.route.clone(),
+                application,
+            };
+            if e.bytes_in > 0 {
+                self.bytes_in.get_or_create(&traffic).inc_by(e.bytes_in);
+            }
+            if e.bytes_out > 0 {
+                self.bytes_out.get_or_create(&traffic).inc_by(e.bytes_out);
+            }
+        } else {
+            series.requests[method][class]
+                .get_or_init(|| {
+                    self.requests
+                        .get_or_create(&RequestLabels {
+                            service: series.service.clone(),
+                            route: series.route.clone(),
+                            method: METHODS[method],
+                            status_class: STATUS_CLASSES[class],
+                            application: None,
+                        })
+                        .clone()
+                })
+                .inc();
+            let traffic = || TrafficLabels {
+                service: series.service.clone(),
+                route: series.route.clone(),
+                application: None,
+            };
+            if e.bytes_in > 0 {
+                series
+                    .bytes_in
+                    .get_or_init(|| self.bytes_in.get_or_create(&traffic()).clone())
+                    .inc_by(e.bytes_in);
+            }
+            if e.bytes_out > 0 {
+                series
+                    .bytes_out
+                    .get_or_init(|| self.bytes_out.get_or_create(&traffic()).clone())
+                    .inc_by(e.bytes_out);
+            }
+        }
         series.duration.observe_us(e.duration_us);
-        let traffic = || TrafficLabels {
-            service: series.service.clone(),
-            route: series.route.clone(),
-            application: series.application.clone(),
-        };
-        if e.bytes_in > 0 {
-            series
-                .bytes_in
-                .get_or_init(|| self.bytes_in.get_or_create(&traffic()).clone())
-                .inc_by(e.bytes_in);
-        }
-        if e.bytes_out > 0 {
-            series
-                .bytes_out
-                .get_or_init(|| self.bytes_out.get_or_create(&traffic()).clone())
-                .inc_by(e.bytes_out);
-        }
         if let (Some(upstream), Some(us)) = (&series.upstream, e.upstream_us) {
             series
                 .upstream_duration
@@ -329,34 +353,31 @@ impl Metrics {
         }
     }
 
-    /// Runs `f` on the series `e` feeds, made on first use. The common case takes no lock
-    /// and touches no shared reference count.
-    fn with_series<R>(
-        &self,
-        e: &CallEvent,
-        application: Option<Arc<str>>,
-        f: impl FnOnce(&Series) -> R,
-    ) -> R {
+    /// Runs `f` on the series `e` feeds, made on first use. Finding it takes no lock and
+    /// touches no shared reference count.
+    fn with_series<R>(&self, e: &CallEvent, f: impl FnOnce(&Series) -> R) -> R {
         {
             let map = self.series.map.load();
             if let Some(found) = map
                 .get(e.route.as_deref().unwrap_or(""))
-                .and_then(|all| all.iter().find(|s| s.is_for(e, application.as_deref())))
+                .and_then(|all| all.iter().find(|s| s.is_for(e)))
             {
                 return f(found);
             }
         }
-        let made = self.make_series(e, application);
+        let made = self.make_series(e);
         f(&made)
     }
 
-    /// The series for `e`, added to the index unless another thread just did.
-    fn make_series(&self, e: &CallEvent, application: Option<Arc<str>>) -> Arc<Series> {
+    /// The series for `e`, added to the index unless another thread just did. The index is
+    /// copied whole: it grows with the configuration (routes and their upstreams), not with
+    /// traffic, and the copy happens once per new combination.
+    fn make_series(&self, e: &CallEvent) -> Arc<Series> {
         let _one_writer = self.series.grow.lock().unwrap_or_else(|e| e.into_inner());
         let current = self.series.map.load_full();
         if let Some(found) = current
             .get(e.route.as_deref().unwrap_or(""))
-            .and_then(|all| all.iter().find(|s| s.is_for(e, application.as_deref())))
+            .and_then(|all| all.iter().find(|s| s.is_for(e)))
         {
             return Arc::clone(found);
         }
@@ -369,7 +390,6 @@ impl Metrics {
             service: labels.service,
             route: labels.route,
             upstream: e.upstream.clone(),
-            application,
             requests: Default::default(),
             bytes_in: OnceLock::new(),
             bytes_out: OnceLock::new(),
@@ -451,35 +471,33 @@ fn status_index(status: u16) -> usize {
     }
 }
 
-/// The request series of one (service, route, upstream, application): handles on the
-/// families' own metrics, so counting through them is what the families export.
+/// The request series of one (service, route, upstream): handles on the families' own
+/// metrics, so counting through them is what the families export.
 struct Series {
     service: Arc<str>,
     route: Arc<str>,
     upstream: Option<Arc<str>>,
-    application: Option<Arc<str>>,
     /// By [`METHODS`] then [`STATUS_CLASSES`]; made on first use, so only label sets
-    /// that occurred are exported.
+    /// that occurred are exported. Unused with application labels (see `count`).
     requests: [[OnceLock<Counter>; STATUS_CLASSES.len()]; METHODS.len()],
     duration: AtomicHistogram,
+    /// Unused with application labels, like `requests`.
     bytes_in: OnceLock<Counter>,
     bytes_out: OnceLock<Counter>,
     upstream_duration: OnceLock<AtomicHistogram>,
 }
 
 impl Series {
-    /// Whether `e` (with this application label) is counted here; the route was the
-    /// index's key.
-    fn is_for(&self, e: &CallEvent, application: Option<&str>) -> bool {
+    /// Whether `e` is counted here; the route was the index's key.
+    fn is_for(&self, e: &CallEvent) -> bool {
         *self.service == *e.service.as_deref().unwrap_or("")
             && self.upstream.as_deref() == e.upstream.as_deref()
-            && self.application.as_deref() == application
     }
 }
 
 /// The [`Series`] made so far, by route label. Read without a lock on every request;
 /// replaced whole (under `grow`) when a new combination appears, which the configuration
-/// and the application bound keep rare and finite.
+/// keeps rare and finite.
 #[derive(Default)]
 struct SeriesIndex {
     map: ArcSwap<HashMap<Arc<str>, Vec<Arc<Series>>>>,
@@ -980,66 +998,100 @@ mod tests {
 
     #[test]
     fn series_follow_route_service_upstream_and_application() {
-        let m = Metrics::new(
-            &MetricsOptions {
-                per_application: true,
-                ..MetricsOptions::default()
-            },
-            Vec::new(),
-        );
-        let mut a = (*event(200, Some("app-a"))).clone();
-        a.method = "GET".into();
-        a.route = Some(Arc::from("r1"));
-        a.upstream = Some(Arc::from("u1"));
-        let mut b = a.clone();
-        b.upstream = Some(Arc::from("u2"));
-        let mut c = a.clone();
-        c.application = Some(Arc::from("app-c"));
-        let mut d = a.clone();
-        d.route = Some(Arc::from("r2"));
-        d.method = "BREW".into();
-        d.status = 503;
-        for (e, n) in [(&a, 3), (&b, 2), (&c, 1), (&d, 1)] {
-            for _ in 0..n {
-                m.offer(&Arc::new(e.clone()));
+        for per_application in [false, true] {
+            let m = Metrics::new(
+                &MetricsOptions {
+                    per_application,
+                    ..MetricsOptions::default()
+                },
+                Vec::new(),
+            );
+            let mut a = (*event(200, Some("app-a"))).clone();
+            a.method = "GET".into();
+            a.route = Some(Arc::from("r1"));
+            a.upstream = Some(Arc::from("u1"));
+            let mut b = a.clone();
+            b.upstream = Some(Arc::from("u2"));
+            let mut c = a.clone();
+            c.application = Some(Arc::from("app-c"));
+            let mut d = a.clone();
+            d.route = Some(Arc::from("r2"));
+            d.method = "BREW".into();
+            d.status = 503;
+            let mut e = a.clone();
+            e.service = Some(Arc::from("s1"));
+            for (event, n) in [(&a, 3), (&b, 2), (&c, 1), (&d, 1), (&e, 1)] {
+                for _ in 0..n {
+                    m.offer(&Arc::new(event.clone()));
+                }
             }
-        }
-        let text = m.render().unwrap();
-        let requests = |route: &str, method: &str, class: &str, app: &str| {
-            sample(
-                &text,
-                "turnpike_http_requests_total",
-                &[
+            let text = m.render().unwrap();
+            let requests = |route: &str, service: &str, method: &str, class: &str, app: &str| {
+                let mut labels = vec![
                     ("route", route),
+                    ("service", service),
                     ("method", method),
                     ("status_class", class),
-                    ("application", app),
-                ],
-            )
-        };
-        // u1 and u2 feed the same request counter (it has no upstream label).
-        assert_eq!(requests("r1", "GET", "2xx", "app-a"), Some(5.0), "{text}");
-        assert_eq!(requests("r1", "GET", "2xx", "app-c"), Some(1.0), "{text}");
-        assert_eq!(requests("r2", "other", "5xx", "app-a"), Some(1.0), "{text}");
-        assert_eq!(requests("r2", "GET", "2xx", "app-a"), None, "{text}");
-        let upstream = |u: &str| {
-            sample(
-                &text,
-                "turnpike_upstream_duration_seconds_count",
-                &[("route", "r1"), ("upstream", u)],
-            )
-        };
-        assert_eq!(upstream("u1"), Some(4.0), "{text}");
-        assert_eq!(upstream("u2"), Some(2.0), "{text}");
-        let duration = |route: &str| {
-            sample(
-                &text,
-                "turnpike_http_request_duration_seconds_count",
-                &[("route", route)],
-            )
-        };
-        assert_eq!(duration("r1"), Some(6.0), "{text}");
-        assert_eq!(duration("r2"), Some(1.0), "{text}");
+                ];
+                if per_application {
+                    labels.push(("application", app));
+                }
+                sample(&text, "turnpike_http_requests_total", &labels)
+            };
+            // u1 and u2 feed the same request counter (it has no upstream label).
+            if per_application {
+                assert_eq!(
+                    requests("r1", "", "GET", "2xx", "app-a"),
+                    Some(5.0),
+                    "{text}"
+                );
+                assert_eq!(
+                    requests("r1", "", "GET", "2xx", "app-c"),
+                    Some(1.0),
+                    "{text}"
+                );
+            } else {
+                assert_eq!(requests("r1", "", "GET", "2xx", ""), Some(6.0), "{text}");
+                assert!(!text.contains("application=\""), "{text}");
+            }
+            assert_eq!(
+                requests("r1", "s1", "GET", "2xx", "app-a"),
+                Some(1.0),
+                "{text}"
+            );
+            assert_eq!(
+                requests("r2", "", "other", "5xx", "app-a"),
+                Some(1.0),
+                "{text}"
+            );
+            assert_eq!(requests("r2", "", "GET", "2xx", "app-a"), None, "{text}");
+            let mut labels = vec![("route", "r1"), ("service", "")];
+            if per_application {
+                labels.push(("application", "app-a"));
+            }
+            let bytes_out = sample(&text, "turnpike_http_response_bytes_total", &labels);
+            // Five bytes per call: a three times and b twice (and c, without the label).
+            assert_eq!(bytes_out, Some(if per_application { 25.0 } else { 30.0 }));
+            let upstream = |u: &str| {
+                sample(
+                    &text,
+                    "turnpike_upstream_duration_seconds_count",
+                    &[("route", "r1"), ("service", ""), ("upstream", u)],
+                )
+            };
+            assert_eq!(upstream("u1"), Some(4.0), "{text}");
+            assert_eq!(upstream("u2"), Some(2.0), "{text}");
+            let duration = |route: &str, service: &str| {
+                sample(
+                    &text,
+                    "turnpike_http_request_duration_seconds_count",
+                    &[("route", route), ("service", service)],
+                )
+            };
+            assert_eq!(duration("r1", ""), Some(6.0), "{text}");
+            assert_eq!(duration("r1", "s1"), Some(1.0), "{text}");
+            assert_eq!(duration("r2", ""), Some(1.0), "{text}");
+        }
     }
 
     #[test]
