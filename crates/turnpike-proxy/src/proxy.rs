@@ -546,7 +546,7 @@ async fn proxy(
             conn,
             request_id,
             &identity,
-            log.bytes_in.as_ref(),
+            &body_read(route, log),
         )
         .await?;
         return shaped(shaper.as_ref(), resp).await;
@@ -825,7 +825,7 @@ async fn aggregate(
     conn: &ClientConn,
     request_id: &HeaderValue,
     identity: &crate::policy::Identity,
-    counted: Option<&crate::reqbody::BytesIn>,
+    read: &crate::transform::BodyRead,
 ) -> Result<Response<ProxyBody>, GatewayError> {
     use crate::transform::aggregate::Outcome as CallOutcome;
     let json_body = parts
@@ -841,16 +841,9 @@ async fn aggregate(
             ));
         }
         let bound = agg.max_bytes.min(route.max_body_bytes);
-        let bytes = crate::policy::inspect::read_whole(
-            body,
-            bound,
-            parts,
-            route.timeouts.write,
-            route.timeouts.total,
-            counted,
-            "the aggregate reads",
-        )
-        .await?;
+        let bytes =
+            crate::policy::inspect::read_whole(body, bound, parts, read, "the aggregate reads")
+                .await?;
         Some(serde_json::from_slice(&bytes).map_err(|e| {
             GatewayError::new(
                 ErrorKind::RequestTransformFailed,

@@ -71,6 +71,17 @@ fn answer(status: u16, body: &'static str) -> Response<turnpike_proxy::body::Pro
     r
 }
 
+/// Scrapes until the route's request-body byte counter reads `want`.
+async fn wait_for_request_bytes(gw: &Gw, route: &str, want: f64) {
+    wait_for(
+        gw,
+        "turnpike_http_request_bytes_total",
+        &[("route", route)],
+        want,
+    )
+    .await;
+}
+
 /// An upstream that reads each request body to the end (so the gateway streams all of
 /// it), then answers 200 with `body`.
 async fn draining(body: &'static str) -> Mock {
@@ -268,13 +279,7 @@ async fn request_bodies_are_counted_exactly_as_read() {
     .await;
     assert_eq!(r.status, 200);
     post_chunked(&gw, "/api/y", &["ab", "cd", "ef"]).await;
-    wait_for(
-        &gw,
-        "turnpike_http_request_bytes_total",
-        &[("route", "api")],
-        16.0,
-    )
-    .await;
+    wait_for_request_bytes(&gw, "api", 16.0).await;
 }
 
 /// Bodies read by the gateway itself before they go upstream (a WAF inspecting the start,
@@ -315,20 +320,8 @@ async fn request_bodies_read_by_policies_are_counted() {
             .status,
         200
     );
-    wait_for(
-        &gw,
-        "turnpike_http_request_bytes_total",
-        &[("route", "api")],
-        16.0,
-    )
-    .await;
-    wait_for(
-        &gw,
-        "turnpike_http_request_bytes_total",
-        &[("route", "open")],
-        21.0,
-    )
-    .await;
+    wait_for_request_bytes(&gw, "api", 16.0).await;
+    wait_for_request_bytes(&gw, "open", 21.0).await;
 }
 
 #[tokio::test]

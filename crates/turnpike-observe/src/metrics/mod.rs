@@ -232,62 +232,49 @@ impl Metrics {
     /// Counts `e` into its series and the families.
     fn count(&self, e: &CallEvent, series: &Series) {
         let (method, class) = (method_index(&e.method), status_index(e.status));
-        if self.per_application {
-            // Application labels: as many label sets as applications (up to the cap) per
-            // route, so these go through the families' own hashed lookup instead of a
-            // handle per combination.
-            let application = Some(self.applications.label(e.application.as_ref(), &self.empty));
-            self.requests
-                .get_or_create(&RequestLabels {
-                    service: series.service.clone(),
-                    route: series.route.clone(),
-                    method: METHODS[method],
-                    status_class: STATUS_CLASSES[class],
-                    application: application.clone(),
-                })
-                .inc();
-            let traffic = TrafficLabels {
-                service: series.service.clone(),
-                route: series.route.clone(),
-                application,
-            };
-            if e.bytes_in > 0 {
-                self.bytes_in.get_or_create(&traffic).inc_by(e.bytes_in);
-            }
-            if e.bytes_out > 0 {
-                self.bytes_out.get_or_create(&traffic).inc_by(e.bytes_out);
-            }
-        } else {
-            series.requests[method][class]
-                .get_or_init(|| {
-                    self.requests
-                        .get_or_create(&RequestLabels {
-                            service: series.service.clone(),
-                            route: series.route.clone(),
-                            method: METHODS[method],
-                            status_class: STATUS_CLASSES[class],
-                            application: None,
-                        })
-                        .clone()
-                })
-                .inc();
-            let traffic = || TrafficLabels {
-                service: series.service.clone(),
-                route: series.route.clone(),
-                application: None,
-            };
-            if e.bytes_in > 0 {
-                series
-                    .bytes_in
-                    .get_or_init(|| self.bytes_in.get_or_create(&traffic()).clone())
-                    .inc_by(e.bytes_in);
-            }
-            if e.bytes_out > 0 {
-                series
-                    .bytes_out
-                    .get_or_init(|| self.bytes_out.get_or_create(&traffic()).clone())
-                    .inc_by(e.bytes_out);
-            }
+        let application = self
+            .per_application
+            .then(|| self.applications.label(e.application.as_ref(), &self.empty));
+        // With application labels a route has as many label sets as applications (up to
+        // the cap): those go through the families' own hashed lookup instead of a handle
+        // per combination.
+        let cached = application.is_none();
+        let requests = || RequestLabels {
+            service: series.service.clone(),
+            route: series.route.clone(),
+            method: METHODS[method],
+            status_class: STATUS_CLASSES[class],
+            application: application.clone(),
+        };
+        bump(
+            &self.requests,
+            &series.requests[method][class],
+            cached,
+            requests,
+            1,
+        );
+        let traffic = || TrafficLabels {
+            service: series.service.clone(),
+            route: series.route.clone(),
+            application: application.clone(),
+        };
+        if e.bytes_in > 0 {
+            bump(
+                &self.bytes_in,
+                &series.bytes_in,
+                cached,
+                traffic,
+                e.bytes_in,
+            );
+        }
+        if e.bytes_out > 0 {
+            bump(
+                &self.bytes_out,
+                &series.bytes_out,
+                cached,
+                traffic,
+                e.bytes_out,
+            );
         }
         series.duration.observe_us(e.duration_us);
         if let (Some(upstream), Some(us)) = (&series.upstream, e.upstream_us) {
@@ -404,6 +391,24 @@ impl Metrics {
     }
 }
 
+/// Adds `by` to `family`'s counter for `labels`: through the series' `handle` when
+/// `cached`, else by looking the labels up.
+fn bump<S: Clone + std::hash::Hash + Eq>(
+    family: &Family<S, Counter>,
+    handle: &OnceLock<Counter>,
+    cached: bool,
+    labels: impl Fn() -> S,
+    by: u64,
+) {
+    if cached {
+        handle
+            .get_or_init(|| family.get_or_create(&labels()).clone())
+            .inc_by(by);
+    } else {
+        family.get_or_create(&labels()).inc_by(by);
+    }
+}
+
 /// Which rejection counter an error code also goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rejection {
@@ -432,18 +437,7 @@ pub fn rejection_kind(code: &str) -> Option<Rejection> {
 /// The `method` label: the standard methods, anything else `other` (methods are client
 /// input and would otherwise be unbounded).
 pub fn method_label(m: &str) -> &'static str {
-    match m {
-        "GET" => "GET",
-        "HEAD" => "HEAD",
-        "POST" => "POST",
-        "PUT" => "PUT",
-        "DELETE" => "DELETE",
-        "PATCH" => "PATCH",
-        "OPTIONS" => "OPTIONS",
-        "CONNECT" => "CONNECT",
-        "TRACE" => "TRACE",
-        _ => OTHER,
-    }
+    METHODS[method_index(m)]
 }
 
 /// Every value [`method_label`] gives, in [`method_index`] order.
@@ -451,12 +445,12 @@ const METHODS: [&str; 10] = [
     "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE", OTHER,
 ];
 
-/// Where `m`'s label is in [`METHODS`].
+/// Where `m`'s label is in [`METHODS`]: the standard methods by name, anything else
+/// `other`.
 fn method_index(m: &str) -> usize {
-    let label = method_label(m);
-    METHODS
+    METHODS[..METHODS.len() - 1]
         .iter()
-        .position(|l| std::ptr::eq(*l, label) || *l == label)
+        .position(|l| *l == m)
         .unwrap_or(METHODS.len() - 1)
 }
 
@@ -508,7 +502,7 @@ struct SeriesIndex {
 /// takes a mutex per observation, which the worker threads contend for on every
 /// request; this one exports the same buckets, count and sum.
 #[derive(Clone, Debug)]
-pub struct AtomicHistogram(Arc<HistogramCells>);
+struct AtomicHistogram(Arc<HistogramCells>);
 
 #[derive(Debug)]
 struct HistogramCells {
@@ -522,7 +516,7 @@ struct HistogramCells {
 
 impl AtomicHistogram {
     /// A histogram with these upper bounds (seconds; `+Inf` is added).
-    pub fn new(bounds: impl IntoIterator<Item = f64>) -> Self {
+    fn new(bounds: impl IntoIterator<Item = f64>) -> Self {
         let bounds: Box<[f64]> = bounds
             .into_iter()
             .filter(|b| b.is_finite())
@@ -537,7 +531,7 @@ impl AtomicHistogram {
     }
 
     /// Counts one observation of `us` microseconds.
-    pub fn observe_us(&self, us: u64) {
+    fn observe_us(&self, us: u64) {
         let seconds = us as f64 / 1e6;
         let cells = &*self.0;
         let i = cells
@@ -579,14 +573,7 @@ impl EncodeMetric for AtomicHistogram {
 
 /// The `status_class` label: `1xx` to `5xx`.
 pub fn status_class(status: u16) -> &'static str {
-    match status {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        500..=599 => "5xx",
-        _ => OTHER,
-    }
+    STATUS_CLASSES[status_index(status)]
 }
 
 fn cache_label(v: &str) -> &'static str {
@@ -1039,32 +1026,36 @@ mod tests {
                 sample(&text, "turnpike_http_requests_total", &labels)
             };
             // u1 and u2 feed the same request counter (it has no upstream label).
-            if per_application {
-                assert_eq!(
-                    requests("r1", "", "GET", "2xx", "app-a"),
-                    Some(5.0),
-                    "{text}"
-                );
-                assert_eq!(
-                    requests("r1", "", "GET", "2xx", "app-c"),
-                    Some(1.0),
-                    "{text}"
-                );
+            /// Route, service, method, status class, application; the count wanted.
+            type Want = (
+                (
+                    &'static str,
+                    &'static str,
+                    &'static str,
+                    &'static str,
+                    &'static str,
+                ),
+                Option<f64>,
+            );
+            let expected: &[Want] = if per_application {
+                &[
+                    (("r1", "", "GET", "2xx", "app-a"), Some(5.0)),
+                    (("r1", "", "GET", "2xx", "app-c"), Some(1.0)),
+                ]
             } else {
-                assert_eq!(requests("r1", "", "GET", "2xx", ""), Some(6.0), "{text}");
+                &[(("r1", "", "GET", "2xx", ""), Some(6.0))]
+            };
+            let common: [Want; 3] = [
+                (("r1", "s1", "GET", "2xx", "app-a"), Some(1.0)),
+                (("r2", "", "other", "5xx", "app-a"), Some(1.0)),
+                (("r2", "", "GET", "2xx", "app-a"), None),
+            ];
+            for &((route, service, method, class, app), want) in expected.iter().chain(&common) {
+                assert_eq!(requests(route, service, method, class, app), want, "{text}");
+            }
+            if !per_application {
                 assert!(!text.contains("application=\""), "{text}");
             }
-            assert_eq!(
-                requests("r1", "s1", "GET", "2xx", "app-a"),
-                Some(1.0),
-                "{text}"
-            );
-            assert_eq!(
-                requests("r2", "", "other", "5xx", "app-a"),
-                Some(1.0),
-                "{text}"
-            );
-            assert_eq!(requests("r2", "", "GET", "2xx", "app-a"), None, "{text}");
             let mut labels = vec![("route", "r1"), ("service", "")];
             if per_application {
                 labels.push(("application", "app-a"));

@@ -212,16 +212,13 @@ pub async fn run(
 }
 
 /// Reads the whole body, up to `bound` bytes (413 past it), for a transformation that
-/// rewrites it. `total` (zero: none) bounds the whole read, `idle` each pause; `counted`
-/// (when the call is observed) learns the bytes read; `what` names the reader in the 413
+/// rewrites it, with `read`'s timeouts and byte counter; `what` names the reader in the 413
 /// message (`the request transform reads`).
 pub(crate) async fn read_whole(
     body: ReqBody,
     bound: u64,
     parts: &Parts,
-    idle: Duration,
-    total: Duration,
-    counted: Option<&BytesIn>,
+    read: &crate::transform::BodyRead,
     what: &str,
 ) -> Result<Bytes, GatewayError> {
     let (head, incoming) = match body {
@@ -238,7 +235,14 @@ pub(crate) async fn read_whole(
     let rest_bound = bound - head.len() as u64;
     // The declared length was checked against the whole bound above.
     let no_length = http::HeaderMap::new();
-    let read = read_bounded(incoming, rest_bound, &no_length, idle, counted);
+    let total = read.total;
+    let read = read_bounded(
+        incoming,
+        rest_bound,
+        &no_length,
+        read.idle,
+        read.counted.as_ref(),
+    );
     let read = if total.is_zero() {
         read.await?
     } else {

@@ -423,9 +423,7 @@ impl Transcoder {
             body,
             self.max_message.min(read.limit),
             parts,
-            read.idle,
-            read.total,
-            read.counted.as_ref(),
+            read,
             "the gRPC transcoder reads",
         )
         .await

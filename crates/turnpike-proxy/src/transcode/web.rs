@@ -75,9 +75,7 @@ impl GrpcWeb {
                     body,
                     self.max_text.min(read.limit),
                     parts,
-                    read.idle,
-                    read.total,
-                    read.counted.as_ref(),
+                    read,
                     "grpc_web decodes",
                 )
                 .await?;

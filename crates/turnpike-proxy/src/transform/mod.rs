@@ -456,9 +456,7 @@ impl RequestTransform {
                             body,
                             bound,
                             parts,
-                            read.idle,
-                            read.total,
-                            read.counted.as_ref(),
+                            read,
                             "the request transform reads",
                         )
                         .await?;
