@@ -8,6 +8,7 @@
 //! and counted as failed, while new calls keep queueing (and dropping once the queue is
 //! full). A second task deletes calls older than the retention (and past the row cap).
 
+use std::borrow::Cow;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,7 +19,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use turnpike_model::observe::CallLogConfig;
 use turnpike_observe::{CallEvent, CallSink, Observer, WarnGate};
-use turnpike_store::{CallLogRecord, Store};
+use turnpike_store::{CallLogRow, Store};
 
 /// How long one store call (a batch insert, a prune) may take before it counts as failed.
 pub const STORE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -242,8 +243,13 @@ impl CallLogWriter {
 
     /// Writes (and empties) `batch`, retrying with backoff; counts it as failed at the end.
     async fn write(&self, batch: &mut Vec<Arc<CallEvent>>, failing: &mut bool) {
-        let rows: Vec<CallLogRecord> = batch.iter().map(|e| record(e)).collect();
+        let rows: Vec<CallLogRow<'_>> = batch.iter().map(|e| row(e)).collect();
+        self.write_rows(&rows, failing).await;
+        drop(rows);
         batch.clear();
+    }
+
+    async fn write_rows(&self, rows: &[CallLogRow<'_>], failing: &mut bool) {
         let count = u64::try_from(rows.len()).unwrap_or(u64::MAX);
         let mut backoff = FIRST_BACKOFF;
         let mut last_error = String::new();
@@ -252,7 +258,7 @@ impl CallLogWriter {
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
-            match tokio::time::timeout(STORE_TIMEOUT, self.store.insert_call_logs(&rows)).await {
+            match tokio::time::timeout(STORE_TIMEOUT, self.store.insert_call_logs(rows)).await {
                 Ok(Ok(_)) => {
                     self.counters.written.fetch_add(count, Ordering::Relaxed);
                     if *failing {
@@ -276,6 +282,13 @@ impl CallLogWriter {
     /// Deletes calls older than the retention, then those past the row cap; returns how many
     /// went. Every node of a cluster does this; a second delete finds nothing.
     pub async fn prune(&self) -> Result<u64, turnpike_store::StoreError> {
+        let moved = self.store.move_legacy_call_logs().await?;
+        if moved > 0 {
+            tracing::info!(
+                calls = moved,
+                "call logs of an earlier version moved into segments"
+            );
+        }
         let keep_ms = i64::try_from(self.config.retention.as_millis()).unwrap_or(i64::MAX);
         let before = turnpike_store::now_ms().saturating_sub(keep_ms);
         let mut n = self.store.prune_call_logs(before).await?;
@@ -309,36 +322,34 @@ impl CallLogWriter {
     }
 }
 
-/// A call as stored.
-fn record(e: &CallEvent) -> CallLogRecord {
+/// A call as stored, borrowing the event's text.
+fn row(e: &CallEvent) -> CallLogRow<'_> {
     let int = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-    let text = |v: &Option<Arc<str>>| v.as_deref().map(str::to_owned);
-    CallLogRecord {
-        id: 0,
+    CallLogRow {
         at: e.time_unix_ms,
-        request_id: e.request_id.clone(),
-        trace_id: e.trace_id.clone(),
-        client_ip: e.client_ip.to_string(),
-        protocol: e.protocol.to_owned(),
-        method: e.method.clone(),
-        host: e.host.clone(),
-        path: e.path.clone(),
-        route: text(&e.route),
-        service: text(&e.service),
-        application: text(&e.application),
-        application_name: text(&e.application_name),
-        team: text(&e.team).filter(|t| !t.is_empty()),
+        request_id: &e.request_id,
+        trace_id: e.trace_id.as_deref(),
+        client_ip: Cow::Owned(e.client_ip.to_string()),
+        protocol: e.protocol,
+        method: &e.method,
+        host: e.host.as_deref(),
+        path: &e.path,
+        route: e.route.as_deref(),
+        service: e.service.as_deref(),
+        application: e.application.as_deref(),
+        application_name: e.application_name.as_deref(),
+        team: e.team.as_deref().filter(|t| !t.is_empty()),
         status: i64::from(e.status),
         bytes_in: int(e.bytes_in),
         bytes_out: int(e.bytes_out),
         duration_us: int(e.duration_us),
         upstream_us: e.upstream_us.map(int),
-        upstream: text(&e.upstream),
-        upstream_target: e.upstream_target.map(|t| t.to_string()),
+        upstream: e.upstream.as_deref(),
+        upstream_target: e.upstream_target.map(|t| Cow::Owned(t.to_string())),
         attempts: i64::from(e.attempts),
-        cache: e.cache.map(str::to_owned),
-        error: e.error.map(str::to_owned),
-        user_agent: e.user_agent.clone(),
+        cache: e.cache,
+        error: e.error,
+        user_agent: e.user_agent.as_deref(),
         completed: e.completed,
     }
 }

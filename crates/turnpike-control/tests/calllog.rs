@@ -15,7 +15,7 @@ use turnpike_model::observe::CallLogConfig;
 use turnpike_model::{Config, ListenerConfig, ServerConfig};
 use turnpike_proxy::demo::DemoServer;
 use turnpike_proxy::gateway::Gateway;
-use turnpike_store::{CallLogRecord, Store};
+use turnpike_store::{CallLogRecord, CallLogRow, Store};
 
 fn file() -> Config {
     Config {
@@ -448,14 +448,13 @@ async fn retention_scenario(url: &str) {
         completed: true,
         ..CallLogRecord::default()
     };
-    env.store
-        .insert_call_logs(&[
-            row(now - 3 * 3_600_000, "very-old"),
-            row(now - 2 * 3_600_000, "old"),
-            row(now - 1_800_000, "recent"),
-        ])
-        .await
-        .unwrap();
+    let old = [
+        row(now - 3 * 3_600_000, "very-old"),
+        row(now - 2 * 3_600_000, "old"),
+        row(now - 1_800_000, "recent"),
+    ];
+    let old: Vec<CallLogRow<'_>> = old.iter().map(CallLogRow::from).collect();
+    env.store.insert_call_logs(&old).await.unwrap();
     for i in 0..3 {
         assert_eq!(env.call("/nowhere", None, &format!("new-{i}")).await, 404);
     }

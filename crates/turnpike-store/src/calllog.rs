@@ -1,57 +1,60 @@
-//! Call logs (table `call_logs`): one row per request through a gateway node, written in
-//! batches by the call-log writer and searched by the Admin API. Like quota usage, these
-//! writes are not configuration: they do not bump the store version nor go through
-//! [`crate::StoreTx`].
+//! Call logs, stored in segments. Each batch the call-log writer hands over becomes one row of
+//! `call_log_segments`: the calls compressed together, the range of arrival times they span and
+//! a summary (services, routes, applications, status classes) that lets a search skip segments
+//! that cannot match without reading them. A narrow table, `call_log_ids`, maps a hash of each
+//! request id to its segment, so a lookup by request id reads the segments that hold it rather
+//! than the whole time range.
 //!
-//! Searches are newest first with a keyset cursor on `(at, id)`: rows written between two
-//! pages never make a row appear twice or be skipped.
+//! Segments instead of a row per call: a 25-column row with six index entries cost the writer
+//! about 5 µs of CPU per call, most of it in the database; a segment costs one row, and each
+//! call one compressed record and one narrow index entry.
+//!
+//! Like quota usage, these writes are not configuration: they do not bump the store version
+//! nor go through [`crate::StoreTx`].
+//!
+//! Searches are newest first (arrival time, then id) with a keyset cursor `<at>.<id>`: calls
+//! written between two pages never make a call appear twice or be skipped. A call's id is its
+//! segment's id times [`SEGMENT_SPAN`] plus its place in the segment, so ids increase with
+//! writes and do not change when retention trims a segment.
 
-use serde::Serialize;
+use std::borrow::Cow;
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
 
 use crate::Store;
-use crate::db::Arg;
+use crate::db::{Arg, Tx};
 use crate::error::{Result, StoreError};
 use crate::model::page_limit;
 use crate::{Page, page};
 
-/// The columns, in the order [`CallLogRecord`] binds them on insert.
-const COLUMNS: [&str; 26] = [
-    "at",
-    "request_id",
-    "trace_id",
-    "client_ip",
-    "protocol",
-    "method",
-    "host",
-    "path",
-    "route",
-    "service",
-    "application",
-    "application_name",
-    "team",
-    "status",
-    "bytes_in",
-    "bytes_out",
-    "duration_us",
-    "upstream_us",
-    "upstream",
-    "upstream_target",
-    "attempts",
-    "cache",
-    "error",
-    "user_agent",
-    "completed",
-    "id",
-];
+/// Ids per segment: a call's id is `segment * SEGMENT_SPAN + place`.
+const SEGMENT_SPAN: i64 = 16_384;
+/// Most calls in one segment (below [`SEGMENT_SPAN`]); larger batches are split.
+pub const MAX_SEGMENT_CALLS: usize = 10_000;
+/// Most distinct values a segment's summary lists per field. A segment with more lists none
+/// and is read by every search filtering on that field.
+const SUMMARY_MAX: usize = 64;
+/// Segment summaries read per query while a search walks back in time.
+const META_PAGE: i64 = 256;
+/// Segments deleted per transaction when pruning, so no transaction (nor, on SQLite, the write
+/// lock) is held for long however large the backlog.
+const DELETE_STEP: i64 = 20;
+/// Calls moved per transaction from the table of earlier versions.
+const LEGACY_STEP: i64 = 2_000;
+/// How a segment's body is written: each call as `(place, CallLogRow)` in postcard, one after
+/// the other, the whole compressed with zstd.
+const ENCODING_POSTCARD_ZSTD: i64 = 1;
+/// zstd's fastest standard level: the writer's CPU is what segments are for, and call logs
+/// still compress about tenfold at it.
+const ZSTD_LEVEL: i32 = 1;
 
-/// Rows per DELETE when pruning: a long retention backlog goes in steps, so neither backend
-/// holds one huge transaction (or, on SQLite, the write lock) for long.
-const DELETE_STEP: i64 = 5_000;
-
-/// One stored call. On insert, `id` is ignored (the store numbers rows).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, sqlx::FromRow)]
+/// One stored call, as searches return it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
 pub struct CallLogRecord {
-    /// Row id, increasing with inserts.
+    /// Call id, increasing with writes. Never deserialised: it comes from where the call is
+    /// stored, not from its record.
+    #[serde(skip_deserializing)]
     pub id: i64,
     /// When the request arrived, epoch milliseconds (UTC).
     pub at: i64,
@@ -105,35 +108,73 @@ pub struct CallLogRecord {
     pub completed: bool,
 }
 
-impl CallLogRecord {
-    fn args(&self) -> [Arg<'_>; 25] {
-        [
-            self.at.into(),
-            self.request_id.as_str().into(),
-            self.trace_id.as_deref().into(),
-            self.client_ip.as_str().into(),
-            self.protocol.as_str().into(),
-            self.method.as_str().into(),
-            self.host.as_deref().into(),
-            self.path.as_str().into(),
-            self.route.as_deref().into(),
-            self.service.as_deref().into(),
-            self.application.as_deref().into(),
-            self.application_name.as_deref().into(),
-            self.team.as_deref().into(),
-            self.status.into(),
-            self.bytes_in.into(),
-            self.bytes_out.into(),
-            self.duration_us.into(),
-            self.upstream_us.into(),
-            self.upstream.as_deref().into(),
-            self.upstream_target.as_deref().into(),
-            self.attempts.into(),
-            self.cache.as_deref().into(),
-            self.error.as_deref().into(),
-            self.user_agent.as_deref().into(),
-            self.completed.into(),
-        ]
+/// A call to write, borrowing its text from wherever the caller holds it.
+///
+/// Stored in postcard, which writes fields by position: they are [`CallLogRecord`]'s, in
+/// the same order, without the id (a test holds the two together). Adding, removing or
+/// reordering a field therefore needs a new segment encoding beside
+/// `ENCODING_POSTCARD_ZSTD`, so that segments written before stay readable.
+///
+/// The fields mean what [`CallLogRecord`]'s of the same name mean.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[allow(missing_docs)]
+pub struct CallLogRow<'a> {
+    pub at: i64,
+    pub request_id: &'a str,
+    pub trace_id: Option<&'a str>,
+    pub client_ip: Cow<'a, str>,
+    pub protocol: &'a str,
+    pub method: &'a str,
+    pub host: Option<&'a str>,
+    pub path: &'a str,
+    pub route: Option<&'a str>,
+    pub service: Option<&'a str>,
+    pub application: Option<&'a str>,
+    pub application_name: Option<&'a str>,
+    pub team: Option<&'a str>,
+    pub status: i64,
+    pub bytes_in: i64,
+    pub bytes_out: i64,
+    pub duration_us: i64,
+    pub upstream_us: Option<i64>,
+    pub upstream: Option<&'a str>,
+    pub upstream_target: Option<Cow<'a, str>>,
+    pub attempts: i64,
+    pub cache: Option<&'a str>,
+    pub error: Option<&'a str>,
+    pub user_agent: Option<&'a str>,
+    pub completed: bool,
+}
+
+impl<'a> From<&'a CallLogRecord> for CallLogRow<'a> {
+    fn from(r: &'a CallLogRecord) -> Self {
+        Self {
+            at: r.at,
+            request_id: &r.request_id,
+            trace_id: r.trace_id.as_deref(),
+            client_ip: Cow::Borrowed(&r.client_ip),
+            protocol: &r.protocol,
+            method: &r.method,
+            host: r.host.as_deref(),
+            path: &r.path,
+            route: r.route.as_deref(),
+            service: r.service.as_deref(),
+            application: r.application.as_deref(),
+            application_name: r.application_name.as_deref(),
+            team: r.team.as_deref(),
+            status: r.status,
+            bytes_in: r.bytes_in,
+            bytes_out: r.bytes_out,
+            duration_us: r.duration_us,
+            upstream_us: r.upstream_us,
+            upstream: r.upstream.as_deref(),
+            upstream_target: r.upstream_target.as_deref().map(Cow::Borrowed),
+            attempts: r.attempts,
+            cache: r.cache.as_deref(),
+            error: r.error.as_deref(),
+            user_agent: r.user_agent.as_deref(),
+            completed: r.completed,
+        }
     }
 }
 
@@ -193,6 +234,214 @@ pub fn valid_call_log_cursor(cursor: &str) -> bool {
     parse_cursor(cursor).is_ok()
 }
 
+/// The key of a request id in `call_log_ids`: a hash that is the same on every node and in
+/// every version (xxh3), as the table outlives both.
+fn request_key(request_id: &str) -> i64 {
+    i64::from_ne_bytes(xxhash_rust::xxh3::xxh3_64(request_id.as_bytes()).to_ne_bytes())
+}
+
+/// The status-class bit of `status` in a segment's `status_classes`.
+fn class_bit(class: i64) -> i64 {
+    1 << class.clamp(0, 62)
+}
+
+/// A segment ready to be written.
+struct Encoded {
+    first_at: i64,
+    last_at: i64,
+    calls: i64,
+    status_classes: i64,
+    services: Option<String>,
+    routes: Option<String>,
+    applications: Option<String>,
+    body: Vec<u8>,
+    /// The calls' request keys, distinct, as a JSON array for the database to expand.
+    keys: String,
+}
+
+impl Encoded {
+    /// The segment's columns as bound by INSERT and UPDATE (`$1` to `$9`: `first_at`,
+    /// `last_at`, `calls`, `status_classes`, `services`, `routes`, `applications`,
+    /// `encoding`, `body`), then `id` if given (`$10`).
+    fn args(&self, id: Option<i64>) -> Vec<Arg<'_>> {
+        let mut args = vec![
+            self.first_at.into(),
+            self.last_at.into(),
+            self.calls.into(),
+            self.status_classes.into(),
+            self.services.as_deref().into(),
+            self.routes.as_deref().into(),
+            self.applications.as_deref().into(),
+            ENCODING_POSTCARD_ZSTD.into(),
+            Arg::Bytes(&self.body),
+        ];
+        args.extend(id.map(Arg::from));
+        args
+    }
+}
+
+/// The distinct values of one summary field, or `None` once there are too many to list.
+struct Distinct<'a>(Option<BTreeSet<&'a str>>);
+
+impl<'a> Distinct<'a> {
+    fn new() -> Self {
+        Self(Some(BTreeSet::new()))
+    }
+
+    fn add(&mut self, value: Option<&'a str>) {
+        if let (Some(set), Some(v)) = (&mut self.0, value) {
+            set.insert(v);
+            if set.len() > SUMMARY_MAX {
+                self.0 = None;
+            }
+        }
+    }
+
+    fn json(&self) -> Result<Option<String>> {
+        self.0
+            .as_ref()
+            .map(|set| serde_json::to_string(set).map_err(|e| StoreError::Other(Box::new(e))))
+            .transpose()
+    }
+}
+
+/// Encodes calls, each with its place in the segment, into a segment.
+fn encode<'r, 'a: 'r>(
+    calls: impl IntoIterator<Item = (u16, &'r CallLogRow<'a>)>,
+) -> Result<Encoded> {
+    let other = |e: &dyn std::fmt::Display| StoreError::Other(e.to_string().into());
+    let mut raw = Vec::new();
+    let (mut first_at, mut last_at, mut count, mut status_classes) = (i64::MAX, i64::MIN, 0, 0);
+    let (mut services, mut routes, mut applications) =
+        (Distinct::new(), Distinct::new(), Distinct::new());
+    let mut keys = Vec::new();
+    for (place, row) in calls {
+        raw = postcard::to_extend(&(place, row), raw).map_err(|e| other(&e))?;
+        first_at = first_at.min(row.at);
+        last_at = last_at.max(row.at);
+        count += 1;
+        status_classes |= class_bit(row.status / 100);
+        services.add(row.service);
+        routes.add(row.route);
+        applications.add(row.application);
+        keys.push(request_key(row.request_id));
+    }
+    keys.sort_unstable();
+    keys.dedup();
+    let mut key_list = String::with_capacity(keys.len() * 21 + 2);
+    key_list.push('[');
+    let mut buf = itoa::Buffer::new();
+    for (i, k) in keys.iter().enumerate() {
+        if i > 0 {
+            key_list.push(',');
+        }
+        key_list.push_str(buf.format(*k));
+    }
+    key_list.push(']');
+    Ok(Encoded {
+        first_at,
+        last_at,
+        calls: count,
+        status_classes,
+        services: services.json()?,
+        routes: routes.json()?,
+        applications: applications.json()?,
+        body: zstd::bulk::compress(&raw, ZSTD_LEVEL).map_err(|e| other(&e))?,
+        keys: key_list,
+    })
+}
+
+/// The calls of segment `segment` from its stored body.
+fn decode(segment: i64, encoding: i64, body: &[u8]) -> Result<Vec<CallLogRecord>> {
+    let corrupt = |why: &dyn std::fmt::Display| {
+        StoreError::Other(format!("call-log segment {segment} cannot be read: {why}").into())
+    };
+    if encoding != ENCODING_POSTCARD_ZSTD {
+        return Err(corrupt(&format!(
+            "encoding {encoding} is not one this version reads"
+        )));
+    }
+    let raw = zstd::stream::decode_all(body).map_err(|e| corrupt(&e))?;
+    let mut rest = raw.as_slice();
+    let mut calls = Vec::new();
+    while !rest.is_empty() {
+        let ((place, mut call), tail): ((u16, CallLogRecord), _) =
+            postcard::take_from_bytes(rest).map_err(|e| corrupt(&e))?;
+        call.id = segment * SEGMENT_SPAN + i64::from(place);
+        calls.push(call);
+        rest = tail;
+    }
+    Ok(calls)
+}
+
+/// What a search reads of a segment before deciding whether to read its calls.
+#[derive(Debug, sqlx::FromRow)]
+struct SegmentMeta {
+    id: i64,
+    last_at: i64,
+    services: Option<String>,
+    routes: Option<String>,
+    applications: Option<String>,
+}
+
+/// Whether a summary list (JSON, `None` when too long to list) may hold `value`.
+fn may_hold(list: Option<&str>, value: &str) -> bool {
+    list.and_then(|l| serde_json::from_str::<Vec<&str>>(l).ok())
+        .is_none_or(|values| values.contains(&value))
+}
+
+/// Whether a summary list may hold any of `values`.
+fn may_hold_any(list: Option<&str>, values: &[String]) -> bool {
+    list.and_then(|l| serde_json::from_str::<Vec<&str>>(l).ok())
+        .is_none_or(|listed| values.iter().any(|v| listed.contains(&v.as_str())))
+}
+
+/// A search's conditions, checked against segment summaries and then against each call.
+struct Filter<'q> {
+    query: &'q CallLogQuery,
+    cursor: Option<(i64, i64)>,
+}
+
+impl Filter<'_> {
+    fn segment_may_match(&self, m: &SegmentMeta) -> bool {
+        let q = self.query;
+        let field = |list: &Option<String>, value: &Option<String>| {
+            value
+                .as_deref()
+                .is_none_or(|v| may_hold(list.as_deref(), v))
+        };
+        field(&m.services, &q.service)
+            && field(&m.routes, &q.route)
+            && field(&m.applications, &q.application)
+            && q.scope.as_ref().is_none_or(|s| {
+                may_hold_any(m.services.as_deref(), &s.services)
+                    || may_hold_any(m.applications.as_deref(), &s.applications)
+            })
+    }
+
+    fn call_matches(&self, c: &CallLogRecord) -> bool {
+        let q = self.query;
+        let eq = |want: &Option<String>, have: &Option<String>| {
+            want.as_ref().is_none_or(|w| have.as_ref() == Some(w))
+        };
+        let listed = |list: &[String], have: &Option<String>| {
+            have.as_ref().is_some_and(|h| list.contains(h))
+        };
+        q.from.is_none_or(|from| c.at >= from)
+            && q.to.is_none_or(|to| c.at < to)
+            && self.cursor.is_none_or(|cursor| (c.at, c.id) < cursor)
+            && eq(&q.service, &c.service)
+            && eq(&q.route, &c.route)
+            && eq(&q.application, &c.application)
+            && q.request_id.as_ref().is_none_or(|r| *r == c.request_id)
+            && q.status.is_none_or(|s| s == c.status)
+            && q.status_class.is_none_or(|k| c.status / 100 == k)
+            && q.scope.as_ref().is_none_or(|s| {
+                listed(&s.services, &c.service) || listed(&s.applications, &c.application)
+            })
+    }
+}
+
 /// A WHERE clause under construction: conditions joined by AND, with `$N` placeholders
 /// numbered as arguments are bound.
 struct Where<'a> {
@@ -218,166 +467,318 @@ impl<'a> Where<'a> {
         self.sql.push_str(" AND ");
         self.sql.push_str(condition);
     }
+}
 
-    fn eq(&mut self, column: &str, value: Option<&'a str>) {
-        if let Some(v) = value {
-            let p = self.bind(v);
-            self.and(&format!("{column} = {p}"));
-        }
-    }
-
-    fn one_of(&mut self, column: &str, values: &'a [String]) -> Option<String> {
-        if values.is_empty() {
-            return None;
-        }
-        let list: Vec<String> = values.iter().map(|v| self.bind(v.as_str())).collect();
-        Some(format!("{column} IN ({})", list.join(", ")))
-    }
+/// Newest first: by arrival time, then id.
+fn newest_first(a: &CallLogRecord, b: &CallLogRecord) -> std::cmp::Ordering {
+    (b.at, b.id).cmp(&(a.at, a.id))
 }
 
 impl Store {
-    /// Writes a batch of calls in one transaction (multi-row inserts); returns how many.
-    pub async fn insert_call_logs(&self, rows: &[CallLogRecord]) -> Result<u64> {
+    /// Writes a batch of calls, as one segment per [`MAX_SEGMENT_CALLS`], in one
+    /// transaction; returns how many.
+    pub async fn insert_call_logs(&self, rows: &[CallLogRow<'_>]) -> Result<u64> {
         if rows.is_empty() {
             return Ok(0);
         }
-        let columns = COLUMNS[..25].join(", ");
+        // Encoded before the transaction: the write lock is held for the writes only.
+        let segments = rows
+            .chunks(MAX_SEGMENT_CALLS)
+            .map(|chunk| encode((0u16..).zip(chunk)))
+            .collect::<Result<Vec<_>>>()?;
         let pool = &self.inner.pool;
         let mut tx = pool.begin(pool.dialect().begin_write).await?;
-        let mut written = 0;
-        let positional = pool.dialect().positional_params;
-        for chunk in rows.chunks(pool.dialect().rows_per_insert) {
-            let mut sql = format!("INSERT INTO call_logs ({columns}) VALUES ");
-            let mut args = Vec::with_capacity(chunk.len() * 25);
-            for (i, row) in chunk.iter().enumerate() {
-                if i > 0 {
-                    sql.push_str(", ");
-                }
-                sql.push('(');
-                for j in 0..25 {
-                    if j > 0 {
-                        sql.push_str(", ");
-                    }
-                    if positional {
-                        sql.push('?');
-                    } else {
-                        sql.push_str(&format!("${}", i * 25 + j + 1));
-                    }
-                }
-                sql.push(')');
-                args.extend(row.args());
-            }
-            written += tx.exec().execute(&sql, &args).await?;
+        for segment in &segments {
+            insert_segment(&mut tx, segment).await?;
         }
         tx.commit().await?;
-        Ok(written)
+        Ok(u64::try_from(rows.len()).unwrap_or(u64::MAX))
     }
 
-    /// One page of the calls matching `query`, newest first (time, then row id, descending).
+    /// One page of the calls matching `query`, newest first (time, then id, descending).
+    ///
+    /// Reads segment summaries newest first and the calls of those that may match, until no
+    /// segment left can hold a call newer than the page's last.
     ///
     /// Errors: `Invalid` for a cursor this method did not return.
     pub async fn search_call_logs(&self, query: &CallLogQuery) -> Result<Page<CallLogRecord>> {
         let cursor = query.cursor.as_deref().map(parse_cursor).transpose()?;
         let limit = page_limit(query.limit);
-        let mut w = Where::new();
-        if let Some(scope) = &query.scope {
-            let parts: Vec<String> = [
-                w.one_of("service", &scope.services),
-                w.one_of("application", &scope.applications),
-            ]
-            .into_iter()
-            .flatten()
-            .collect();
-            if parts.is_empty() {
-                return Ok(Page {
-                    items: Vec::new(),
-                    next_cursor: None,
-                });
+        if query
+            .scope
+            .as_ref()
+            .is_some_and(|s| s.services.is_empty() && s.applications.is_empty())
+        {
+            return Ok(Page {
+                items: Vec::new(),
+                next_cursor: None,
+            });
+        }
+        let filter = Filter { query, cursor };
+        let want = usize::try_from(limit + 1).unwrap_or(usize::MAX);
+        let mut found: Vec<CallLogRecord> = Vec::new();
+        let mut after: Option<(i64, i64)> = None;
+        'walk: loop {
+            let metas = self.segment_metas(query, cursor, after).await?;
+            let last_page = metas.len() < usize::try_from(META_PAGE).unwrap_or(usize::MAX);
+            for meta in metas {
+                // Every call left is at most this old: the page is complete once it holds
+                // enough newer calls.
+                if found.len() >= want && found[want - 1].at > meta.last_at {
+                    break 'walk;
+                }
+                after = Some((meta.last_at, meta.id));
+                if !filter.segment_may_match(&meta) {
+                    continue;
+                }
+                found.extend(
+                    self.segment_calls(meta.id)
+                        .await?
+                        .into_iter()
+                        .filter(|c| filter.call_matches(c)),
+                );
+                found.sort_unstable_by(newest_first);
+                found.truncate(want);
             }
-            w.and(&format!("({})", parts.join(" OR ")));
+            if last_page {
+                break;
+            }
         }
-        if let Some(from) = query.from {
-            let p = w.bind(from);
-            w.and(&format!("at >= {p}"));
-        }
-        if let Some(to) = query.to {
-            let p = w.bind(to);
-            w.and(&format!("at < {p}"));
-        }
-        w.eq("service", query.service.as_deref());
-        w.eq("route", query.route.as_deref());
-        w.eq("application", query.application.as_deref());
-        w.eq("request_id", query.request_id.as_deref());
-        if let Some(status) = query.status {
-            let p = w.bind(status);
-            w.and(&format!("status = {p}"));
-        }
-        if let Some(class) = query.status_class {
-            let lo = w.bind(class * 100);
-            let hi = w.bind(class * 100 + 100);
-            w.and(&format!("status >= {lo} AND status < {hi}"));
-        }
-        if let Some((at, id)) = cursor {
-            let a = w.bind(at);
-            let b = w.bind(at);
-            let i = w.bind(id);
-            w.and(&format!("(at < {a} OR (at = {b} AND id < {i}))"));
-        }
-        let l = w.bind(limit + 1);
-        let sql = format!(
-            "SELECT {} FROM call_logs{} ORDER BY at DESC, id DESC LIMIT {l}",
-            COLUMNS.join(", "),
-            w.sql
-        );
-        let items = self.inner.pool.exec().fetch_all(&sql, &w.args).await?;
-        Ok(page(items, limit, |r: &CallLogRecord| {
+        Ok(page(found, limit, |r: &CallLogRecord| {
             format!("{}.{}", r.at, r.id)
         }))
     }
 
-    /// Deletes the calls that arrived before `before` (epoch ms); returns how many went.
-    pub async fn prune_call_logs(&self, before: i64) -> Result<u64> {
-        const SQL: &str = "DELETE FROM call_logs WHERE id IN \
-            (SELECT id FROM call_logs WHERE at < $1 LIMIT $2)";
-        self.delete_in_steps(SQL, before).await
+    /// The next page of summaries of segments that may hold calls for `query`, newest first
+    /// by their latest call, after the segment `after` (`(last_at, id)`).
+    async fn segment_metas(
+        &self,
+        query: &CallLogQuery,
+        cursor: Option<(i64, i64)>,
+        after: Option<(i64, i64)>,
+    ) -> Result<Vec<SegmentMeta>> {
+        let mut w = Where::new();
+        if let Some(from) = query.from {
+            let p = w.bind(from);
+            w.and(&format!("last_at >= {p}"));
+        }
+        if let Some(to) = query.to {
+            let p = w.bind(to);
+            w.and(&format!("first_at < {p}"));
+        }
+        if let Some((at, _)) = cursor {
+            let p = w.bind(at);
+            w.and(&format!("first_at <= {p}"));
+        }
+        let classes = match (query.status, query.status_class) {
+            (Some(s), _) => Some(class_bit(s / 100)),
+            (None, Some(k)) => Some(class_bit(k)),
+            (None, None) => None,
+        };
+        if let Some(mask) = classes {
+            let p = w.bind(mask);
+            w.and(&format!("(status_classes & {p}) <> 0"));
+        }
+        if let Some(id) = query.request_id.as_deref() {
+            let p = w.bind(request_key(id));
+            w.and(&format!(
+                "id IN (SELECT segment FROM call_log_ids WHERE request_key = {p})"
+            ));
+        }
+        if let Some((last_at, id)) = after {
+            let a = w.bind(last_at);
+            let b = w.bind(last_at);
+            let i = w.bind(id);
+            w.and(&format!("(last_at < {a} OR (last_at = {b} AND id < {i}))"));
+        }
+        let l = w.bind(META_PAGE);
+        let sql = format!(
+            "SELECT id, last_at, services, routes, applications FROM call_log_segments{} \
+             ORDER BY last_at DESC, id DESC LIMIT {l}",
+            w.sql
+        );
+        Ok(self.inner.pool.exec().fetch_all(&sql, &w.args).await?)
     }
 
-    /// Deletes all but the newest `keep` rows (by row id); returns how many went.
-    pub async fn cap_call_logs(&self, keep: u64) -> Result<u64> {
-        let keep = i64::try_from(keep).unwrap_or(i64::MAX);
-        let threshold: Option<(i64,)> = self
+    /// The calls of one segment; none if it has just been deleted.
+    async fn segment_calls(&self, segment: i64) -> Result<Vec<CallLogRecord>> {
+        let row: Option<(i64, Vec<u8>)> = self
             .inner
             .pool
             .exec()
             .fetch_optional(
-                "SELECT id FROM call_logs ORDER BY id DESC LIMIT 1 OFFSET $1",
-                &[keep.into()],
+                "SELECT encoding, body FROM call_log_segments WHERE id = $1",
+                &[segment.into()],
             )
             .await?;
-        let Some((last_kept,)) = threshold else {
-            return Ok(0);
-        };
-        // The row at OFFSET keep is the newest one to delete.
-        const SQL: &str = "DELETE FROM call_logs WHERE id IN \
-            (SELECT id FROM call_logs WHERE id <= $1 LIMIT $2)";
-        self.delete_in_steps(SQL, last_kept).await
+        row.map_or(Ok(Vec::new()), |(encoding, body)| {
+            decode(segment, encoding, &body)
+        })
     }
 
-    /// Runs `sql` (bound to `value` and the step size) until it deletes less than a step.
-    async fn delete_in_steps(&self, sql: &str, value: i64) -> Result<u64> {
-        let mut total = 0;
-        loop {
-            let n = self
+    /// Deletes the calls that arrived before `before` (epoch ms); returns how many went.
+    pub async fn prune_call_logs(&self, before: i64) -> Result<u64> {
+        let mut total = self.delete_segments("last_at < $1", before.into()).await?;
+        // Segments that straddle the limit keep their newer calls.
+        let straddling: Vec<(i64,)> = self
+            .inner
+            .pool
+            .exec()
+            .fetch_all(
+                "SELECT id FROM call_log_segments WHERE first_at < $1 ORDER BY id",
+                &[before.into()],
+            )
+            .await?;
+        for (id,) in straddling {
+            total += self
+                .trim_segment(id, |calls| calls.retain(|c| c.at >= before))
+                .await?;
+        }
+        Ok(total)
+    }
+
+    /// Deletes all but the newest `keep` calls (by id); returns how many went.
+    pub async fn cap_call_logs(&self, keep: u64) -> Result<u64> {
+        let keep = i64::try_from(keep).unwrap_or(i64::MAX);
+        // Walk back from the newest segment to the one holding the `keep`-th newest call.
+        let mut seen = 0i64;
+        let mut before = i64::MAX;
+        let boundary = 'find: loop {
+            let segments: Vec<(i64, i64)> = self
                 .inner
                 .pool
                 .exec()
-                .execute(sql, &[value.into(), DELETE_STEP.into()])
+                .fetch_all(
+                    "SELECT id, calls FROM call_log_segments WHERE id < $1 \
+                     ORDER BY id DESC LIMIT $2",
+                    &[before.into(), META_PAGE.into()],
+                )
                 .await?;
-            total += n;
-            if n < u64::try_from(DELETE_STEP).unwrap_or(u64::MAX) {
+            let Some(&(oldest, _)) = segments.last() else {
+                return Ok(0);
+            };
+            for (id, calls) in segments {
+                if seen.saturating_add(calls) >= keep {
+                    break 'find (id, keep - seen);
+                }
+                seen += calls;
+            }
+            before = oldest;
+        };
+        let (segment, keep_in_it) = boundary;
+        let mut total = self.delete_segments("id < $1", segment.into()).await?;
+        let keep_in_it = usize::try_from(keep_in_it).unwrap_or(usize::MAX);
+        total += self
+            .trim_segment(segment, |calls| {
+                calls.sort_unstable_by_key(|c| std::cmp::Reverse(c.id));
+                calls.truncate(keep_in_it);
+            })
+            .await?;
+        Ok(total)
+    }
+
+    /// Deletes the segments matching `condition` (on `$1`), with their request keys, a few
+    /// per transaction; returns how many calls went.
+    async fn delete_segments(&self, condition: &str, value: Arg<'_>) -> Result<u64> {
+        let pick = format!(
+            "SELECT id FROM call_log_segments WHERE {condition} ORDER BY id LIMIT {DELETE_STEP}"
+        );
+        let pool = &self.inner.pool;
+        let mut total = 0u64;
+        loop {
+            let mut tx = pool.begin(pool.dialect().begin_write).await?;
+            let ids: Vec<(i64,)> = tx.exec().fetch_all(&pick, &[value]).await?;
+            if ids.is_empty() {
+                tx.commit().await?;
                 return Ok(total);
             }
+            let list = ids
+                .iter()
+                .map(|(id,)| id.to_string())
+                .collect::<Vec<_>>()
+                .join(", ");
+            tx.exec()
+                .execute(
+                    &format!("DELETE FROM call_log_ids WHERE segment IN ({list})"),
+                    &[],
+                )
+                .await?;
+            // Counted from what this transaction deleted: another node pruning at the same
+            // time deletes the others.
+            let gone: Vec<(i64,)> = tx
+                .exec()
+                .fetch_all(
+                    &format!("DELETE FROM call_log_segments WHERE id IN ({list}) RETURNING calls"),
+                    &[],
+                )
+                .await?;
+            tx.commit().await?;
+            total += gone
+                .iter()
+                .map(|(n,)| u64::try_from(*n).unwrap_or(0))
+                .sum::<u64>();
         }
+    }
+
+    /// Rewrites segment `segment` with the calls `keep` leaves in it (deleting it if none);
+    /// returns how many calls went. Request keys of calls that went stay until the segment
+    /// goes: a lookup reads the segment and finds nothing.
+    async fn trim_segment(
+        &self,
+        segment: i64,
+        keep: impl FnOnce(&mut Vec<CallLogRecord>),
+    ) -> Result<u64> {
+        let pool = &self.inner.pool;
+        let mut tx = pool.begin(pool.dialect().begin_write).await?;
+        let sql = format!(
+            "SELECT encoding, body FROM call_log_segments WHERE id = $1{}",
+            pool.dialect().lock_row
+        );
+        let row: Option<(i64, Vec<u8>)> = tx.exec().fetch_optional(&sql, &[segment.into()]).await?;
+        let Some((encoding, body)) = row else {
+            return Ok(0);
+        };
+        let mut calls = decode(segment, encoding, &body)?;
+        let before = calls.len();
+        keep(&mut calls);
+        let gone = u64::try_from(before.saturating_sub(calls.len())).unwrap_or(0);
+        if gone == 0 {
+            return Ok(0);
+        }
+        if calls.is_empty() {
+            tx.exec()
+                .execute(
+                    "DELETE FROM call_log_ids WHERE segment = $1",
+                    &[segment.into()],
+                )
+                .await?;
+            tx.exec()
+                .execute(
+                    "DELETE FROM call_log_segments WHERE id = $1",
+                    &[segment.into()],
+                )
+                .await?;
+        } else {
+            calls.sort_unstable_by_key(|c| c.id);
+            let rows: Vec<(u16, CallLogRow<'_>)> = calls
+                .iter()
+                .map(|c| {
+                    let place = u16::try_from(c.id - segment * SEGMENT_SPAN).unwrap_or(u16::MAX);
+                    (place, CallLogRow::from(c))
+                })
+                .collect();
+            let e = encode(rows.iter().map(|(place, row)| (*place, row)))?;
+            tx.exec()
+                .execute(
+                    "UPDATE call_log_segments SET first_at = $1, last_at = $2, calls = $3, \
+                     status_classes = $4, services = $5, routes = $6, applications = $7, \
+                     encoding = $8, body = $9 WHERE id = $10",
+                    &e.args(Some(segment)),
+                )
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(gone)
     }
 
     /// How many calls are stored.
@@ -386,106 +787,63 @@ impl Store {
             .inner
             .pool
             .exec()
-            .fetch_one("SELECT COUNT(*) FROM call_logs", &[])
+            .fetch_one(
+                "SELECT CAST(COALESCE(SUM(calls), 0) AS BIGINT) FROM call_log_segments",
+                &[],
+            )
             .await?;
         Ok(n)
     }
+
+    /// Moves calls written by earlier versions (a row per call in `call_logs`) into segments,
+    /// oldest first, a step per transaction; returns how many moved. Each step deletes the
+    /// rows it moves in the same transaction, so nodes doing this at once never move a call
+    /// twice, and a failure midway loses nothing.
+    pub async fn move_legacy_call_logs(&self) -> Result<u64> {
+        const COLUMNS: &str = "id, at, request_id, trace_id, client_ip, protocol, method, host, \
+            path, route, service, application, application_name, team, status, bytes_in, \
+            bytes_out, duration_us, upstream_us, upstream, upstream_target, attempts, cache, \
+            error, user_agent, completed";
+        let take = format!(
+            "DELETE FROM call_logs WHERE id IN \
+             (SELECT id FROM call_logs ORDER BY id LIMIT $1) RETURNING {COLUMNS}"
+        );
+        let pool = &self.inner.pool;
+        let mut total = 0u64;
+        loop {
+            let mut tx = pool.begin(pool.dialect().begin_write).await?;
+            let mut calls: Vec<CallLogRecord> =
+                tx.exec().fetch_all(&take, &[LEGACY_STEP.into()]).await?;
+            if calls.is_empty() {
+                tx.commit().await?;
+                return Ok(total);
+            }
+            calls.sort_unstable_by_key(|c| c.id);
+            let rows: Vec<CallLogRow<'_>> = calls.iter().map(CallLogRow::from).collect();
+            insert_segment(&mut tx, &encode((0u16..).zip(&rows))?).await?;
+            tx.commit().await?;
+            total += u64::try_from(calls.len()).unwrap_or(0);
+        }
+    }
 }
 
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-    use super::*;
-
-    fn row(at: i64, service: &str, status: i64) -> CallLogRecord {
-        CallLogRecord {
-            at,
-            request_id: format!("r{at}"),
-            client_ip: "127.0.0.1".into(),
-            protocol: "HTTP/1.1".into(),
-            method: "GET".into(),
-            path: "/".into(),
-            service: Some(service.into()),
-            status,
-            completed: true,
-            ..CallLogRecord::default()
-        }
-    }
-
-    #[tokio::test]
-    async fn insert_search_page_prune_and_cap() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&format!("sqlite://{}", dir.path().join("s.db").display()))
-            .await
-            .unwrap();
-        // 450 rows: more than one INSERT statement per batch; two share each timestamp.
-        let rows: Vec<CallLogRecord> = (0..450)
-            .map(|i| {
-                row(
-                    1_000 + i / 2,
-                    if i % 3 == 0 { "a" } else { "b" },
-                    200 + i % 5 * 100,
-                )
-            })
-            .collect();
-        assert_eq!(store.insert_call_logs(&rows).await.unwrap(), 450);
-        let mut seen = std::collections::HashSet::new();
-        let mut query = CallLogQuery {
-            limit: Some(100),
-            ..CallLogQuery::default()
-        };
-        let mut last = i64::MAX;
-        loop {
-            let page = store.search_call_logs(&query).await.unwrap();
-            for r in &page.items {
-                assert!(r.at <= last);
-                last = r.at;
-                assert!(seen.insert(r.id), "row {} twice", r.id);
-            }
-            match page.next_cursor {
-                Some(c) => query.cursor = Some(c),
-                None => break,
-            }
-        }
-        assert_eq!(seen.len(), 450);
-        let errors = store
-            .search_call_logs(&CallLogQuery {
-                status_class: Some(5),
-                service: Some("a".into()),
-                limit: Some(500),
-                ..CallLogQuery::default()
-            })
-            .await
-            .unwrap();
-        assert!(!errors.items.is_empty());
-        assert!(
-            errors
-                .items
-                .iter()
-                .all(|r| r.status / 100 == 5 && r.service.as_deref() == Some("a"))
-        );
-        let scoped = store
-            .search_call_logs(&CallLogQuery {
-                scope: Some(CallLogScope::default()),
-                ..CallLogQuery::default()
-            })
-            .await
-            .unwrap();
-        assert!(scoped.items.is_empty());
-        assert!(
-            store
-                .search_call_logs(&CallLogQuery {
-                    cursor: Some("x".into()),
-                    ..CallLogQuery::default()
-                })
-                .await
-                .is_err()
-        );
-        // Times 1000..=1224: before 1100 there are 200 rows.
-        assert_eq!(store.prune_call_logs(1_100).await.unwrap(), 200);
-        assert_eq!(store.count_call_logs().await.unwrap(), 250);
-        assert_eq!(store.cap_call_logs(100).await.unwrap(), 150);
-        assert_eq!(store.count_call_logs().await.unwrap(), 100);
-        assert_eq!(store.cap_call_logs(100).await.unwrap(), 0);
-    }
+/// Writes one segment and its request keys in `tx`.
+async fn insert_segment(tx: &mut Tx, e: &Encoded) -> Result<()> {
+    let (id,): (i64,) = tx
+        .exec()
+        .fetch_one(
+            "INSERT INTO call_log_segments (first_at, last_at, calls, status_classes, services, \
+             routes, applications, encoding, body) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+             RETURNING id",
+            &e.args(None),
+        )
+        .await?;
+    let dialect = tx.dialect();
+    tx.exec()
+        .execute(
+            dialect.insert_call_keys,
+            &[e.keys.as_str().into(), id.into()],
+        )
+        .await?;
+    Ok(())
 }

@@ -59,7 +59,9 @@ pub use analytics::{
     AlertEvent, AlertState, HistoryQuery, RollupFilter, RollupRow, RollupScope, Step, fold_rows,
     merge_row,
 };
-pub use calllog::{CallLogQuery, CallLogRecord, CallLogScope, valid_call_log_cursor};
+pub use calllog::{
+    CallLogQuery, CallLogRecord, CallLogRow, CallLogScope, MAX_SEGMENT_CALLS, valid_call_log_cursor,
+};
 pub use error::{BoxError, Result, StoreError};
 pub use model::{
     AuditEntry, AuditQuery, AuditRecord, DEFAULT_LIMIT, ListQuery, Loaded, MAX_LIMIT, NewObject,
