@@ -281,19 +281,37 @@ impl CallLogWriter {
 
     /// Deletes calls older than the retention, then those past the row cap; returns how many
     /// went. Every node of a cluster does this; a second delete finds nothing.
+    ///
+    /// First, calls an earlier version stored a row each are moved into segments (those past
+    /// the retention deleted instead), within [`STORE_TIMEOUT`] and whatever the outcome: a
+    /// large backlog is moved over several runs and never holds up retention.
     pub async fn prune(&self) -> Result<u64, turnpike_store::StoreError> {
-        let moved = self.store.move_legacy_call_logs().await?;
-        if moved > 0 {
-            tracing::info!(
-                calls = moved,
-                "call logs of an earlier version moved into segments"
-            );
-        }
         let keep_ms = i64::try_from(self.config.retention.as_millis()).unwrap_or(i64::MAX);
         let before = turnpike_store::now_ms().saturating_sub(keep_ms);
-        let mut n = self.store.prune_call_logs(before).await?;
+        let legacy =
+            tokio::time::timeout(STORE_TIMEOUT, self.store.move_legacy_call_logs(before)).await;
+        let mut n = match legacy {
+            Ok(Ok(done)) => {
+                if done.moved > 0 {
+                    tracing::info!(
+                        calls = done.moved,
+                        "call logs of an earlier version moved into segments"
+                    );
+                }
+                done.expired
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot move call logs of an earlier version");
+                0
+            }
+            Err(_) => {
+                tracing::info!("moving call logs of an earlier version goes on at the next prune");
+                0
+            }
+        };
+        n += within(self.store.prune_call_logs(before)).await?;
         if let Some(max) = self.config.max_rows {
-            n += self.store.cap_call_logs(max).await?;
+            n += within(self.store.cap_call_logs(max)).await?;
         }
         self.counters.pruned.fetch_add(n, Ordering::Relaxed);
         Ok(n)
@@ -312,14 +330,27 @@ impl CallLogWriter {
                     continue;
                 }
             }
-            match tokio::time::timeout(STORE_TIMEOUT, self.prune()).await {
-                Ok(Ok(0)) => {}
-                Ok(Ok(n)) => tracing::debug!(rows = n, "old call logs deleted"),
-                Ok(Err(e)) => tracing::debug!(error = %e, "cannot delete old call logs"),
-                Err(_) => tracing::debug!("deleting old call logs timed out"),
+            match self.prune().await {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(rows = n, "old call logs deleted"),
+                Err(e) => tracing::debug!(error = %e, "cannot delete old call logs"),
             }
         }
     }
+}
+
+/// `store_call`, failed if it takes longer than [`STORE_TIMEOUT`]. What it committed before
+/// stays; the next prune goes on from there.
+async fn within<T>(
+    store_call: impl Future<Output = Result<T, turnpike_store::StoreError>>,
+) -> Result<T, turnpike_store::StoreError> {
+    tokio::time::timeout(STORE_TIMEOUT, store_call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(turnpike_store::StoreError::Other(
+                format!("timed out after {STORE_TIMEOUT:?}").into(),
+            ))
+        })
 }
 
 /// A call as stored, borrowing the event's text.

@@ -1,5 +1,5 @@
 //! What writing call logs costs the store: CPU per call written, bytes on disk per call, and
-//! how long two searches take over what was written.
+//! how long three searches take over what was written.
 //!
 //! ```sh
 //! cargo run --release -p turnpike-store --example calllog_write -- [CALLS] [BATCH] [URL]

@@ -60,7 +60,8 @@ pub use analytics::{
     merge_row,
 };
 pub use calllog::{
-    CallLogQuery, CallLogRecord, CallLogRow, CallLogScope, MAX_SEGMENT_CALLS, valid_call_log_cursor,
+    CallLogQuery, CallLogRecord, CallLogRow, CallLogScope, LegacyCallLogs, MAX_SEGMENT_CALLS,
+    valid_call_log_cursor,
 };
 pub use error::{BoxError, Result, StoreError};
 pub use model::{

@@ -20,6 +20,8 @@ both_backends!(
     prune_trims_a_straddling_segment_and_keeps_ids,
     large_batches_are_split_into_segments,
     calls_of_earlier_versions_are_moved_into_segments,
+    hundreds_of_segments_are_walked_pruned_and_capped,
+    a_corrupt_segment_is_an_error,
 );
 
 fn call(at: i64, request_id: &str, service: &str, status: i64) -> CallLogRecord {
@@ -59,6 +61,18 @@ async fn all_pages(store: &Store, mut query: CallLogQuery) -> Vec<CallLogRecord>
     }
 }
 
+/// Every call, a page of `limit` at a time.
+async fn every_call(store: &Store, limit: u32) -> Vec<CallLogRecord> {
+    all_pages(
+        store,
+        CallLogQuery {
+            limit: Some(limit),
+            ..CallLogQuery::default()
+        },
+    )
+    .await
+}
+
 /// (time, request id) of each call, in order.
 fn keys(calls: &[CallLogRecord]) -> Vec<(i64, String)> {
     calls.iter().map(|c| (c.at, c.request_id.clone())).collect()
@@ -89,14 +103,7 @@ async fn search_pages_prune_and_cap(db: &TestDb) {
     }
     let mut seen = HashSet::new();
     let mut last = (i64::MAX, i64::MAX);
-    let found = all_pages(
-        store,
-        CallLogQuery {
-            limit: Some(100),
-            ..CallLogQuery::default()
-        },
-    )
-    .await;
+    let found = every_call(store, 100).await;
     for c in &found {
         assert!((c.at, c.id) < last, "out of order at {}", c.request_id);
         last = (c.at, c.id);
@@ -244,14 +251,7 @@ async fn ties_in_time_across_segments_page_by_id(db: &TestDb) {
             .collect();
         insert(store, &part).await;
     }
-    let all = all_pages(
-        store,
-        CallLogQuery {
-            limit: Some(100),
-            ..CallLogQuery::default()
-        },
-    )
-    .await;
+    let all = every_call(store, 100).await;
     assert_eq!(all.len(), 39);
     let mut sorted = all.clone();
     sorted.sort_by_key(|c| std::cmp::Reverse((c.at, c.id)));
@@ -278,14 +278,7 @@ async fn ties_in_time_across_segments_page_by_id(db: &TestDb) {
             .unwrap()
     );
     for limit in 1..=7 {
-        let paged = all_pages(
-            store,
-            CallLogQuery {
-                limit: Some(limit),
-                ..CallLogQuery::default()
-            },
-        )
-        .await;
+        let paged = every_call(store, limit).await;
         assert_eq!(paged, all, "limit {limit}");
     }
 }
@@ -305,14 +298,7 @@ async fn overlapping_segments_page_in_time_order(db: &TestDb) {
         calls.extend(part);
     }
     for limit in [1, 3, 17, 240] {
-        let found = all_pages(
-            store,
-            CallLogQuery {
-                limit: Some(limit),
-                ..CallLogQuery::default()
-            },
-        )
-        .await;
+        let found = every_call(store, limit).await;
         assert_eq!(found.len(), 240, "limit {limit}");
         let mut sorted = found.clone();
         sorted.sort_by_key(|c| std::cmp::Reverse((c.at, c.id)));
@@ -544,13 +530,21 @@ async fn calls_of_earlier_versions_are_moved_into_segments(db: &TestDb) {
         db.raw_execute(&sql).await.unwrap();
     }
     insert(&db.store, &[call(900, "new", "svc", 200)]).await;
-    assert_eq!(db.store.move_legacy_call_logs().await.unwrap(), 5);
-    assert_eq!(db.store.move_legacy_call_logs().await.unwrap(), 0);
-    assert_eq!(db.store.count_call_logs().await.unwrap(), 6);
+    // The two older than the retention limit go rather than move.
+    let done = db.store.move_legacy_call_logs(502).await.unwrap();
+    assert_eq!((done.expired, done.moved), (2, 3));
+    let done = db.store.move_legacy_call_logs(502).await.unwrap();
+    assert_eq!((done.expired, done.moved), (0, 0));
+    assert_eq!(db.store.count_call_logs().await.unwrap(), 4);
     let found = all_pages(&db.store, CallLogQuery::default()).await;
     assert_eq!(found[0].request_id, "new");
     let old: Vec<&str> = found[1..].iter().map(|c| c.request_id.as_str()).collect();
-    assert_eq!(old, ["old4", "old3", "old2", "old1", "old0"]);
+    assert_eq!(old, ["old4", "old3", "old2"]);
+    // Moved calls have newer ids than "new", but the cap keeps the newest by time.
+    assert!(found[1].id > found[0].id);
+    assert_eq!(db.store.cap_call_logs(2).await.unwrap(), 2);
+    let kept = all_pages(&db.store, CallLogQuery::default()).await;
+    assert_eq!(keys(&kept), [(900, "new".into()), (504, "old4".into())]);
     assert_eq!(found[1].user_agent.as_deref(), Some("agent"));
     assert_eq!(
         (found[1].bytes_in, found[1].bytes_out, found[1].duration_us),
@@ -558,4 +552,81 @@ async fn calls_of_earlier_versions_are_moved_into_segments(db: &TestDb) {
     );
     let left = db.raw_execute("DELETE FROM call_logs").await.unwrap();
     assert_eq!(left, 0);
+}
+
+async fn hundreds_of_segments_are_walked_pruned_and_capped(db: &TestDb) {
+    let store = &db.store;
+    // 300 segments of two calls: more than a page of segment summaries (256) and than a
+    // prune transaction deletes (8).
+    for i in 0..300i64 {
+        let service = if i == 0 { "first" } else { "s" };
+        insert(
+            store,
+            &[
+                call(10_000 + i * 10, &format!("r{i}-0"), service, 200),
+                call(10_000 + i * 10 + 1, &format!("r{i}-1"), service, 200),
+            ],
+        )
+        .await;
+    }
+    // Only the oldest segment matches: the walk reads every page of summaries to reach it.
+    let first = all_pages(
+        store,
+        CallLogQuery {
+            service: Some("first".into()),
+            limit: Some(1),
+            ..CallLogQuery::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        keys(&first),
+        [(10_001, "r0-1".to_string()), (10_000, "r0-0".to_string())]
+    );
+    let all = every_call(store, 100).await;
+    assert_eq!(all.len(), 600);
+    assert!(all.windows(2).all(|w| w[0].at > w[1].at));
+    // The cap walks back past a page of summaries (256 segments) and keeps the newest 541
+    // calls: segments 30 to 299 and the second call of segment 29.
+    assert_eq!(store.cap_call_logs(541).await.unwrap(), 59);
+    let kept = every_call(store, 1000).await;
+    assert_eq!(kept.len(), 541);
+    assert_eq!(kept.last().unwrap().request_id, "r29-1");
+    assert_eq!(kept[0].request_id, "r299-1");
+    // Retention at the second call of segment 100: segments 29 to 99 go whole (71, more
+    // than a transaction deletes) and segment 100 loses its first call.
+    assert_eq!(store.prune_call_logs(11_001).await.unwrap(), 142);
+    assert_eq!(store.count_call_logs().await.unwrap(), 399);
+    let left = every_call(store, 1000).await;
+    assert_eq!(left.last().unwrap().request_id, "r100-1");
+}
+
+async fn a_corrupt_segment_is_an_error(db: &TestDb) {
+    let store = &db.store;
+    insert(store, &[call(1, "a", "s", 200)]).await;
+    db.raw_execute("UPDATE call_log_segments SET body = NULL")
+        .await
+        .unwrap_err();
+    let sql = if db.url.starts_with("sqlite") {
+        "UPDATE call_log_segments SET body = X'00ff'"
+    } else {
+        "UPDATE call_log_segments SET body = '\\x00ff'"
+    };
+    db.raw_execute(sql).await.unwrap();
+    let error = store
+        .search_call_logs(&CallLogQuery::default())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("call-log segment"), "{error}");
+    // An encoding this version does not know is named as such.
+    db.raw_execute("UPDATE call_log_segments SET encoding = 7")
+        .await
+        .unwrap();
+    let error = store
+        .search_call_logs(&CallLogQuery::default())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("encoding 7"), "{error}");
 }
