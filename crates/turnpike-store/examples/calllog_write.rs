@@ -7,7 +7,8 @@
 //!
 //! Defaults: 200,000 calls in batches of 2,000 (the call-log writer's default batch) into a
 //! new SQLite store in a temporary directory; give a `postgres://` URL to measure a server
-//! instead (its disk use is not reported). CPU is the whole process's (user + system, from
+//! instead (its disk use is not reported). Request ids are UUIDv7s, as the gateway makes
+//! them; with `IDS=random` in the environment they are random, as clients may send them. CPU is the whole process's (user + system, from
 //! `/proc/self/stat`), so it includes the database's own work on SQLite, which runs in this
 //! process.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -28,10 +29,21 @@ fn cpu_seconds() -> f64 {
 }
 
 /// A call shaped like the benchmark's: one route and upstream, distinct request ids.
-fn call(i: u64) -> CallLogRecord {
+fn call(i: u64, random_ids: bool) -> CallLogRecord {
+    let at = 1_800_000_000_000 + i / 40;
+    let mixed = i.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let request_id = if random_ids {
+        format!("{mixed:016x}{i:016x}")
+    } else {
+        let mut tail = [0u8; 10];
+        tail[..8].copy_from_slice(&mixed.to_le_bytes());
+        uuid::Builder::from_unix_timestamp_millis(at, &tail)
+            .into_uuid()
+            .to_string()
+    };
     CallLogRecord {
-        at: 1_800_000_000_000 + i64::try_from(i / 40).unwrap(),
-        request_id: format!("{:016x}{:016x}", i.wrapping_mul(0x9e37_79b9_7f4a_7c15), i),
+        at: i64::try_from(at).unwrap(),
+        request_id,
         client_ip: "127.0.0.1".into(),
         protocol: "HTTP/1.1".into(),
         method: "GET".into(),
@@ -63,19 +75,25 @@ async fn main() {
         .next()
         .unwrap_or_else(|| format!("sqlite://{}", db.display()));
     let store = Store::open(&url).await.expect("open the store");
+    let random_ids = std::env::var_os("IDS").is_some_and(|v| v == "random");
 
     let mut written = 0u64;
     let (cpu0, wall0) = (cpu_seconds(), Instant::now());
     while written < calls {
         let n = batch.min(calls - written);
-        let records: Vec<CallLogRecord> = (written..written + n).map(call).collect();
+        let records: Vec<CallLogRecord> = (written..written + n)
+            .map(|i| call(i, random_ids))
+            .collect();
         let rows: Vec<CallLogRow<'_>> = records.iter().map(CallLogRow::from).collect();
         store.insert_call_logs(&rows).await.expect("insert");
         written += n;
     }
     let (cpu, wall) = (cpu_seconds() - cpu0, wall0.elapsed().as_secs_f64());
     let per_call = |s: f64| s * 1e6 / calls as f64;
-    println!("calls {calls}, batches of {batch}, {url}");
+    println!(
+        "calls {calls}, batches of {batch}, {} request ids, {url}",
+        if random_ids { "random" } else { "UUIDv7" }
+    );
     println!(
         "write: {:.2} us CPU per call, {:.2} us wall per call (includes building the rows)",
         per_call(cpu),
@@ -90,7 +108,7 @@ async fn main() {
         println!("disk: {:.1} bytes per call", bytes as f64 / calls as f64);
     }
 
-    let target = call(calls / 2).request_id;
+    let target = call(calls / 2, random_ids).request_id;
     let time = async |query: CallLogQuery| {
         let t = Instant::now();
         let page = store.search_call_logs(&query).await.expect("search");

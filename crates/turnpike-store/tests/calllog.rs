@@ -440,6 +440,41 @@ async fn request_id_lookup_reads_only_its_segments(db: &TestDb) {
             .unwrap();
         assert!(page.items.is_empty(), "{missing:?}");
     }
+    // The gateway's own ids (UUIDv7) are keyed by their time and a hash: ids of the same
+    // millisecond, in one segment and in two, are each found alone.
+    let v7 = |ms: u64, tail: u8| {
+        uuid::Builder::from_unix_timestamp_millis(ms, &[tail; 10])
+            .into_uuid()
+            .to_string()
+    };
+    let ms = 1_800_000_000_000;
+    let (a, b, c) = (v7(ms, 1), v7(ms, 2), v7(ms + 1, 3));
+    insert(store, &[call(10, &a, "s", 200), call(10, &b, "s", 200)]).await;
+    insert(
+        store,
+        &[call(11, &c, "s", 200), call(11, "other", "s", 200)],
+    )
+    .await;
+    for id in [&a, &b, &c] {
+        let page = store
+            .search_call_logs(&CallLogQuery {
+                request_id: Some(id.clone()),
+                ..CallLogQuery::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(keys(&page.items).len(), 1, "{id}");
+        assert_eq!(&page.items[0].request_id, id);
+    }
+    // Another form of the same UUID is another request id.
+    let page = store
+        .search_call_logs(&CallLogQuery {
+            request_id: Some(a.replace('-', "")),
+            ..CallLogQuery::default()
+        })
+        .await
+        .unwrap();
+    assert!(page.items.is_empty());
 }
 
 async fn prune_trims_a_straddling_segment_and_keeps_ids(db: &TestDb) {
