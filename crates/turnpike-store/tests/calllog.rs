@@ -22,6 +22,7 @@ both_backends!(
     calls_of_earlier_versions_are_moved_into_segments,
     hundreds_of_segments_are_walked_pruned_and_capped,
     a_corrupt_segment_is_an_error,
+    two_nodes_move_and_prune_at_once,
 );
 
 fn call(at: i64, request_id: &str, service: &str, status: i64) -> CallLogRecord {
@@ -664,4 +665,40 @@ async fn a_corrupt_segment_is_an_error(db: &TestDb) {
         .unwrap_err()
         .to_string();
     assert!(error.contains("encoding 7"), "{error}");
+}
+
+async fn two_nodes_move_and_prune_at_once(db: &TestDb) {
+    let other = db.open_another().await;
+    // 5,000 calls of an earlier version (more than two moving steps), at 1000 to 5999.
+    db.raw_execute(
+        "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < 4999) \
+         INSERT INTO call_logs (at, request_id, client_ip, protocol, method, path, status, \
+         bytes_in, bytes_out, duration_us, attempts, completed) \
+         SELECT 1000 + i, 'old' || i, '10.0.0.1', 'HTTP/1.1', 'GET', '/', 200, 0, 0, 1, 1, TRUE \
+         FROM n",
+    )
+    .await
+    .unwrap();
+    let (a, b) = tokio::join!(
+        db.store.move_legacy_call_logs(0),
+        other.move_legacy_call_logs(0)
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    // Each call moved by one node only.
+    assert_eq!(a.moved + b.moved, 5_000);
+    assert_eq!(db.store.count_call_logs().await.unwrap(), 5_000);
+    let all = every_call(&db.store, 1_000).await;
+    let distinct: HashSet<&str> = all.iter().map(|c| c.request_id.as_str()).collect();
+    assert_eq!((all.len(), distinct.len()), (5_000, 5_000));
+    // Both prune at once, deleting and trimming the same segments: every call older than
+    // 3500 goes, counted once, and neither node fails (on PostgreSQL, they wait for each
+    // other's locks rather than deadlock).
+    let (a, b) = tokio::join!(
+        db.store.prune_call_logs(3_500),
+        other.prune_call_logs(3_500)
+    );
+    assert_eq!(a.unwrap() + b.unwrap(), 2_500);
+    let left = every_call(&other, 1_000).await;
+    assert_eq!(left.len(), 2_500);
+    assert!(left.iter().all(|c| c.at >= 3_500));
 }
