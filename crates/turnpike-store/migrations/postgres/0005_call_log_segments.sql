@@ -24,7 +24,9 @@ CREATE TABLE call_log_segments (
 );
 -- Searches walk back in time by each segment's latest call.
 CREATE INDEX call_log_segments_last_at ON call_log_segments (last_at, id);
--- Request-id lookups: request_key is a 64-bit hash (xxh3) of the request id.
+-- Request-id lookups: request_key is, for a UUIDv7 request id, its millisecond time then 15
+-- bits of an xxh3 hash of it (a batch's keys sit together); for any other id, the xxh3 hash
+-- with the top bit set (calllog.rs, request_key).
 CREATE TABLE call_log_ids (
     request_key BIGINT NOT NULL,
     segment BIGINT NOT NULL,
