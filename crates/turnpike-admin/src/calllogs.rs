@@ -1,5 +1,9 @@
-//! Call-log search: the calls the gateway nodes wrote to the store (`call_logs`), newest
-//! first, filtered by time range, service, route, application, status and request id.
+//! Call-log search: the calls the gateway nodes wrote to the store, newest first, filtered
+//! by time range, service, route, application, status and request id.
+//!
+//! A search page does a bounded amount of work (`observability.call_log.search`): past it,
+//! the page holds what it could settle, perhaps fewer calls than asked or none, and a
+//! `next_cursor` to go on.
 //!
 //! Visibility follows the teams: a super admin sees every call; anyone else sees the calls to
 //! services of their teams and the calls made by applications of their teams, whatever role
@@ -93,13 +97,34 @@ pub(crate) async fn search(ctx: &Ctx) -> AdminResult<Response> {
         scope: scope(store, caller).await?,
         limit,
         cursor,
+        ..bounded(ctx)
     };
     let page = store.search_call_logs(&query).await?;
     let items = render(store, &page.items).await?;
     Ok(axum::Json(json!({ "items": items, "next_cursor": page.next_cursor })).into_response())
 }
 
+/// Pages of a request-id lookup followed before it gives up with `too_many_calls`.
+const LOOKUP_PAGES: usize = 8;
+
+/// A query with the configured bounds on a search page and nothing else.
+fn bounded(ctx: &Ctx) -> CallLogQuery {
+    let limits = ctx.call_log_search();
+    CallLogQuery {
+        max_calls: Some(limits.max_calls),
+        max_segments: Some(limits.max_segments),
+        max_summaries: Some(limits.max_summaries),
+        ..CallLogQuery::default()
+    }
+}
+
 /// `GET /call-logs/{request_id}`: the newest call with this request id the caller may see.
+///
+/// The request-id keys narrow the walk to the segments holding this id, so one page
+/// normally answers. Clients choose their request ids, though, and one reused on every call
+/// would have a lookup read the whole store: the lookup follows pages cut short by the
+/// search bounds up to [`LOOKUP_PAGES`] times, then answers 422 `too_many_calls` rather
+/// than a 404 for a call that may exist.
 pub(crate) async fn get(ctx: &Ctx) -> AdminResult<Response> {
     let caller = ctx.caller()?;
     let store = ctx.store();
@@ -108,19 +133,31 @@ pub(crate) async fn get(ctx: &Ctx) -> AdminResult<Response> {
     if request_id.contains('\0') {
         return Err(missing());
     }
-    let query = CallLogQuery {
+    let mut query = CallLogQuery {
         request_id: Some(request_id.to_owned()),
         scope: scope(store, caller).await?,
         limit: Some(1),
-        ..CallLogQuery::default()
+        ..bounded(ctx)
     };
-    let page = store.search_call_logs(&query).await?;
-    let item = render(store, &page.items)
-        .await?
-        .into_iter()
-        .next()
-        .ok_or_else(missing)?;
-    Ok(axum::Json(item).into_response())
+    for _ in 0..LOOKUP_PAGES {
+        let page = store.search_call_logs(&query).await?;
+        if let Some(item) = render(store, &page.items).await?.into_iter().next() {
+            return Ok(axum::Json(item).into_response());
+        }
+        match page.next_cursor {
+            Some(cursor) => query.cursor = Some(cursor),
+            None => return Err(missing()),
+        }
+    }
+    Err(AdminError::too_large(
+        "too_many_calls",
+        "request_id",
+        format!(
+            "request id {request_id:?} is on more stored calls than a lookup reads \
+             ({LOOKUP_PAGES} pages within observability.call_log.search): search \
+             /call-logs?request_id=... and follow next_cursor"
+        ),
+    ))
 }
 
 /// `None` for super admins (everything); otherwise the services and applications of the

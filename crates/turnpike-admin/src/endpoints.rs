@@ -252,11 +252,17 @@ fn build() -> Vec<Endpoint> {
                  Super admins see every call; other users see the calls to their teams' \
                  services and those made by their teams' applications. `service` and \
                  `application` take a store id or `team/name`. Calls reach the store in \
-                 batches, so the newest may lag by up to the call-log flush interval.",
+                 batches, so the newest may lag by up to the call-log flush interval. A page \
+                 does a bounded amount of work (`observability.call_log.search`): when the \
+                 filters match few of many stored calls, it may hold fewer items than \
+                 `limit`, or none, and still a `next_cursor`. The search is over when \
+                 `next_cursor` is null.",
             ),
             Op::CallLog => Some(
                 "The newest call with this request id that the caller may see (see \
-                 `searchCallLogs` for who sees what).",
+                 `searchCallLogs` for who sees what). 422 `too_many_calls` when the id is on \
+                 more stored calls than a lookup reads (a request id clients reuse): search \
+                 with `request_id` instead.",
             ),
             Op::AnalyticsTimeseries => Some(
                 "Points of one metric per step over `[from, to)` (aligned to the step), from \
@@ -748,6 +754,7 @@ fn errors_for(op: Op, path: &str, body: &BodySpec) -> Vec<u16> {
                 | Op::Catalog
                 | Op::Audit
                 | Op::CallLogs
+                | Op::CallLog
                 | Op::AnalyticsTimeseries
                 | Op::AnalyticsTop
                 | Op::AlertHistory

@@ -148,6 +148,11 @@ impl Ctx {
         self.state.inner.analytics_limits
     }
 
+    /// Bounds on a call-log search page.
+    pub fn call_log_search(&self) -> turnpike_model::observe::CallLogSearchLimits {
+        self.state.inner.call_log_search
+    }
+
     /// A query parameter.
     pub fn query_text(&self, name: &str) -> Option<String> {
         self.query.get(name).cloned()

@@ -69,6 +69,7 @@ struct StateInner {
     store: Store,
     max_body_bytes: usize,
     analytics_limits: turnpike_model::observe::analytics::AnalyticsQueryLimits,
+    call_log_search: turnpike_model::observe::CallLogSearchLimits,
     cache: Option<Arc<dyn CachePurger>>,
 }
 
@@ -104,6 +105,7 @@ impl AdminState {
                 store,
                 max_body_bytes: DEFAULT_MAX_BODY_BYTES,
                 analytics_limits: Default::default(),
+                call_log_search: Default::default(),
                 cache: None,
             }),
         }
@@ -131,6 +133,16 @@ impl AdminState {
         analytics_limits: turnpike_model::observe::analytics::AnalyticsQueryLimits,
     ) -> Self {
         self.with(|i| i.analytics_limits = analytics_limits)
+    }
+
+    /// The same state with other bounds on a call-log search page
+    /// (`observability.call_log.search`).
+    #[must_use]
+    pub fn with_call_log_search(
+        self,
+        call_log_search: turnpike_model::observe::CallLogSearchLimits,
+    ) -> Self {
+        self.with(|i| i.call_log_search = call_log_search)
     }
 
     /// The same state, purging `cache` on `POST /admin/v1/cache/purge`.

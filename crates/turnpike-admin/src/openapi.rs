@@ -206,7 +206,7 @@ fn error_schema() -> Value {
                         "description": "Stable: bad_request, unauthorized, forbidden, not_found, \
                             route_not_found, method_not_allowed, conflict, precondition_failed, \
                             payload_too_large, unsupported_media_type, validation_failed, \
-                            too_many_points, too_many_series, too_many_rows, \
+                            too_many_points, too_many_series, too_many_rows, too_many_calls, \
                             store_unavailable, internal."
                     },
                     "message": { "type": "string" },

@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use turnpike_control::calllog::{CallLogStats, CallLogWriter};
 use turnpike_control::{ControlPlane, spawn_sync};
-use turnpike_model::observe::CallLogConfig;
+use turnpike_model::observe::{CallLogConfig, CallLogSearchLimits};
 use turnpike_model::{Config, ListenerConfig, ServerConfig};
 use turnpike_proxy::demo::DemoServer;
 use turnpike_proxy::gateway::Gateway;
@@ -52,6 +52,11 @@ struct Env {
 
 impl Env {
     async fn start(url: &str) -> Env {
+        Self::start_with(url, CallLogSearchLimits::default()).await
+    }
+
+    /// With these bounds on a search page.
+    async fn start_with(url: &str, search: CallLogSearchLimits) -> Env {
         let store = Store::open(url).await.unwrap();
         let token = turnpike_admin::bootstrap(&store).await.unwrap().unwrap();
         let gw = Gateway::start(&file()).await.unwrap();
@@ -59,7 +64,9 @@ impl Env {
         spawn_sync(control.clone(), store.clone(), Duration::from_millis(200));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = format!("http://{}/admin/v1", listener.local_addr().unwrap());
-        let app = turnpike_admin::router(turnpike_admin::AdminState::new(store.clone()));
+        let app = turnpike_admin::router(
+            turnpike_admin::AdminState::new(store.clone()).with_call_log_search(search),
+        );
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         let upstream = DemoServer::start("127.0.0.1:0".parse().unwrap(), "up")
             .await
@@ -492,6 +499,94 @@ async fn sqlite_retention_deletes_old_calls_and_keeps_new_ones() {
 async fn postgres_retention_deletes_old_calls_and_keeps_new_ones() {
     let schema = Schema::create();
     retention_scenario(&schema.url()).await;
+}
+
+/// With a budget of two segments a page, a search that every segment's summary lets through
+/// answers in pages of what two segments hold, each with a cursor that goes on, and the pages
+/// together are the whole answer; a lookup by request id is not cut short.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_search_page_stops_at_its_segment_budget_and_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = Env::start_with(
+        &sqlite_url(&dir),
+        CallLogSearchLimits {
+            max_segments: 2,
+            ..CallLogSearchLimits::default()
+        },
+    )
+    .await;
+    let writer = env.writer(&fast(), true);
+    // One call per segment: each is written before the next is sent.
+    for i in 0..5 {
+        assert_eq!(env.call("/nowhere", None, &format!("b{i}")).await, 404);
+        until(&writer, "the call written", |s| s.written == i + 1).await;
+    }
+    let mut pages = Vec::new();
+    let mut query = "/call-logs?status=404&limit=50".to_owned();
+    loop {
+        let (status, page) = env.get_as(&env.token, &query).await;
+        assert_eq!(status, 200, "{page}");
+        pages.push(ids(page["items"].as_array().unwrap()));
+        match page["next_cursor"].as_str() {
+            Some(c) => query = format!("/call-logs?status=404&limit=50&cursor={c}"),
+            None => break,
+        }
+    }
+    assert_eq!(pages, [vec!["b4", "b3"], vec!["b2", "b1"], vec!["b0"]]);
+    let (status, oldest) = env.get_as(&env.token, "/call-logs/b0").await;
+    assert_eq!(status, 200, "{oldest}");
+    assert_eq!(oldest["request_id"], "b0");
+}
+
+/// A request id a client reused: looking it up follows pages cut short by the search
+/// bounds up to a limit, then answers 422 `too_many_calls` instead of a false 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lookup_of_a_reused_request_id_is_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = Env::start_with(
+        &sqlite_url(&dir),
+        CallLogSearchLimits {
+            max_summaries: 1,
+            ..CallLogSearchLimits::default()
+        },
+    )
+    .await;
+    let writer = env.writer(&fast(), true);
+    let key = env.setup().await;
+    let provider = env.member("alice", "acme", "viewer").await;
+    // The provider sees the first call (to its service) and none of the nine after it; each
+    // call is a segment of its own.
+    assert_eq!(env.call("/pay", Some(&key), "dup").await, 200);
+    until(&writer, "the call written", |s| s.written == 1).await;
+    for i in 0..9 {
+        assert_eq!(env.call("/nowhere", None, "dup").await, 404);
+        until(&writer, "the call written", |s| s.written == i + 2).await;
+    }
+    let (status, newest) = env.get_as(&env.token, "/call-logs/dup").await;
+    assert_eq!((status, &newest["status"]), (200, &json!(404)), "{newest}");
+    let (status, body) = env.get_as(&provider, "/call-logs/dup").await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"]["code"], "too_many_calls", "{body}");
+    assert_eq!(body["error"]["field"], "request_id", "{body}");
+    // A search with that id, followed to its end, finds the provider's call.
+    let mut found = Vec::new();
+    let mut query = "/call-logs?request_id=dup".to_owned();
+    loop {
+        let (status, page) = env.get_as(&provider, &query).await;
+        assert_eq!(status, 200, "{page}");
+        found.extend(
+            page["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c["status"].clone()),
+        );
+        match page["next_cursor"].as_str() {
+            Some(c) => query = format!("/call-logs?request_id=dup&cursor={c}"),
+            None => break,
+        }
+    }
+    assert_eq!(found, [json!(200)]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

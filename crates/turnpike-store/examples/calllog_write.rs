@@ -1,5 +1,6 @@
 //! What writing call logs costs the store: CPU per call written, bytes on disk per call, and
-//! how long three searches take over what was written.
+//! how long searches take over what was written (three common ones, and the worst case
+//! unbounded and a page at a time within the search budget).
 //!
 //! ```sh
 //! cargo run --release -p turnpike-store --example calllog_write -- [CALLS] [BATCH] [URL]
@@ -133,4 +134,37 @@ async fn main() {
     })
     .await;
     println!("search, status 404, 50: {ms:.2} ms ({n} calls)");
+    // No call has status 405, but every segment's summary lets a 4xx search through: the
+    // worst case for a search, unbounded and a page at a time within the default bound
+    // (`observability.call_log.search.max_calls`, 100,000).
+    let none = |max_calls| CallLogQuery {
+        status: Some(405),
+        limit: Some(50),
+        max_calls,
+        ..CallLogQuery::default()
+    };
+    let (ms, _) = time(none(None)).await;
+    println!(
+        "search, status 405 (no match, every segment read): {ms:.2} ms, {:.3} ms per segment",
+        ms / calls.div_ceil(batch) as f64
+    );
+    let t = Instant::now();
+    let mut query = none(Some(100_000));
+    let mut pages = 0u32;
+    let mut slowest = 0f64;
+    loop {
+        let page_start = Instant::now();
+        let page = store.search_call_logs(&query).await.expect("search");
+        slowest = slowest.max(page_start.elapsed().as_secs_f64() * 1e3);
+        pages += 1;
+        match page.next_cursor {
+            Some(c) => query.cursor = Some(c),
+            None => break,
+        }
+    }
+    println!(
+        "search, status 405, 100,000 calls a page: {pages} pages, slowest {slowest:.2} ms, \
+         all {:.2} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    );
 }

@@ -34,6 +34,15 @@ use crate::{Page, page};
 
 /// Ids per segment: a call's id is `segment * SEGMENT_SPAN + place`.
 const SEGMENT_SPAN: i64 = 16_384;
+/// Calls of one segment all arrived within one aligned window of this many milliseconds;
+/// a batch is split at window boundaries.
+///
+/// A call is written when its response ends, so a batch also holds calls that arrived long
+/// before the rest (a WebSocket, a long download). Without windows such a batch's segment
+/// would span minutes, and a search page cut short at a time inside it (its budget, below)
+/// would read it again on every page. Ten seconds splits a batch of a second's traffic one
+/// time in ten.
+const SEGMENT_WINDOW_MS: i64 = 10_000;
 /// Most calls in one segment (below [`SEGMENT_SPAN`]); larger batches are split.
 pub const MAX_SEGMENT_CALLS: usize = 10_000;
 const _: () = assert!(MAX_SEGMENT_CALLS <= SEGMENT_SPAN as usize && SEGMENT_SPAN <= 1 << 16);
@@ -218,6 +227,14 @@ pub struct CallLogQuery {
     pub limit: Option<u32>,
     /// `next_cursor` of the previous page.
     pub cursor: Option<String>,
+    /// Most calls one page decompresses and filters, counted a segment at a time (a page
+    /// stops after the segment that reaches it); `None`: no bound. See
+    /// [`Store::search_call_logs`] for what a page cut short by it holds.
+    pub max_calls: Option<u64>,
+    /// Most segments one page reads; `None`: no bound.
+    pub max_segments: Option<u32>,
+    /// Most segment summaries one page examines, read or skipped; `None`: no bound.
+    pub max_summaries: Option<u32>,
 }
 
 /// Parses a cursor of [`Store::search_call_logs`]: `<at>.<id>`.
@@ -405,6 +422,7 @@ fn decode(segment: i64, encoding: i64, body: &[u8]) -> Result<Vec<CallLogRecord>
 struct SegmentMeta {
     id: i64,
     last_at: i64,
+    calls: i64,
     services: Option<String>,
     routes: Option<String>,
     applications: Option<String>,
@@ -494,13 +512,62 @@ impl<'a> Where<'a> {
         self.sql.push_str(condition);
     }
 
-    /// Segments after `(last_at, id)` in the order of [`SEGMENT_ORDER`].
+    /// Segments after `(last_at, id)` in the order of [`SEGMENT_ORDER`]. A row value, which
+    /// both databases match against the `(last_at, id)` index as a range; spelt out with OR,
+    /// SQLite scanned the index from its newest end on every page of summaries.
     fn after_segment(&mut self, (last_at, id): (i64, i64)) {
         let a = self.bind(last_at);
-        let b = self.bind(last_at);
         let i = self.bind(id);
-        self.and(&format!("(last_at < {a} OR (last_at = {b} AND id < {i}))"));
+        self.and(&format!("(last_at, id) < ({a}, {i})"));
     }
+}
+
+/// The work one search page has done, against its query's bounds.
+struct SearchBudget {
+    calls: u64,
+    segments: u32,
+    summaries: u32,
+    max_calls: Option<u64>,
+    max_segments: Option<u32>,
+    max_summaries: Option<u32>,
+}
+
+impl SearchBudget {
+    fn new(query: &CallLogQuery) -> Self {
+        Self {
+            calls: 0,
+            segments: 0,
+            summaries: 0,
+            max_calls: query.max_calls,
+            max_segments: query.max_segments,
+            max_summaries: query.max_summaries,
+        }
+    }
+
+    fn spent(&self) -> bool {
+        self.max_calls.is_some_and(|m| self.calls >= m)
+            || self.max_segments.is_some_and(|m| self.segments >= m)
+            || self.max_summaries.is_some_and(|m| self.summaries >= m)
+    }
+
+    fn read(&mut self, meta: &SegmentMeta) {
+        self.segments += 1;
+        self.calls += u64::try_from(meta.calls).unwrap_or(0);
+    }
+}
+
+/// The cursor of a page cut short where no unread call is newer than `cut_at`: every call
+/// at `cut_at` or before, whatever its id. Its time is `cut_at` itself, so the next page's
+/// `first_at <= cursor` leaves out the segments that begin after it.
+fn cut_cursor(cut_at: i64) -> (i64, i64) {
+    (cut_at, i64::MAX)
+}
+
+/// Whether a page cut short at `cut_at` would hand on a cursor before `bound`, the earliest
+/// of the cursor it was given and the query's `to`: a cut that does not would return
+/// nothing the next page would not read again.
+fn resumes_before(cut_at: i64, bound: Option<(i64, i64)>) -> bool {
+    bound.is_none_or(|b| cut_cursor(cut_at) < b)
 }
 
 /// Segments newest first by their latest call, as searches and the row cap walk them.
@@ -512,17 +579,15 @@ fn newest_first(a: &CallLogRecord, b: &CallLogRecord) -> std::cmp::Ordering {
 }
 
 impl Store {
-    /// Writes a batch of calls, as one segment per [`MAX_SEGMENT_CALLS`], in one
-    /// transaction; returns how many.
+    /// Writes a batch of calls in one transaction, as one segment per
+    /// [`SEGMENT_WINDOW_MS`] window of arrival times and [`MAX_SEGMENT_CALLS`] calls;
+    /// returns how many.
     pub async fn insert_call_logs(&self, rows: &[CallLogRow<'_>]) -> Result<u64> {
         if rows.is_empty() {
             return Ok(0);
         }
         // Encoded before the transaction: the write lock is held for the writes only.
-        let segments = rows
-            .chunks(MAX_SEGMENT_CALLS)
-            .map(|chunk| encode((0u16..).zip(chunk)))
-            .collect::<Result<Vec<_>>>()?;
+        let segments = segments_of(rows)?;
         let pool = &self.inner.pool;
         let mut tx = pool.begin(pool.dialect().begin_write).await?;
         for segment in &segments {
@@ -536,6 +601,18 @@ impl Store {
     ///
     /// Reads segment summaries newest first and the calls of those that may match, until no
     /// segment left can hold a call newer than the page's last.
+    ///
+    /// Once the page has read [`CallLogQuery::max_calls`] calls or
+    /// [`CallLogQuery::max_segments`] segments, or examined [`CallLogQuery::max_summaries`]
+    /// summaries, it ends early: it holds the matching calls
+    /// newer than every segment left unread (perhaps fewer than the limit, perhaps none) and
+    /// a `next_cursor` that takes the next page on from the newest unread segment's latest
+    /// call. So a filter the summaries cannot rule out costs each page a bounded amount of
+    /// work, and the caller follows cursors instead of one request reading the whole store.
+    /// A page only stops where its cursor moves on from the one it was given (and from the
+    /// query's `to`), so it may read past the bound through the segments that straddle that
+    /// point: those other nodes wrote at the same time, no more than a
+    /// [`SEGMENT_WINDOW_MS`] window's worth.
     ///
     /// Errors: `Invalid` for a cursor this method did not return.
     pub async fn search_call_logs(&self, query: &CallLogQuery) -> Result<Page<CallLogRecord>> {
@@ -558,6 +635,13 @@ impl Store {
         // A segment trimmed by the row cap while the walk goes on may come back later with an
         // earlier `last_at`: its calls are already in `found`.
         let mut read = HashSet::new();
+        let mut budget = SearchBudget::new(query);
+        let bound = match (cursor, query.to) {
+            (Some(c), Some(to)) => Some(c.min((to, 0))),
+            (c, to) => c.or(to.map(|to| (to, 0))),
+        };
+        // When the budget ends the page: the newest time an unread segment may hold.
+        let mut cut_at = None;
         'walk: loop {
             let metas = self.segment_metas(query, cursor, after).await?;
             let last_page = metas.len() < usize::try_from(META_PAGE).unwrap_or(usize::MAX);
@@ -567,10 +651,16 @@ impl Store {
                 if found.len() >= want && found[want - 1].at > meta.last_at {
                     break 'walk;
                 }
+                if budget.spent() && resumes_before(meta.last_at, bound) {
+                    cut_at = Some(meta.last_at);
+                    break 'walk;
+                }
+                budget.summaries += 1;
                 after = Some((meta.last_at, meta.id));
                 if !filter.segment_may_match(&meta) || !read.insert(meta.id) {
                     continue;
                 }
+                budget.read(&meta);
                 found.extend(
                     self.segment_calls(meta.id)
                         .await?
@@ -583,6 +673,18 @@ impl Store {
             if last_page {
                 break;
             }
+        }
+        if let Some(cut_at) = cut_at {
+            // Unread segments hold nothing newer than `cut_at`, so the calls after it are
+            // final, and there are at most `limit` of them (more would have completed the
+            // page). The next page takes every call at or before `cut_at`.
+            found.retain(|c| c.at > cut_at);
+            debug_assert!(found.len() < want, "a full page would have ended the walk");
+            let (at, id) = cut_cursor(cut_at);
+            return Ok(Page {
+                items: found,
+                next_cursor: Some(format!("{at}.{id}")),
+            });
         }
         Ok(page(found, limit, |r: &CallLogRecord| {
             format!("{}.{}", r.at, r.id)
@@ -630,7 +732,7 @@ impl Store {
         }
         let l = w.bind(META_PAGE);
         let sql = format!(
-            "SELECT id, last_at, services, routes, applications FROM call_log_segments{} \
+            "SELECT id, last_at, calls, services, routes, applications FROM call_log_segments{} \
              {SEGMENT_ORDER} LIMIT {l}",
             w.sql
         );
@@ -712,10 +814,7 @@ impl Store {
         };
         let (last_at, id) = boundary;
         let mut total = self
-            .delete_segments(
-                "(last_at < $1 OR (last_at = $2 AND id < $3))",
-                &[last_at.into(), last_at.into(), id.into()],
-            )
+            .delete_segments("(last_at, id) < ($1, $2)", &[last_at.into(), id.into()])
             .await?;
         let keep_in_it = usize::try_from(keep_in_it).unwrap_or(usize::MAX);
         total += self
@@ -896,7 +995,9 @@ impl Store {
             }
             calls.sort_unstable_by_key(|c| c.id);
             let rows: Vec<CallLogRow<'_>> = calls.iter().map(CallLogRow::from).collect();
-            insert_segment(&mut tx, &encode((0u16..).zip(&rows))?).await?;
+            for segment in segments_of(&rows)? {
+                insert_segment(&mut tx, &segment).await?;
+            }
             tx.commit().await?;
             done.moved += u64::try_from(calls.len()).unwrap_or(0);
         }
@@ -918,6 +1019,20 @@ fn id_list(ids: impl Iterator<Item = i64>) -> String {
 }
 
 /// Writes one segment and its request keys in `tx`.
+/// `rows` encoded as segments: grouped by [`SEGMENT_WINDOW_MS`] window of arrival (in the
+/// order given within each), at most [`MAX_SEGMENT_CALLS`] each.
+fn segments_of(rows: &[CallLogRow<'_>]) -> Result<Vec<Encoded>> {
+    let window = |r: &&CallLogRow<'_>| r.at.div_euclid(SEGMENT_WINDOW_MS);
+    let mut ordered: Vec<&CallLogRow<'_>> = rows.iter().collect();
+    // Stable, and nearly free on a batch already in one window.
+    ordered.sort_by_key(window);
+    ordered
+        .chunk_by(|a, b| window(a) == window(b))
+        .flat_map(|same| same.chunks(MAX_SEGMENT_CALLS))
+        .map(|chunk| encode((0u16..).zip(chunk.iter().copied())))
+        .collect()
+}
+
 async fn insert_segment(tx: &mut Tx, e: &Encoded) -> Result<()> {
     let (id,): (i64,) = tx
         .exec()

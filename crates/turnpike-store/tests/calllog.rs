@@ -23,6 +23,9 @@ both_backends!(
     hundreds_of_segments_are_walked_pruned_and_capped,
     a_corrupt_segment_is_an_error,
     two_nodes_move_and_prune_at_once,
+    a_search_budget_ends_pages_early_and_cursors_go_on,
+    budgeted_pages_over_overlapping_segments_miss_nothing,
+    a_batch_is_split_by_arrival_window,
 );
 
 fn call(at: i64, request_id: &str, service: &str, status: i64) -> CallLogRecord {
@@ -50,16 +53,43 @@ async fn insert(store: &Store, calls: &[CallLogRecord]) {
 }
 
 /// Every page of `query`, concatenated.
-async fn all_pages(store: &Store, mut query: CallLogQuery) -> Vec<CallLogRecord> {
+async fn all_pages(store: &Store, query: CallLogQuery) -> Vec<CallLogRecord> {
+    pages(store, query).await.concat()
+}
+
+/// Every page of `query`, following cursors; each cursor must move on from the one before
+/// and be before `to`.
+async fn pages(store: &Store, mut query: CallLogQuery) -> Vec<Vec<CallLogRecord>> {
     let mut out = Vec::new();
     loop {
         let page = store.search_call_logs(&query).await.unwrap();
-        out.extend(page.items);
+        out.push(page.items);
         match page.next_cursor {
-            Some(c) => query.cursor = Some(c),
+            Some(c) => {
+                assert!(
+                    query
+                        .cursor
+                        .as_ref()
+                        .is_none_or(|before| cursor_key(&c) < cursor_key(before)),
+                    "cursor {c} does not move on from {:?}",
+                    query.cursor
+                );
+                assert!(
+                    query.to.is_none_or(|to| cursor_key(&c) < (to, 0)),
+                    "cursor {c} is not before `to`, {:?}",
+                    query.to
+                );
+                query.cursor = Some(c);
+            }
             None => return out,
         }
     }
+}
+
+/// A cursor's `(time, id)`.
+fn cursor_key(cursor: &str) -> (i64, i64) {
+    let (at, id) = cursor.split_once('.').unwrap();
+    (at.parse().unwrap(), id.parse().unwrap())
 }
 
 /// Every call, a page of `limit` at a time.
@@ -701,4 +731,292 @@ async fn two_nodes_move_and_prune_at_once(db: &TestDb) {
     let left = every_call(&other, 1_000).await;
     assert_eq!(left.len(), 2_500);
     assert!(left.iter().all(|c| c.at >= 3_500));
+}
+
+/// Twenty segments one after another, 50 calls each; each holds a 400 (so its summary cannot
+/// rule out a search for 404) and every fourth holds two 404s.
+fn twenty_segments() -> Vec<Vec<CallLogRecord>> {
+    (0..20i64)
+        .map(|seg| {
+            (0..50i64)
+                .map(|i| {
+                    let status = match i {
+                        0 => 400,
+                        7 | 31 if seg % 4 == 0 => 404,
+                        _ => 200,
+                    };
+                    call(50_000 + seg * 100 + i, &format!("s{seg}-{i}"), "s", status)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+async fn a_search_budget_ends_pages_early_and_cursors_go_on(db: &TestDb) {
+    let store = &db.store;
+    let segments = twenty_segments();
+    for segment in &segments {
+        insert(store, segment).await;
+    }
+    let not_found = |max_segments, max_summaries| CallLogQuery {
+        status: Some(404),
+        limit: Some(50),
+        max_segments,
+        max_summaries,
+        ..CallLogQuery::default()
+    };
+    let unbounded = store
+        .search_call_logs(&not_found(None, None))
+        .await
+        .unwrap();
+    assert_eq!(unbounded.items.len(), 10);
+    assert_eq!(unbounded.next_cursor, None);
+
+    // Four segments read: the page holds the 404s of the newest four (segment 16's two),
+    // and its cursor takes the next page on from segment 15's latest call.
+    let first = store
+        .search_call_logs(&not_found(Some(4), None))
+        .await
+        .unwrap();
+    let names: Vec<&str> = first.items.iter().map(|c| c.request_id.as_str()).collect();
+    assert_eq!(names, ["s16-31", "s16-7"]);
+    assert_eq!(
+        first.next_cursor.as_deref(),
+        Some("51549.9223372036854775807")
+    );
+    // Three a page: the first holds none (no 404 in segments 17 to 19), yet goes on.
+    let empty = store
+        .search_call_logs(&not_found(Some(3), None))
+        .await
+        .unwrap();
+    assert!(empty.items.is_empty());
+    assert_eq!(
+        empty.next_cursor.as_deref(),
+        Some("51649.9223372036854775807")
+    );
+    let by_three = pages(store, not_found(Some(3), None)).await;
+    assert_eq!(by_three.len(), 7, "20 segments, 3 a page");
+    assert_eq!(by_three.concat(), unbounded.items);
+    // 120 calls: a page stops after the segment that reaches them, the third.
+    let by_calls = pages(
+        store,
+        CallLogQuery {
+            max_calls: Some(120),
+            ..not_found(None, None)
+        },
+    )
+    .await;
+    assert_eq!(by_calls.len(), 7);
+    assert_eq!(by_calls.concat(), unbounded.items);
+    // `to` inside segment 10: no page is cut where its cursor would not be before `to`.
+    let before_ten = pages(
+        store,
+        CallLogQuery {
+            to: Some(51_020),
+            ..not_found(Some(1), None)
+        },
+    )
+    .await;
+    assert_eq!(before_ten.len(), 11, "segments 10 to 0, one a page");
+    assert_eq!(
+        ids_of(&before_ten.concat()),
+        ["s8-31", "s8-7", "s4-31", "s4-7", "s0-31", "s0-7"]
+    );
+    // Every page is also cut at four summaries, whether read or skipped.
+    let by_summaries = pages(store, not_found(Some(100), Some(4))).await;
+    assert_eq!(by_summaries.len(), 5);
+    assert_eq!(by_summaries.concat(), unbounded.items);
+    // A filter the summaries rule out reads nothing and walks the summaries a page at a time.
+    let nobody = pages(
+        store,
+        CallLogQuery {
+            service: Some("nobody".into()),
+            max_summaries: Some(6),
+            ..CallLogQuery::default()
+        },
+    )
+    .await;
+    assert_eq!(nobody.len(), 4);
+    assert!(nobody.iter().all(Vec::is_empty));
+    // A full page ends the walk before the budget does, with the usual cursor.
+    let full = store
+        .search_call_logs(&CallLogQuery {
+            limit: Some(10),
+            max_segments: Some(1),
+            ..CallLogQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(full.items.len(), 10);
+    assert_eq!(full.items[0].request_id, "s19-49");
+    let last = &full.items[9];
+    assert_eq!(full.next_cursor, Some(format!("{}.{}", last.at, last.id)));
+    // A request-id lookup reads only the segments its key names.
+    let one = store
+        .search_call_logs(&CallLogQuery {
+            request_id: Some("s2-3".into()),
+            max_segments: Some(1),
+            ..CallLogQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(one.items.len(), 1);
+    assert_eq!(one.next_cursor, None);
+    // Two later segments overlapping each other and `to`: the page reads past its budget
+    // through both rather than hand on a cursor after `to`.
+    for part in ["x", "y"] {
+        let straddling: Vec<CallLogRecord> = (0..10)
+            .map(|i| call(60_000 + i * 100, &format!("{part}{i}"), "s", 404))
+            .collect();
+        insert(store, &straddling).await;
+    }
+    let before = pages(
+        store,
+        CallLogQuery {
+            to: Some(60_450),
+            ..not_found(Some(1), None)
+        },
+    )
+    .await;
+    assert_eq!(before[0].len(), 10, "x0 to x4 and y0 to y4");
+    assert_eq!(before.concat().len(), 20);
+}
+
+fn ids_of(calls: &[CallLogRecord]) -> Vec<&str> {
+    calls.iter().map(|c| c.request_id.as_str()).collect()
+}
+
+/// Segments that overlap in time (nodes writing at once), some across window boundaries,
+/// with many calls at the same millisecond, searched with small budgets: following the
+/// cursors gives every matching call once, in order, though a page can only stop where its
+/// cursor moves on.
+async fn budgeted_pages_over_overlapping_segments_miss_nothing(db: &TestDb) {
+    let store = &db.store;
+    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+    let mut next = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        i64::try_from(seed % n).unwrap()
+    };
+    let mut all = Vec::new();
+    for segment in 0..30 {
+        let start = 70_000 + next(30) * 1_000;
+        let span = u64::try_from(next(15)).unwrap() + 1;
+        let size = next(40) + 1;
+        let calls: Vec<CallLogRecord> = (0..size)
+            .map(|i| {
+                let status = [200, 201, 404, 500][usize::try_from(next(4)).unwrap()];
+                let service = ["a", "b"][usize::try_from(next(2)).unwrap()];
+                // Steps of 500 ms: ties in time within and across segments.
+                call(
+                    start + next(span) * 500,
+                    &format!("o{segment}-{i}"),
+                    service,
+                    status,
+                )
+            })
+            .collect();
+        insert(store, &calls).await;
+        all.extend(calls);
+    }
+    let queries = [
+        (None, None, None, None, 7),
+        (Some(4), None, None, None, 3),
+        (Some(5), Some("a"), None, None, 50),
+        (Some(2), None, Some(75_000), Some(90_000), 1),
+        (None, Some("b"), Some(80_000), None, 4),
+    ];
+    for (status_class, service, from, to, limit) in queries {
+        let query = CallLogQuery {
+            status_class,
+            service: service.map(str::to_owned),
+            from,
+            to,
+            limit: Some(limit),
+            ..CallLogQuery::default()
+        };
+        let mut expected: Vec<(i64, String)> = keys(&all)
+            .into_iter()
+            .zip(&all)
+            .filter(|(_, c)| {
+                status_class.is_none_or(|k| c.status / 100 == k)
+                    && service.is_none_or(|s| c.service.as_deref() == Some(s))
+                    && from.is_none_or(|f| c.at >= f)
+                    && to.is_none_or(|t| c.at < t)
+            })
+            .map(|(k, _)| k)
+            .collect();
+        expected.sort();
+        assert!(!expected.is_empty());
+        for (max_segments, max_summaries, max_calls) in [
+            (None, None, None),
+            (Some(1), None, None),
+            (Some(2), None, None),
+            (None, Some(3), None),
+            (None, None, Some(25)),
+        ] {
+            let what = format!(
+                "{status_class:?} {service:?} {from:?}..{to:?} limit {limit}, budget \
+                 {max_segments:?} {max_summaries:?} {max_calls:?}"
+            );
+            let found = all_pages(
+                store,
+                CallLogQuery {
+                    max_segments,
+                    max_summaries,
+                    max_calls,
+                    ..query.clone()
+                },
+            )
+            .await;
+            for pair in found.windows(2) {
+                assert!(
+                    (pair[0].at, pair[0].id) > (pair[1].at, pair[1].id),
+                    "{what}"
+                );
+            }
+            let mut got = keys(&found);
+            got.sort();
+            assert_eq!(got, expected, "{what}");
+        }
+    }
+}
+
+/// A batch is stored as one segment per 10-second window of arrival, so a call that arrived
+/// long before the rest does not stretch their segment back to it.
+async fn a_batch_is_split_by_arrival_window(db: &TestDb) {
+    let store = &db.store;
+    let mut calls: Vec<CallLogRecord> = (0..30)
+        .map(|i| call(600_000 + 9_990 + i, &format!("w{i}"), "s", 200))
+        .collect();
+    // A long request that arrived five minutes earlier, written with them.
+    calls.insert(7, call(300_123, "long", "s", 101));
+    insert(store, &calls).await;
+    let found = every_call(store, 100).await;
+    assert_eq!(found.len(), 31);
+    let mut segments: std::collections::BTreeMap<i64, Vec<i64>> = Default::default();
+    for c in &found {
+        segments.entry(c.id >> 14).or_default().push(c.at);
+    }
+    let mut spans: Vec<(i64, i64, usize)> = segments
+        .values()
+        .map(|at| {
+            (
+                *at.iter().min().unwrap(),
+                *at.iter().max().unwrap(),
+                at.len(),
+            )
+        })
+        .collect();
+    spans.sort();
+    assert_eq!(
+        spans,
+        [
+            (300_123, 300_123, 1),
+            (609_990, 609_999, 10),
+            (610_000, 610_019, 20)
+        ]
+    );
+    assert_eq!(found.last().unwrap().request_id, "long");
 }

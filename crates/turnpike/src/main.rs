@@ -898,6 +898,7 @@ fn start_management(
     let _ = admin.set(turnpike_admin::router(
         turnpike_admin::AdminState::new(store.clone())
             .with_analytics_limits(quotas.analytics.query)
+            .with_call_log_search(quotas.call_log.search)
             .with_cache_purger(std::sync::Arc::new(CachePurge(quotas.gateway.clone()))),
     ));
     let sync = turnpike_control::quota::QuotaSync::with_retention(

@@ -59,6 +59,41 @@ pub struct CallLogConfig {
     #[serde(deserialize_with = "sample")]
     #[schemars(range(min = 0.0, max = 1.0))]
     pub sample: f64,
+    /// Bounds on the work of one Admin API search page.
+    pub search: CallLogSearchLimits,
+}
+
+/// Bounds on one page of a call-log search (`observability.call_log.search`). A page that
+/// reaches one ends early with the calls it could settle, perhaps none, and a `next_cursor`
+/// that goes on from there, so a filter that matches little costs each request a bounded
+/// amount of work however many calls are stored.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct CallLogSearchLimits {
+    /// Most stored calls one page decompresses and filters (1 000 to 100 000 000), counted a
+    /// stored batch (segment) at a time.
+    #[serde(deserialize_with = "max_calls")]
+    #[schemars(range(min = 1_000, max = 100_000_000))]
+    pub max_calls: u64,
+    /// Most stored batches (segments) one page reads (1 to 1 000 000): what bounds a page
+    /// when traffic is light and each batch holds a few calls.
+    #[serde(deserialize_with = "max_segments")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub max_segments: u32,
+    /// Most segment summaries one page examines, read or skipped by them (1 to 100 000 000).
+    #[serde(deserialize_with = "max_summaries")]
+    #[schemars(range(min = 1, max = 100_000_000))]
+    pub max_summaries: u32,
+}
+
+impl Default for CallLogSearchLimits {
+    fn default() -> Self {
+        Self {
+            max_calls: 100_000,
+            max_segments: 1_000,
+            max_summaries: 20_000,
+        }
+    }
 }
 
 impl Default for CallLogConfig {
@@ -77,6 +112,7 @@ impl Default for CallLogConfig {
             max_rows: None,
             prune_interval: Duration::from_secs(600),
             sample: 1.0,
+            search: CallLogSearchLimits::default(),
         }
     }
 }
@@ -105,6 +141,18 @@ fn batch_size<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
 
 fn retries<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
     ranged(d, 0, 100, "retries")
+}
+
+fn max_calls<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    ranged(d, 1_000, 100_000_000, "max_calls")
+}
+
+fn max_segments<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    ranged(d, 1, 1_000_000, "max_segments")
+}
+
+fn max_summaries<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    ranged(d, 1, 100_000_000, "max_summaries")
 }
 
 fn sample<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
@@ -191,6 +239,10 @@ mod tests {
         assert_eq!(c.queue_size, 5);
         assert_eq!(c.flush_interval, Duration::from_millis(250));
         assert_eq!(c.retention, Duration::from_secs(172_800));
+        let c = parse("search: {max_segments: 8}\n").unwrap();
+        assert_eq!(c.search.max_segments, 8);
+        assert_eq!(c.search.max_summaries, 20_000);
+        assert_eq!(c.search.max_calls, 100_000);
         for (bad, path) in [
             ("queue_size: 0", "queue_size"),
             ("batch_size: 20000", "batch_size"),
@@ -199,6 +251,10 @@ mod tests {
             ("retention: 10s", "retention"),
             ("max_rows: 0", "max_rows"),
             ("retries: 1000", "retries"),
+            ("search: {max_segments: 0}", "search.max_segments"),
+            ("search: {max_summaries: 0}", "search.max_summaries"),
+            ("search: {max_calls: 999}", "search.max_calls"),
+            ("search: {nope: 1}", "search"),
             ("nope: 1", ""),
         ] {
             let e = parse(bad).unwrap_err();

@@ -12,7 +12,7 @@ pub mod tracing;
 
 pub use access_log::AccessLogConfig;
 pub use analytics::AnalyticsConfig;
-pub use call_log::CallLogConfig;
+pub use call_log::{CallLogConfig, CallLogSearchLimits};
 pub use metrics::MetricsConfig;
 pub use tracing::TracingConfig;
 
