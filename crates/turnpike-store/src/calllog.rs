@@ -252,6 +252,11 @@ fn parse_cursor(cursor: &str) -> Result<(i64, i64)> {
         })
 }
 
+/// The text of the cursor `(at, id)`, as [`parse_cursor`] reads it.
+fn cursor_text((at, id): (i64, i64)) -> String {
+    format!("{at}.{id}")
+}
+
 /// Whether `cursor` is one [`Store::search_call_logs`] could have returned.
 pub fn valid_call_log_cursor(cursor: &str) -> bool {
     parse_cursor(cursor).is_ok()
@@ -680,14 +685,13 @@ impl Store {
             // page). The next page takes every call at or before `cut_at`.
             found.retain(|c| c.at > cut_at);
             debug_assert!(found.len() < want, "a full page would have ended the walk");
-            let (at, id) = cut_cursor(cut_at);
             return Ok(Page {
                 items: found,
-                next_cursor: Some(format!("{at}.{id}")),
+                next_cursor: Some(cursor_text(cut_cursor(cut_at))),
             });
         }
         Ok(page(found, limit, |r: &CallLogRecord| {
-            format!("{}.{}", r.at, r.id)
+            cursor_text((r.at, r.id))
         }))
     }
 
