@@ -17,7 +17,7 @@
 //! idempotent and any number of nodes may run it.
 
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -88,11 +88,16 @@ impl Agg {
     }
 }
 
+/// The hasher of the in-memory aggregates. Their keys are configured names and store ids,
+/// not what a client sends, so a fast hash is enough; it runs on every request, where
+/// SipHash showed in the profiles of `bench/run.sh observe`.
+type FastHash = foldhash::fast::RandomState;
+
 #[derive(Default)]
 struct Shard {
-    aggs: HashMap<Key, Agg>,
+    aggs: HashMap<Key, Agg, FastHash>,
     /// Distinct keys per minute in this shard.
-    keys: HashMap<i64, usize>,
+    keys: HashMap<i64, usize, FastHash>,
 }
 
 /// The flush batch being written, and what its retry must cover.
@@ -121,6 +126,8 @@ pub struct Rollups {
     lose_next_ack: std::sync::atomic::AtomicBool,
     clock: Mutex<SharedClock>,
     other: Arc<str>,
+    /// Picks a key's shard.
+    hasher: FastHash,
 }
 
 fn i64_of(v: u64) -> i64 {
@@ -150,6 +157,7 @@ impl Rollups {
             lose_next_ack: std::sync::atomic::AtomicBool::new(false),
             clock: Mutex::new(Arc::new(SystemClock)),
             other: Arc::from(OTHER),
+            hasher: FastHash::default(),
         })
     }
 
@@ -188,10 +196,8 @@ impl Rollups {
         self.dropped.load(Ordering::Relaxed)
     }
 
-    fn shard_of(key: &Key) -> usize {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        key.hash(&mut h);
-        usize::try_from(h.finish() % SHARDS as u64).unwrap_or(0)
+    fn shard_of(&self, key: &Key) -> usize {
+        usize::try_from(self.hasher.hash_one(key) % SHARDS as u64).unwrap_or(0)
     }
 
     fn lock(&self, i: usize) -> std::sync::MutexGuard<'_, Shard> {
@@ -236,7 +242,7 @@ impl Rollups {
                 self.dropped.fetch_add(a.requests, Ordering::Relaxed);
                 continue;
             }
-            let mut shard = self.lock(Self::shard_of(&k));
+            let mut shard = self.lock(self.shard_of(&k));
             let new_key = usize::from(!shard.aggs.contains_key(&k));
             *shard.keys.entry(k.minute).or_insert(0) += new_key;
             shard.aggs.entry(k).or_default().merge(&a);
@@ -363,29 +369,36 @@ impl turnpike_observe::StatsSource for Rollups {
 
 impl CallSink for Rollups {
     fn offer(&self, e: &Arc<CallEvent>) {
-        let mut key = Key {
+        let key = Key {
             minute: Step::Minute.floor(e.time_unix_ms),
             service: e.service.clone(),
             route: e.route.clone(),
             application: e.application.clone(),
             status: e.status,
         };
-        let i = Self::shard_of(&key);
-        let mut shard = self.lock(i);
-        if !shard.aggs.contains_key(&key) {
-            let count = shard.keys.get(&key.minute).copied().unwrap_or(0);
-            if count >= self.keys_per_shard {
-                self.overflowed.fetch_add(1, Ordering::Relaxed);
-                key.service = Some(self.other.clone());
-                key.route = Some(self.other.clone());
-                key.application = Some(self.other.clone());
-                // The overflow key may hash to another shard; keep it in this one, where
-                // the cap was hit (the flush merges equal keys across shards).
-                shard.aggs.entry(key).or_default().add(e);
+        let i = self.shard_of(&key);
+        let mut guard = self.lock(i);
+        let shard = &mut *guard;
+        let vacant = match shard.aggs.entry(key) {
+            std::collections::hash_map::Entry::Occupied(mut o) => {
+                o.get_mut().add(e);
                 return;
             }
-            *shard.keys.entry(key.minute).or_insert(0) += 1;
+            std::collections::hash_map::Entry::Vacant(v) => v,
+        };
+        let count = shard.keys.entry(vacant.key().minute).or_insert(0);
+        if *count < self.keys_per_shard {
+            *count += 1;
+            vacant.insert(Agg::default()).add(e);
+            return;
         }
+        self.overflowed.fetch_add(1, Ordering::Relaxed);
+        let mut key = vacant.into_key();
+        key.service = Some(self.other.clone());
+        key.route = Some(self.other.clone());
+        key.application = Some(self.other.clone());
+        // The overflow key may hash to another shard; keep it in this one, where the cap
+        // was hit (the flush merges equal keys across shards).
         shard.aggs.entry(key).or_default().add(e);
     }
 }

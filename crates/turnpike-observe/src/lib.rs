@@ -286,12 +286,12 @@ impl Observer {
     }
 
     /// Hands `event` to every sink.
-    pub fn emit(&self, event: CallEvent) {
+    pub fn emit(&self, event: impl Into<Arc<CallEvent>>) {
         let sinks = self.sinks.load();
         if sinks.is_empty() {
             return;
         }
-        let event = Arc::new(event);
+        let event = event.into();
         for sink in sinks.iter() {
             sink.offer(&event);
         }

@@ -112,14 +112,16 @@ impl Pending {
         facts: &LogFacts,
         trace: Option<Box<TraceFacts>>,
         status: StatusCode,
-    ) -> (CallEvent, BytesIn) {
+    ) -> (Arc<CallEvent>, BytesIn) {
         let consumer = facts.consumer.as_deref();
         let (trace_id, span_id) = match (&trace, &self.parent) {
             (Some(t), _) => (Some(hex(&t.trace_id)), Some(hex(&t.span_id))),
             (None, Some(p)) => (Some(hex(&p.trace_id)), None),
             (None, None) => (None, None),
         };
-        let event = CallEvent {
+        // Built in its shared allocation now, so the event is not copied again on its way
+        // to the sinks (it is several hundred bytes).
+        let event = Arc::new(CallEvent {
             time_unix_ms: self.time_unix_ms,
             request_id: self.request_id,
             trace_id,
@@ -156,7 +158,7 @@ impl Pending {
             response_body: None,
             trace,
             redact: facts.redact.clone(),
-        };
+        });
         (event, self.bytes_in)
     }
 
@@ -196,14 +198,14 @@ fn strip_port(h: &str) -> &str {
 /// Wraps the response body so the event is emitted when it ends, fails or is dropped.
 pub(crate) fn wrap(
     resp: Response<ProxyBody>,
-    (mut event, bytes_in): (CallEvent, BytesIn),
+    (mut event, bytes_in): (Arc<CallEvent>, BytesIn),
     captured: Captured,
     started: Instant,
     observer: Arc<Observer>,
 ) -> Response<ProxyBody> {
     let capture = captured.capture.as_deref();
     if let Some(c) = capture.filter(|c| c.response_headers) {
-        event.response_headers = Some(c.headers(resp.headers()));
+        Arc::make_mut(&mut event).response_headers = Some(c.headers(resp.headers()));
     }
     let response_body = capture.filter(|c| c.response_body).map(Capture::body);
     resp.map(|inner| {
@@ -270,7 +272,8 @@ impl<B: Body<Data = Bytes>> Body for CaptureRequestBody<B> {
 /// A response body that counts what it sends and emits the call event once.
 struct Observed {
     inner: ProxyBody,
-    pending: Option<(CallEvent, Arc<Observer>)>,
+    /// Not shared until emitted, so filling it in never clones it.
+    pending: Option<(Arc<CallEvent>, Arc<Observer>)>,
     started: Instant,
     bytes: u64,
     bytes_in: BytesIn,
@@ -282,7 +285,8 @@ struct Observed {
 
 impl Observed {
     fn emit(&mut self, completed: bool) {
-        if let Some((mut event, observer)) = self.pending.take() {
+        if let Some((mut shared, observer)) = self.pending.take() {
+            let event = Arc::make_mut(&mut shared);
             event.request_body = self
                 .request_body
                 .take()
@@ -294,7 +298,7 @@ impl Observed {
             event.duration_us =
                 u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX);
             event.completed = completed;
-            observer.emit(event);
+            observer.emit(shared);
         }
     }
 }
