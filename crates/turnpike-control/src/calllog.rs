@@ -360,7 +360,7 @@ fn row(e: &CallEvent) -> CallLogRow<'_> {
         at: e.time_unix_ms,
         request_id: &e.request_id,
         trace_id: e.trace_id.as_deref(),
-        client_ip: Cow::Owned(e.client_ip.to_string()),
+        client_ip: Cow::Owned(turnpike_observe::text::ip_text(e.client_ip)),
         protocol: e.protocol,
         method: &e.method,
         host: e.host.as_deref(),
@@ -376,7 +376,9 @@ fn row(e: &CallEvent) -> CallLogRow<'_> {
         duration_us: int(e.duration_us),
         upstream_us: e.upstream_us.map(int),
         upstream: e.upstream.as_deref(),
-        upstream_target: e.upstream_target.map(|t| Cow::Owned(t.to_string())),
+        upstream_target: e
+            .upstream_target
+            .map(|t| Cow::Owned(turnpike_observe::text::socket_addr_text(t))),
         attempts: i64::from(e.attempts),
         cache: e.cache,
         error: e.error,

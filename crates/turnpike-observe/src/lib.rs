@@ -18,6 +18,7 @@ use serde::Serialize;
 
 pub mod access_log;
 pub mod redact;
+pub mod text;
 pub mod trace;
 
 pub use access_log::capture::{Capture, CapturedBody};

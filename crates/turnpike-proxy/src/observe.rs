@@ -57,17 +57,12 @@ impl Pending {
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
         let headers = req.headers();
-        let text = |name: header::HeaderName| {
-            headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        };
+        let text = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
         let host = req
             .uri()
             .host()
-            .map(str::to_owned)
-            .or_else(|| text(header::HOST).map(|h| strip_port(&h).to_owned()));
+            .or_else(|| text(header::HOST).map(strip_port))
+            .map(str::to_owned);
         Self {
             time_unix_ms,
             request_id: request_id.to_owned(),
@@ -78,7 +73,7 @@ impl Pending {
             host,
             path: req.uri().path().to_owned(),
             query: req.uri().query().map(str::to_owned),
-            user_agent: text(header::USER_AGENT),
+            user_agent: text(header::USER_AGENT).map(str::to_owned),
             parent: turnpike_observe::trace::context::parent(headers),
             bytes_in,
             request_headers: capture
@@ -145,7 +140,7 @@ impl Pending {
             upstream_us: facts
                 .upstream_time
                 .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
-            upstream: facts.upstream.as_ref().map(|u| Arc::from(u.name.as_str())),
+            upstream: facts.upstream.as_ref().map(|u| Arc::clone(&u.name)),
             upstream_target: facts.target,
             attempts: facts.attempts,
             cache: facts.cache,

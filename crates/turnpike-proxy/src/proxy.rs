@@ -934,7 +934,7 @@ fn forward_as_client(
 async fn refresh_entry(
     snap: Arc<Snapshot>,
     route_index: usize,
-    upstream: String,
+    upstream: Arc<str>,
     refresh: crate::cache::Refresh,
     path_and_query: String,
     original_host: Option<HeaderValue>,
@@ -944,7 +944,7 @@ async fn refresh_entry(
     let Some(route) = snap.routes.get(route_index) else {
         return;
     };
-    let dest = if route.upstream.name == upstream {
+    let dest = if *route.upstream.name == *upstream {
         Dest::of(route)
     } else {
         match Dest::named(&snap, route, &upstream) {

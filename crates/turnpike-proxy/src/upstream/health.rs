@@ -147,7 +147,7 @@ struct Streak {
     failures: u32,
 }
 
-async fn active_loop(upstream: Weak<Upstream>, name: String, cfg: ActiveHealthCheck) {
+async fn active_loop(upstream: Weak<Upstream>, name: Arc<str>, cfg: ActiveHealthCheck) {
     let period = cfg.interval.max(MIN_PERIOD);
     // A zero timeout would fail every probe; a probe may at most take one period then.
     let timeout = if cfg.timeout.is_zero() {

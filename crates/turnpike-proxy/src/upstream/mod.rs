@@ -141,7 +141,7 @@ pub(crate) struct TargetSet {
 /// A named pool of targets with its client and live state.
 pub struct Upstream {
     /// Name from the configuration.
-    pub name: String,
+    pub name: Arc<str>,
     /// The configuration this pool was built from.
     pub config: UpstreamConfig,
     pub(crate) set: ArcSwap<TargetSet>,
@@ -171,7 +171,7 @@ impl Upstream {
         // TLS to a target must present its host name, known only once resolved.
         client.set_server_names(&targets);
         Ok(Arc::new(Self {
-            name: config.name.clone(),
+            name: Arc::from(config.name.as_str()),
             config: config.clone(),
             set: ArcSwap::from_pointee(TargetSet { targets, balancer }),
             client,
