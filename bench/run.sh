@@ -358,11 +358,25 @@ report_observe() {
         echo
         echo "### Against the target"
         echo
-        echo "Target: observed loses ≤ 5 % of bare's throughput."
+        echo "Target: observed loses ≤ 5 % of bare's throughput. Each round runs every variant one after"
+        echo "the other, so a round's own observed/bare ratio is less exposed to the machine's speed drifting"
+        echo "between rounds than the ratio of the medians; the verdict takes the worse of the two."
         echo
         for proto in "${PROTOS[@]}"; do
-            awk -v pr="$proto" -v a="$(median_of sat "$proto" observed rps)" -v b="$(median_of sat "$proto" bare rps)" \
-                'BEGIN {lost = 100 - 100 * a / b; printf "- %s: %.1f%% lost (%s).\n", pr, lost, (lost <= 5) ? "met" : "NOT met"}'
+            awk -F'\t' -v pr="$proto" -v a="$(median_of sat "$proto" observed rps)" -v b="$(median_of sat "$proto" bare rps)" \
+                -v ca="$(cpu_per_10k "$proto" observed)" -v cb="$(cpu_per_10k "$proto" bare)" '
+                NR > 1 && $1 == "sat" && $3 == pr && $4 == "observed" { obs[$2] = $6 }
+                NR > 1 && $1 == "sat" && $3 == pr && $4 == "bare" { bare[$2] = $6 }
+                END {
+                    n = 0; list = ""
+                    for (r in obs) if ((r in bare) && bare[r] > 0) v[++n] = 100 - 100 * obs[r] / bare[r]
+                    for (i = 2; i <= n; i++) { x = v[i]; j = i - 1; while (j > 0 && v[j] > x) { v[j + 1] = v[j]; j-- } v[j + 1] = x }
+                    for (i = 1; i <= n; i++) list = list (i > 1 ? ", " : "") sprintf("%.1f", v[i])
+                    paired = (n == 0) ? 0 : (n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2)
+                    lost = 100 - 100 * a / b; worse = (paired > lost) ? paired : lost
+                    printf "- %s: %.1f%% lost by the medians; per round, least first, %s%% (median %.1f%%); CPU per request +%.2f µs (%s).\n",
+                        pr, lost, list, paired, (ca - cb) * 100, (worse <= 5) ? "met" : "NOT met"
+                }' "$RESULTS"
         done
         echo
         echo "Raw outputs: \`bench/out/\` (\`observe.tsv\` one row per run, \`observe-sinks.tsv\` the sink counts)."
