@@ -62,7 +62,8 @@ pub struct CallLogStats {
     pub sampled_out: u64,
     /// Calls deleted by retention or the row cap.
     pub pruned: u64,
-    /// Calls waiting in the queue now.
+    /// Calls waiting to be written now: in the queue, or taken off it into the batch
+    /// being gathered or written.
     pub queue_len: u64,
 }
 
@@ -147,15 +148,21 @@ impl CallLogWriter {
     /// What the writer has done so far.
     pub fn stats(&self) -> CallLogStats {
         let c = &self.counters;
-        let capacity = self.queue.max_capacity() - self.queue.capacity();
+        let (queued, written, failed) = (
+            c.queued.load(Ordering::Relaxed),
+            c.written.load(Ordering::Relaxed),
+            c.failed.load(Ordering::Relaxed),
+        );
         CallLogStats {
-            queued: c.queued.load(Ordering::Relaxed),
-            written: c.written.load(Ordering::Relaxed),
+            queued,
+            written,
             dropped: c.dropped.load(Ordering::Relaxed),
-            failed: c.failed.load(Ordering::Relaxed),
+            failed,
             sampled_out: c.sampled_out.load(Ordering::Relaxed),
             pruned: c.pruned.load(Ordering::Relaxed),
-            queue_len: u64::try_from(capacity).unwrap_or(u64::MAX),
+            // A call is counted as queued just after it is sent, so the writer may count it
+            // first: the difference is briefly short, never long.
+            queue_len: queued.saturating_sub(written.saturating_add(failed)),
         }
     }
 

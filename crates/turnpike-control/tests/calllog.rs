@@ -479,6 +479,29 @@ async fn retention_scenario(url: &str) {
     assert_eq!(writer.prune().await.unwrap(), 0);
 }
 
+/// A call the writer has taken off the queue into a batch that is still gathering counts as
+/// waiting until it is written: a reader of the gauge (the bench waits for it to reach 0)
+/// must not take an unwritten batch for a drained writer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_in_a_gathering_batch_count_as_waiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = Env::start(&sqlite_url(&dir)).await;
+    let config = CallLogConfig {
+        batch_size: 2,
+        flush_interval: Duration::from_secs(600),
+        ..CallLogConfig::default()
+    };
+    let writer = env.writer(&config, true);
+    for i in 0..3 {
+        assert_eq!(env.call("/nowhere", None, &format!("w{i}")).await, 404);
+    }
+    // The first two fill a batch and go at once; the third waits for the next batch to fill
+    // or come due, in ten minutes.
+    until(&writer, "a full batch written", |s| s.written == 2).await;
+    let stats = writer.stats();
+    assert_eq!((stats.queued, stats.written, stats.queue_len), (3, 2, 1));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_calls_are_searchable_paged_and_team_scoped() {
     let dir = tempfile::tempdir().unwrap();
