@@ -28,7 +28,9 @@ use crate::util::rfc3339;
 pub(crate) async fn search(ctx: &Ctx) -> AdminResult<Response> {
     let caller = ctx.caller()?;
     let store = ctx.store();
-    let empty = || axum::Json(json!({ "items": [], "next_cursor": null })).into_response();
+    let empty = || {
+        axum::Json(json!({ "items": [], "next_cursor": null, "partial": false })).into_response()
+    };
     let from = time_param(ctx, "from")?;
     let to = time_param(ctx, "to")?;
     let status = match ctx.query_text("status") {
@@ -100,8 +102,16 @@ pub(crate) async fn search(ctx: &Ctx) -> AdminResult<Response> {
         ..bounded(ctx)
     };
     let page = store.search_call_logs(&query).await?;
+    // A page that goes on is full unless the search bounds stopped it first.
+    let want = usize::try_from(turnpike_store::page_limit(limit)).unwrap_or(usize::MAX);
+    let partial = page.next_cursor.is_some() && page.items.len() < want;
     let items = render(store, &page.items).await?;
-    Ok(axum::Json(json!({ "items": items, "next_cursor": page.next_cursor })).into_response())
+    Ok(axum::Json(json!({
+        "items": items,
+        "next_cursor": page.next_cursor,
+        "partial": partial,
+    }))
+    .into_response())
 }
 
 /// Pages of a request-id lookup followed before it gives up with `too_many_calls`.

@@ -614,12 +614,26 @@ fn components() -> Map<String, Value> {
             json!({ "type": "object", "description": "An OpenAPI 3 document." }),
         ),
         ("CallLog", call_log_schema()),
-        ("CallLogPage", page_of(schema_ref("CallLog"))),
+        ("CallLogPage", call_log_page_schema()),
     ];
     for (name, schema) in extra {
         schemas.insert(name.to_owned(), schema);
     }
     schemas
+}
+
+/// A page of `GET /call-logs`: a page of calls that also says whether the search bounds
+/// cut it short.
+fn call_log_page_schema() -> Value {
+    let mut page = page_of(schema_ref("CallLog"));
+    page["required"] = json!(["items", "next_cursor", "partial"]);
+    page["properties"]["partial"] = json!({
+        "type": "boolean",
+        "description": "True when the page stopped at the work bounds of a search \
+            (`observability.call_log.search`) before it was full: it holds the matching calls \
+            newer than every stored call it did not read, and `next_cursor` goes on from there."
+    });
+    page
 }
 
 /// One call as `GET /call-logs` shows it.

@@ -547,17 +547,29 @@ async fn a_search_page_stops_at_its_segment_budget_and_goes_on() {
         until(&writer, "the call written", |s| s.written == i + 1).await;
     }
     let mut pages = Vec::new();
+    let mut partial = Vec::new();
     let mut query = "/call-logs?status=404&limit=50".to_owned();
     loop {
         let (status, page) = env.get_as(&env.token, &query).await;
         assert_eq!(status, 200, "{page}");
         pages.push(ids(page["items"].as_array().unwrap()));
+        partial.push(page["partial"].as_bool().unwrap());
         match page["next_cursor"].as_str() {
             Some(c) => query = format!("/call-logs?status=404&limit=50&cursor={c}"),
             None => break,
         }
     }
     assert_eq!(pages, [vec!["b4", "b3"], vec!["b2", "b1"], vec!["b0"]]);
+    // Cut short by the bounds, then the last page.
+    assert_eq!(partial, [true, true, false]);
+    // A page filled before the bounds is not partial, though it goes on.
+    let (status, full) = env
+        .get_as(&env.token, "/call-logs?status=404&limit=1")
+        .await;
+    assert_eq!(status, 200, "{full}");
+    assert_eq!(ids(full["items"].as_array().unwrap()), ["b4"]);
+    assert!(full["next_cursor"].is_string(), "{full}");
+    assert_eq!(full["partial"], false, "{full}");
     let (status, oldest) = env.get_as(&env.token, "/call-logs/b0").await;
     assert_eq!(status, 200, "{oldest}");
     assert_eq!(oldest["request_id"], "b0");

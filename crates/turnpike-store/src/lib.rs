@@ -66,14 +66,14 @@ pub use calllog::{
 pub use error::{BoxError, Result, StoreError};
 pub use model::{
     AuditEntry, AuditQuery, AuditRecord, DEFAULT_LIMIT, ListQuery, Loaded, MAX_LIMIT, NewObject,
-    Object, ObjectPatch, Page, Release, TeamFilter, TokenRecord, now_ms,
+    Object, ObjectPatch, Page, Release, TeamFilter, TokenRecord, now_ms, page_limit,
 };
 pub use token::{TOKEN_PREFIX, sha256_hex};
 pub use tx::{StoreTx, TOKEN_KIND};
 pub use usage::Usage;
 
 use db::{Arg, Pool};
-use model::{page_limit, team_key};
+use model::team_key;
 
 /// The PostgreSQL NOTIFY channel every commit signals on.
 pub const CHANGES_CHANNEL: &str = "turnpike_changes";

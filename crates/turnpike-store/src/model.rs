@@ -224,7 +224,9 @@ pub struct Loaded {
     pub objects: Vec<Object>,
 }
 
-pub(crate) fn page_limit(limit: Option<u32>) -> i64 {
+/// How many items a page asked for with `limit` holds at most: the default when none is
+/// given, clamped to `1..=MAX_LIMIT`.
+pub fn page_limit(limit: Option<u32>) -> i64 {
     i64::from(limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT))
 }
 
