@@ -220,8 +220,8 @@ impl Alerts {
             .map_err(|e| e.to_string())?;
         let mut worst: f64 = 0.0;
         for ((app, service), plan) in &managed.subscriptions {
-            if rule.application.as_ref().is_some_and(|a| a != app)
-                || rule.service.as_ref().is_some_and(|s| s != service)
+            if rule.application.as_ref().is_some_and(|a| **a != **app)
+                || rule.service.as_ref().is_some_and(|s| **s != **service)
             {
                 continue;
             }
@@ -233,8 +233,8 @@ impl Alerts {
                 let used = usage
                     .iter()
                     .find(|u| {
-                        &u.application == app
-                            && &u.service == service
+                        *u.application == **app
+                            && *u.service == **service
                             && u.period == q.period.as_str()
                             && u.period_start == start
                     })

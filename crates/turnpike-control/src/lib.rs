@@ -210,9 +210,9 @@ pub fn compile(state: &StoreState) -> StorePart {
         let mut app_groups = groups.remove(&key).unwrap_or_default();
         app_groups.sort();
         let consumer = Arc::new(Consumer {
-            id: o.id.clone(),
-            name: o.name.clone(),
-            team: team.clone(),
+            id: Arc::from(o.id.as_str()),
+            name: Arc::from(o.name.as_str()),
+            team: Arc::from(team.as_str()),
             groups: app_groups,
         });
         part.managed
@@ -402,7 +402,7 @@ pub fn compile(state: &StoreState) -> StorePart {
                 .cloned();
             part.managed
                 .subscriptions
-                .insert((app.id.clone(), service.clone()), plan);
+                .insert((Arc::clone(&app.id), Arc::from(service.as_str())), plan);
         }
     }
 
@@ -422,7 +422,7 @@ pub fn compile(state: &StoreState) -> StorePart {
             PolicyScope::Global => Some(PolicyScope::Global),
             PolicyScope::Application(a) => apps
                 .get(&(team.clone(), a.clone()))
-                .map(|c| PolicyScope::Application(c.id.clone())),
+                .map(|c| PolicyScope::Application(c.id.to_string())),
             // A plan no approved subscription uses has no request to apply to.
             PolicyScope::Plan(plan) => plan_ids
                 .get(&(team.clone(), plan.clone()))
@@ -633,7 +633,7 @@ fn compile_release(
     let live = parse::<ServiceSpec>(Some(&service.spec), &label, &mut Vec::new())
         .unwrap_or_else(|| svc.clone());
     let binding = Arc::new(ServiceBinding {
-        id: service.id.clone(),
+        id: Arc::from(service.id.as_str()),
         team: team.to_owned(),
         name: service.name.clone(),
         lifecycle,
@@ -709,7 +709,7 @@ fn compile_release(
         let policy_label = format!("{label}: policy `{}`", policy.name);
         // A service whose routes were all left out has nothing to attach to.
         let scope = scope.filter(|s| match s {
-            PolicyScope::Service(id) => part.managed.routes.values().any(|b| b.id == *id),
+            PolicyScope::Service(id) => part.managed.routes.values().any(|b| *b.id == **id),
             _ => true,
         });
         let Some(scope) = scope else {

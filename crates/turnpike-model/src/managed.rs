@@ -15,7 +15,7 @@ pub struct Managed {
     /// Lower-case hex SHA-256 of an API key → the application it identifies.
     pub api_keys: HashMap<String, Arc<Consumer>>,
     /// Approved subscriptions: (application id, service id) → the plan's id, if any.
-    pub subscriptions: HashMap<(String, String), Option<String>>,
+    pub subscriptions: HashMap<(Arc<str>, Arc<str>), Option<String>>,
     /// Basic-auth user name → its Argon2 hash and application.
     pub basic_users: HashMap<String, BasicUser>,
     /// JWT issuers of `jwt` credentials, with the application their tokens map to.
@@ -85,7 +85,7 @@ pub struct JwtIssuerBinding {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServiceBinding {
     /// Store id.
-    pub id: String,
+    pub id: Arc<str>,
     /// Owning team's name.
     pub team: String,
     /// Service name.
@@ -109,11 +109,11 @@ pub struct ServiceBinding {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Consumer {
     /// Store id of the application.
-    pub id: String,
+    pub id: Arc<str>,
     /// Application name.
-    pub name: String,
+    pub name: Arc<str>,
     /// Owning team's name (empty for consumers from the file).
-    pub team: String,
+    pub team: Arc<str>,
     /// Consumer groups it belongs to.
     pub groups: Vec<String>,
 }

@@ -433,7 +433,7 @@ pub fn validate(config: &Config) -> Result<(), ConfigErrors> {
             PolicyScope::Application(a) => {
                 consumers.contains(a.as_str()) || config.managed.consumers.contains_key(a)
             }
-            PolicyScope::Service(s) => config.managed.routes.values().any(|b| b.id == *s),
+            PolicyScope::Service(s) => config.managed.routes.values().any(|b| *b.id == **s),
             PolicyScope::Plan(id) => config
                 .managed
                 .subscriptions

@@ -6,6 +6,8 @@
 //! gets from the Admin API. The general authentication policies build on the same
 //! [`Managed`] index.
 
+use std::sync::Arc;
+
 use http::{HeaderMap, HeaderName, HeaderValue, Response, header};
 use sha2::{Digest, Sha256};
 use turnpike_model::managed::{Consumer, Managed, ServiceBinding};
@@ -170,7 +172,7 @@ fn subscribed(
     if service.approval == Approval::Manual
         && !managed
             .subscriptions
-            .contains_key(&(consumer.id.clone(), service.id.clone()))
+            .contains_key(&(Arc::clone(&consumer.id), Arc::clone(&service.id)))
     {
         return Err(GatewayError::new(
             ErrorKind::SubscriptionRequired,

@@ -331,7 +331,7 @@ async fn proxy(
         let preq = crate::policy::Request {
             client_ip,
             route: &route.name,
-            service: route.service.as_deref().map(|s| s.id.as_str()),
+            service: route.service.as_deref().map(|s| &s.id),
             tls: conn.tls,
             max_body_bytes: route.max_body_bytes,
             client_cert: conn.client_cert.as_deref(),
@@ -369,7 +369,7 @@ async fn proxy(
         let preq = crate::policy::Request {
             client_ip,
             route: &route.name,
-            service: route.service.as_deref().map(|s| s.id.as_str()),
+            service: route.service.as_deref().map(|s| &s.id),
             tls: conn.tls,
             max_body_bytes: route.max_body_bytes,
             client_cert: conn.client_cert.as_deref(),
@@ -495,7 +495,7 @@ async fn proxy(
         && let Some(Some(plan)) = snap
             .managed
             .subscriptions
-            .get(&(consumer.id.clone(), service.id.clone()))
+            .get(&(Arc::clone(&consumer.id), Arc::clone(&service.id)))
         && let Some(plan_quotas) = snap.managed.plan_quotas.get(plan)
     {
         match quotas.charge(&consumer.id, &service.id, plan_quotas) {

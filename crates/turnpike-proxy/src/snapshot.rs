@@ -156,7 +156,7 @@ impl UpstreamRegistry {
         let managed = crate::policy::merged_consumers(config, &mut errors);
         let names: Vec<(&str, Option<&str>)> = routes
             .iter()
-            .map(|r| (&*r.name, r.service.as_deref().map(|s| s.id.as_str())))
+            .map(|r| (&*r.name, r.service.as_deref().map(|s| &*s.id)))
             .collect();
         let mut policies = self
             .policies

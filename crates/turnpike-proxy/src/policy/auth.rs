@@ -437,7 +437,7 @@ impl JwtAuth {
                 continue;
             }
             issuers.push(issuer);
-            applications.insert(binding.issuer.clone(), binding.consumer.id.clone());
+            applications.insert(binding.issuer.clone(), binding.consumer.id.to_string());
             credential_issuers.insert(binding.issuer.clone());
         }
         let verifier = (!issuers.is_empty())

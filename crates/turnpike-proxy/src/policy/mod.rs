@@ -507,7 +507,7 @@ impl PolicyCache {
                     let id = managed
                         .consumers
                         .get(id)
-                        .map_or_else(|| id.clone(), |c| c.id.clone());
+                        .map_or_else(|| id.clone(), |c| c.id.to_string());
                     policies
                         .by_application
                         .entry(id)
@@ -691,7 +691,7 @@ pub fn precheck(
 fn service_openapi<'a>(scope: &PolicyScope, managed: &'a Managed) -> Option<&'a serde_json::Value> {
     let binding = match scope {
         PolicyScope::Route(r) => managed.routes.get(r),
-        PolicyScope::Service(id) => managed.routes.values().find(|b| b.id == *id),
+        PolicyScope::Service(id) => managed.routes.values().find(|b| *b.id == **id),
         _ => None,
     }?;
     binding.openapi.as_deref()
@@ -723,8 +723,8 @@ pub struct Request<'a> {
     pub client_ip: IpAddr,
     /// The route's name.
     pub route: &'a str,
-    /// The route's service id, if it belongs to one.
-    pub service: Option<&'a str>,
+    /// The route's service id, if it belongs to one (the snapshot's, shared).
+    pub service: Option<&'a Arc<str>>,
     /// Whether the client connection is TLS (the `https` scheme of signed requests).
     pub tls: bool,
     /// The route's own body limit, checked against `Content-Length` right after the CORS
@@ -830,14 +830,14 @@ pub async fn run_identity_limits(
     let mut base: &[Arc<Compiled>] = &chain.limits;
     let mut own: &[Arc<Compiled>] = &[];
     if let Some(consumer) = &identity.consumer {
-        if let Some(o) = policies.by_application.get(&consumer.id) {
+        if let Some(o) = policies.by_application.get(&*consumer.id) {
             own = o;
         }
         if let Some(service) = req.service
             && !policies.by_plan.is_empty()
             && let Some(Some(plan)) = managed
                 .subscriptions
-                .get(&(consumer.id.clone(), service.to_owned()))
+                .get(&(Arc::clone(&consumer.id), Arc::clone(service)))
             && let Some(by_plan) = policies.by_plan.get(plan)
         {
             base = by_plan;
@@ -867,10 +867,11 @@ pub fn merged_consumers(config: &Config, errors: &mut Vec<ConfigError>) -> Arc<M
     }
     let mut m = (*config.managed).clone();
     for (i, c) in config.consumers.iter().enumerate() {
+        let name: Arc<str> = Arc::from(c.name.as_str());
         let consumer = Arc::new(Consumer {
-            id: c.name.clone(),
-            name: c.name.clone(),
-            team: String::new(),
+            id: Arc::clone(&name),
+            name,
+            team: Arc::from(""),
             groups: c.groups.clone(),
         });
         m.consumers.insert(c.name.clone(), consumer.clone());

@@ -237,7 +237,7 @@ mod tests {
             Some(Arc::new(Consumer {
                 id: "a".into(),
                 name: "a".into(),
-                team: String::new(),
+                team: "".into(),
                 groups: groups.iter().map(|g| g.to_string()).collect(),
             }))
         };

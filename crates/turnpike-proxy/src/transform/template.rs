@@ -107,8 +107,8 @@ impl<'a> Vars<'a> {
             Var::Method => Cow::Borrowed(self.method),
             Var::Path => Cow::Borrowed(self.path),
             Var::Route => Cow::Borrowed(self.route),
-            Var::AppId => Cow::Borrowed(self.consumer?.id.as_str()),
-            Var::AppName => Cow::Borrowed(self.consumer?.name.as_str()),
+            Var::AppId => Cow::Borrowed(&*self.consumer?.id),
+            Var::AppName => Cow::Borrowed(&*self.consumer?.name),
             Var::Claim(c) => json_text(self.claims?.get(c)?),
             Var::Param(p) => Cow::Borrowed(self.params.iter().find(|(n, _)| n == p)?.1.as_str()),
             Var::Header(h) => header(self.headers, h)?,
@@ -316,7 +316,7 @@ mod tests {
         let consumer = Consumer {
             id: "app-1".into(),
             name: "Shop".into(),
-            team: String::new(),
+            team: "".into(),
             groups: vec![],
         };
         let params = vec![("id".to_owned(), "4 2".to_owned())];
