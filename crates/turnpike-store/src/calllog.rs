@@ -1,13 +1,14 @@
 //! Call logs, stored in segments. Each batch the call-log writer hands over becomes one row of
 //! `call_log_segments`: the calls compressed together, the range of arrival times they span and
 //! a summary (services, routes, applications, status classes) that lets a search skip segments
-//! that cannot match without reading them. A narrow table, `call_log_ids`, maps a hash of each
-//! request id to its segment, so a lookup by request id reads the segments that hold it rather
-//! than the whole time range.
+//! that cannot match without reading them. A lookup by request id reads only the segments that
+//! may hold it: for the gateway's own ids (UUIDv7s, made as the request arrived) those that
+//! arrived around the id's time; for any other id those a narrow table, `call_log_ids`, maps a
+//! hash of the id to (see [`TIMED_ID_SLACK_MS`]).
 //!
 //! Segments instead of a row per call: a 25-column row with six index entries cost the
 //! gateway about 5 µs of CPU per call, most of it in the database; a segment costs one row,
-//! and each call one compressed record and one narrow index entry. `examples/calllog_write.rs`
+//! and each call one compressed record (and one narrow index entry, when its id needs one). `examples/calllog_write.rs`
 //! measures the difference, on the machine it was run on: with the gateway's own request ids
 //! (UUIDv7), about 10 µs against 2 µs of CPU per call written and 415 against 64 bytes on
 //! disk; with random ones, 32 µs against 5 µs and 427 against 85 bytes.
@@ -276,13 +277,40 @@ const KEY_HASH_BITS: u32 = 15;
 /// its hash with the top bit set, so the two kinds of key never meet.
 fn request_key(request_id: &str) -> i64 {
     let hash = xxhash_rust::xxh3::xxh3_64(request_id.as_bytes());
-    let timed = uuid::Uuid::try_parse(request_id)
-        .ok()
-        .filter(|id| id.get_version_num() == 7)
-        .and_then(|id| u64::try_from(id.as_u128() >> 80).ok())
+    let timed = id_time(request_id)
+        .and_then(|ms| u64::try_from(ms).ok())
         .map(|ms| (ms << KEY_HASH_BITS) | (hash & ((1 << KEY_HASH_BITS) - 1)));
     // Both fit: 48 bits of time and 15 of hash, or the top bit set on purpose.
     i64::from_ne_bytes(timed.unwrap_or(hash | 1 << 63).to_ne_bytes())
+}
+
+/// When a time-ordered request id (a UUIDv7) was made, in Unix milliseconds; `None` for any
+/// other id.
+fn id_time(request_id: &str) -> Option<i64> {
+    uuid::Uuid::try_parse(request_id)
+        .ok()
+        .filter(|id| id.get_version_num() == 7)
+        // 48 bits: always fits.
+        .and_then(|id| i64::try_from(id.as_u128() >> 80).ok())
+}
+
+/// How far from its call's arrival a time-ordered request id may have been made for the call
+/// to be found by time rather than through `call_log_ids`.
+///
+/// The gateway makes its ids as a request arrives, so its own calls (nearly all of them)
+/// write no key: a lookup reads the segments that arrived around the id's time instead, a
+/// window of twice this plus [`SEGMENT_WINDOW_MS`]. The keys were most of what the database
+/// did per call. A client's id made further away (another clock, a replay) is keyed as
+/// before.
+const TIMED_ID_SLACK_MS: i64 = 100;
+
+/// The key a call arriving at `at` puts in `call_log_ids`, or `None` when a lookup finds it
+/// by its id's time (see [`TIMED_ID_SLACK_MS`]).
+fn indexed_key(request_id: &str, at: i64) -> Option<i64> {
+    match id_time(request_id) {
+        Some(made) if made.abs_diff(at) <= TIMED_ID_SLACK_MS.unsigned_abs() => None,
+        _ => Some(request_key(request_id)),
+    }
 }
 
 /// The status-class bit of `status` in a segment's `status_classes`.
@@ -369,7 +397,7 @@ fn encode<'r, 'a: 'r>(
         services.add(row.service);
         routes.add(row.route);
         applications.add(row.application);
-        keys.push(request_key(row.request_id));
+        keys.extend(indexed_key(row.request_id, row.at));
     }
     keys.sort_unstable();
     keys.dedup();
@@ -727,9 +755,23 @@ impl Store {
         }
         if let Some(id) = query.request_id.as_deref() {
             let p = w.bind(request_key(id));
-            w.and(&format!(
-                "id IN (SELECT segment FROM call_log_ids WHERE request_key = {p})"
-            ));
+            let keyed = format!("id IN (SELECT segment FROM call_log_ids WHERE request_key = {p})");
+            match id_time(id) {
+                // Or a segment whose calls may have arrived within the slack of the id's
+                // time. A segment spans less than a window, so both ends of the `last_at`
+                // index range are known. Segments of earlier versions, which may span more,
+                // hold a key for every call.
+                Some(made) => {
+                    let low = w.bind(made - TIMED_ID_SLACK_MS);
+                    let high = w.bind(made + TIMED_ID_SLACK_MS);
+                    let last_high = w.bind(made + TIMED_ID_SLACK_MS + SEGMENT_WINDOW_MS);
+                    w.and(&format!(
+                        "({keyed} OR (last_at >= {low} AND last_at < {last_high} \
+                         AND first_at <= {high}))"
+                    ));
+                }
+                None => w.and(&keyed),
+            }
         }
         if let Some(after) = after {
             w.after_segment(after);

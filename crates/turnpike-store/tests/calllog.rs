@@ -17,6 +17,7 @@ both_backends!(
     ties_in_time_across_segments_page_by_id,
     filters_match_exactly_past_the_summaries,
     request_id_lookup_reads_only_its_segments,
+    the_gateways_own_ids_are_found_by_time_without_keys,
     prune_trims_a_straddling_segment_and_keeps_ids,
     large_batches_are_split_into_segments,
     calls_of_earlier_versions_are_moved_into_segments,
@@ -506,6 +507,99 @@ async fn request_id_lookup_reads_only_its_segments(db: &TestDb) {
         .await
         .unwrap();
     assert!(page.items.is_empty());
+}
+
+/// A UUIDv7 made when its call arrived (the gateway's own ids) writes no key in
+/// `call_log_ids`: a lookup finds it among the segments that arrived around the id's time.
+/// Any other id, and a UUIDv7 made further from its call's arrival, is keyed and found as
+/// before.
+async fn the_gateways_own_ids_are_found_by_time_without_keys(db: &TestDb) {
+    let store = &db.store;
+    let v7 = |ms: i64, tail: u8| {
+        uuid::Builder::from_unix_timestamp_millis(u64::try_from(ms).unwrap(), &[tail; 10])
+            .into_uuid()
+            .to_string()
+    };
+    let t = 1_800_000_000_000;
+    let (own, twin, edge, late, early) = (
+        v7(t, 1),
+        v7(t, 2),
+        v7(t - 100, 3),
+        v7(t - 101, 4),
+        v7(t + 101, 5),
+    );
+    // `own` is used again by a later call in another segment (a client resending it).
+    insert(
+        store,
+        &[
+            call(t, &own, "s", 200),
+            call(t, &twin, "s", 200),
+            call(t, &edge, "s", 200),
+            call(t, &late, "s", 200),
+            call(t, &early, "s", 200),
+            call(t, "client-id", "s", 200),
+        ],
+    )
+    .await;
+    insert(store, &[call(t + 50, &v7(t + 50, 6), "s", 200)]).await;
+    insert(store, &[call(t + 99, &own, "s", 500)]).await;
+    // Segments far from `t`, with a call whose id was made at `t` but arrived much later.
+    let much_later = v7(t, 7);
+    for i in 1..=5 {
+        insert(
+            store,
+            &[call(t + i * 20_000, &v7(t + i * 20_000, 8), "s", 200)],
+        )
+        .await;
+    }
+    insert(store, &[call(t + 60_000, &much_later, "s", 200)]).await;
+    // Keyed: the two made past the slack, the one made much earlier, the client's id.
+    assert_eq!(
+        db.raw_count("SELECT COUNT(*) FROM call_log_ids")
+            .await
+            .unwrap(),
+        4
+    );
+    let lookup = |id: String| async move {
+        all_pages(
+            store,
+            CallLogQuery {
+                request_id: Some(id),
+                limit: Some(1),
+                ..CallLogQuery::default()
+            },
+        )
+        .await
+    };
+    assert_eq!(
+        keys(&lookup(own.clone()).await),
+        [(t + 99, own.clone()), (t, own.clone())]
+    );
+    for (id, at) in [
+        (twin, t),
+        (edge, t),
+        (late, t),
+        (early, t),
+        ("client-id".to_owned(), t),
+        (much_later.clone(), t + 60_000),
+    ] {
+        assert_eq!(keys(&lookup(id.clone()).await), [(at, id.clone())], "{id}");
+    }
+    // An id nobody used, made at `t`, matches nothing read around `t`.
+    assert!(lookup(v7(t, 9)).await.is_empty());
+    // Pruned with their segments, keyed or not.
+    store.prune_call_logs(t + 60_000).await.unwrap();
+    assert!(lookup(own).await.is_empty());
+    assert_eq!(
+        keys(&lookup(much_later.clone()).await),
+        [(t + 60_000, much_later)]
+    );
+    assert_eq!(
+        db.raw_count("SELECT COUNT(*) FROM call_log_ids")
+            .await
+            .unwrap(),
+        1
+    );
 }
 
 async fn prune_trims_a_straddling_segment_and_keeps_ids(db: &TestDb) {

@@ -85,6 +85,20 @@ impl TestDb {
         }
     }
 
+    /// Runs a raw query that returns one integer (a `COUNT(*)`), bypassing the store API.
+    pub async fn raw_count(&self, sql: &str) -> Result<i64, sqlx::Error> {
+        match self.store.backend() {
+            Backend::Sqlite => {
+                let mut conn = sqlx::SqliteConnection::connect(&self.url).await?;
+                sqlx::query_scalar(sql).fetch_one(&mut conn).await
+            }
+            Backend::Postgres => {
+                let mut conn = sqlx::PgConnection::connect(&self.url).await?;
+                sqlx::query_scalar(sql).fetch_one(&mut conn).await
+            }
+        }
+    }
+
     pub async fn close(&self) {
         self.store.close().await;
     }
