@@ -8,10 +8,11 @@
 //!
 //! Segments instead of a row per call: a 25-column row with six index entries cost the
 //! gateway about 5 µs of CPU per call, most of it in the database; a segment costs one row,
-//! and each call one compressed record (and one narrow index entry, when its id needs one). `examples/calllog_write.rs`
-//! measures the difference, on the machine it was run on: with the gateway's own request ids
-//! (UUIDv7), about 10 µs against 2 µs of CPU per call written and 415 against 64 bytes on
-//! disk; with random ones, 32 µs against 5 µs and 427 against 85 bytes.
+//! and each call one compressed record (and one narrow index entry, when its id needs one).
+//! `examples/calllog_write.rs` measures the difference, on the machine it was run on: with
+//! the gateway's own request ids (UUIDv7), about 10 µs against 2 µs of CPU per call written
+//! and 415 against 64 bytes on disk, when each call was still keyed (now 36 bytes); with
+//! random ones, 32 µs against 5 µs and 427 against 85 bytes.
 //!
 //! Like quota usage, these writes are not configuration: they do not bump the store version
 //! nor go through [`crate::StoreTx`].
