@@ -95,7 +95,7 @@ impl LatencySketch {
     }
 
     /// The bucket of `value`: [`bucket_of`], read from a table of where each bucket starts
-    /// (the same answer for every value; `ln` was the sketch's whole cost per request).
+    /// (the same answer for every value; `ln` was most of what adding a value cost).
     fn index(value: u64) -> i32 {
         let v = value.clamp(1, MAX_VALUE);
         let Buckets { starts, per_log2 } = buckets();
